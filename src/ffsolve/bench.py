@@ -1,0 +1,178 @@
+"""The timing harness: every method side by side with the sequential baselines, one process.
+
+Timed runs record no traces and stop online; a separate untimed run of each method records
+the traces for the figures. Timings synchronise the device around the timed region and
+report the median of the repeats after warm-up.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ffsolve.problems.base import Problem
+from ffsolve.solvers import Solution, Solver, get_solver
+
+__all__ = ["MethodSpec", "time_call", "compare", "format_table", "synchronize"]
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(
+    fn: Callable[[], Any], device: torch.device, warmup: int = 1, repeats: int = 3
+) -> tuple[float, list[float], Any]:
+    """Median wall time of fn() over `repeats` after `warmup` calls (device synchronised).
+
+    Returns:
+        (median seconds, all timings, the last result).
+    """
+    result = None
+    for _ in range(warmup):
+        result = fn()
+    synchronize(device)
+    times = []
+    for _ in range(max(1, repeats)):
+        synchronize(device)
+        t0 = time.perf_counter()
+        result = fn()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times, result
+
+
+@dataclass
+class MethodSpec:
+    """One row of a comparison: a label, a solver, and the problem it runs on.
+
+    `problem` may differ per row (e.g. the naive and the incremental sequential samplers are
+    two adapters of the same model and noise); by default the comparison's problem is used.
+    """
+
+    label: str
+    solver: Solver
+    problem: Problem | None = None
+    solve_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, label: str, method: str, problem: Problem | None = None, **options: Any):
+        return cls(label, get_solver(method, **options), problem)
+
+
+def _max_abs_diff(a: Tensor, b: Tensor) -> float:
+    return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
+
+
+def compare(
+    problem: Problem,
+    specs: Sequence[MethodSpec],
+    device: torch.device,
+    *,
+    reference: str = "sequential",
+    baselines: Sequence[str] = ("sequential",),
+    warmup: int = 1,
+    repeats: int = 3,
+    atol: float = 0.0,
+    rtol: float = 0.0,
+    log: Callable[[str], None] = lambda s: None,
+) -> tuple[list[dict[str, Any]], dict[str, Solution]]:
+    """Time and check every method against the reference, in one process on one device.
+
+    Args:
+        problem: the default problem of every row.
+        specs: the rows; labels must be unique and include `reference` and `baselines`.
+        reference: the label whose value every other method is compared with.
+        baselines: labels of sequential baselines; `speedup_vs_<label>` is recorded for each,
+            and `speedup_vs_sequential` against the first (the strongest).
+
+    Returns:
+        (records, solutions): one record per row (the timed fields and the traces), and the
+        traced Solution per label.
+    """
+    labels = [s.label for s in specs]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"duplicate method labels: {labels}")
+    for need in (reference, *baselines):
+        if need not in labels:
+            raise ValueError(f"compare needs a {need!r} row; rows: {labels}")
+
+    timed: dict[str, tuple[float, list[float], Solution]] = {}
+    traced: dict[str, Solution] = {}
+    for spec in specs:
+        prob = spec.problem or problem
+        kw = dict(atol=atol, rtol=rtol, **spec.solve_kwargs)
+
+        def run(spec=spec, prob=prob, kw=kw) -> Solution:
+            with torch.no_grad():
+                return spec.solver.solve(prob, record=False, **kw)
+
+        median, times, _ = time_call(run, device, warmup=warmup, repeats=repeats)
+        with torch.no_grad():
+            traced[spec.label] = spec.solver.solve(prob, record=True, **kw)
+        timed[spec.label] = (median, times, traced[spec.label])
+        log(f"  {spec.label:<24} {median:9.4f} s  iters={traced[spec.label].num_iters}")
+
+    ref = traced[reference].value
+    records = []
+    for spec in specs:
+        median, times, sol = timed[spec.label]
+        rec: dict[str, Any] = {
+            "method": spec.label,
+            "solver": spec.solver.name,
+            "options": {k: v for k, v in spec.solver.options().items() if v is not None},
+            "num_iters": sol.num_iters,
+            "num_evals": sol.num_evals,
+            "converged": bool(sol.converged.all()),
+            "wall_time_s": median,
+            "wall_times_s": times,
+            "speedup_vs_sequential": timed[baselines[0]][0] / median,
+            "max_abs_diff_vs_sequential": _max_abs_diff(sol.value, ref),
+        }
+        for b in baselines:
+            rec[f"speedup_vs_{b}"] = timed[b][0] / median
+        rec["traces"] = {
+            "residuals": sol.residuals.double().max(1).values.tolist()
+            if sol.residuals is not None
+            else None,
+            "certified": sol.certified.min(1).values.tolist()
+            if sol.certified is not None
+            else None,
+        }
+        records.append(rec)
+    return records, traced
+
+
+def format_table(records: Sequence[dict[str, Any]], extra: Sequence[str] = ()) -> str:
+    """A plain-text table of method, iterations, evaluations, time, speed-up, difference."""
+    head = ["method", "iters", "evals", "seconds", "speed-up", "max|diff|", *extra]
+    rows = [head]
+    for r in records:
+        rows.append(
+            [
+                r["method"],
+                str(r["num_iters"]),
+                str(r["num_evals"]),
+                f"{r['wall_time_s']:.4f}",
+                f"{r['speedup_vs_sequential']:.2f}x",
+                f"{r['max_abs_diff_vs_sequential']:.2e}",
+                *(_fmt(r.get(e)) for e in extra),
+            ]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return "" if v is None else str(v)

@@ -1,0 +1,140 @@
+"""The single command line: list, run, plot, train, demo, bench."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from ffsolve.config import config_to_dict, load_config
+from ffsolve.errors import FFSolveError
+from ffsolve.experiments import (
+    DEMO,
+    RunContext,
+    all_experiments,
+    all_trainers,
+    get_experiment,
+    get_trainer,
+)
+from ffsolve.runs import (
+    environment,
+    new_run_dir,
+    read_records,
+    resolve_device,
+    write_json,
+    write_yaml,
+)
+from ffsolve.solvers import METHODS
+
+
+def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
+    if config:
+        p.add_argument("--config", help="YAML file of config fields")
+        p.add_argument(
+            "--set", action="append", default=[], metavar="KEY=VALUE", help="override a field"
+        )
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--out", default="runs", help="root folder of run directories (default runs)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ffsolve", description="Exact parallel solving of sequential neural computation."
+    )
+    p.add_argument("--traceback", action="store_true", help="show full tracebacks on errors")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="list experiments, trainable models and methods")
+    r = sub.add_parser("run", help="run an experiment; writes runs/<experiment>/<timestamp>/")
+    r.add_argument("experiment")
+    _common(r)
+    pl = sub.add_parser("plot", help="redraw a run's figures from its records")
+    pl.add_argument("run_dir")
+    t = sub.add_parser("train", help="train a model and save a checkpoint")
+    t.add_argument("model")
+    _common(t)
+    d = sub.add_parser("demo", help="the main job on the shipped default")
+    _common(d)
+    b = sub.add_parser("bench", help="will parallel pay here? sweep vs sequential cost per size")
+    _common(b)
+    return p
+
+
+def _execute(kind: str, name: str, spec: Any, args: argparse.Namespace, overrides=()) -> Path:
+    """Resolve the config, make the run directory, run, write records and figures."""
+    config = load_config(spec.config, getattr(args, "config", None), [*overrides, *args.set])
+    device = resolve_device(args.device)
+    run_dir = new_run_dir(args.out, name)
+    env = environment(device)
+    write_yaml(run_dir / "config.yaml", config_to_dict(config))
+    write_json(run_dir / "env.json", env)
+    ctx = RunContext(device=device, out_dir=run_dir, log=lambda s: print(s, flush=True))
+    print(f"{kind} {name} on {env['device_name']} -> {run_dir}", flush=True)
+    body = spec.run(config, ctx) if kind == "run" else spec.train(config, ctx)
+    records = {kind_key(kind): name, "config": config_to_dict(config), "env": env, **body}
+    write_json(run_dir / "records.json", records)
+    summary = getattr(spec, "summary", None)
+    if summary is not None:
+        print(summary(records))
+    if kind == "run":
+        for path in spec.plot(records, run_dir):
+            print(f"figure: {path}")
+    print(f"records: {run_dir / 'records.json'}")
+    return run_dir
+
+
+def kind_key(kind: str) -> str:
+    return "experiment" if kind == "run" else "model"
+
+
+def _list() -> None:
+    print("experiments:")
+    for name, e in sorted(all_experiments().items()):
+        print(f"  {name:<20} {e.description}")
+    print("trainable models:")
+    for name, t in sorted(all_trainers().items()):
+        print(f"  {name:<20} {t.description}")
+    print("methods:")
+    for name, cls in METHODS.items():
+        print(f"  {name:<20} {(cls.__doc__ or '').strip().splitlines()[0]}")
+
+
+def _plot(run_dir: str) -> None:
+    records = read_records(run_dir)
+    if "experiment" not in records:
+        raise FFSolveError(f"{run_dir} holds no experiment records (nothing to plot)")
+    exp = get_experiment(records["experiment"])
+    for path in exp.plot(records, Path(run_dir)):
+        print(f"figure: {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "list":
+            _list()
+        elif args.command == "run":
+            _execute("run", args.experiment, get_experiment(args.experiment), args)
+        elif args.command == "plot":
+            _plot(args.run_dir)
+        elif args.command == "train":
+            _execute("train", args.model, get_trainer(args.model), args)
+        elif args.command == "demo":
+            name, overrides = DEMO
+            _execute("run", name, get_experiment(name), args, overrides)
+        elif args.command == "bench":
+            _execute("run", "breakeven", get_experiment("breakeven"), args)
+    except (FFSolveError, ValueError, TypeError, FileNotFoundError) as e:
+        if args.traceback:
+            traceback.print_exc()
+        print(f"ffsolve: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ffsolve: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,91 @@
+"""Experiment configs: frozen dataclasses filled from YAML files and `key=value` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from ffsolve.errors import ConfigError
+
+__all__ = ["load_config", "config_to_dict"]
+
+C = TypeVar("C")
+
+
+def _check_value(cls: type, name: str, value: Any, hint: Any) -> Any:
+    """Coerce int -> float and check the value against the field's type hint."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_value(cls, name, value, arg)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{cls.__name__}.{name}: {value!r} does not match {hint}")
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{cls.__name__}.{name}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint)[:1] or (Any,)
+        items = [_check_value(cls, name, v, item) for v in value]
+        return tuple(items) if origin is tuple else items
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, bool):
+        raise ConfigError(f"{cls.__name__}.{name}: expected an int, got {value!r}")
+    if isinstance(hint, type) and not isinstance(value, hint):
+        got = f"{value!r} ({type(value).__name__})"
+        raise ConfigError(f"{cls.__name__}.{name}: expected {hint.__name__}, got {got}")
+    return value
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] = ()) -> C:
+    """Build a config dataclass from defaults, an optional YAML file, then `key=value`
+    overrides (values parsed as YAML). Unknown keys and ill-typed values raise ConfigError."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of field: value")
+        values.update(loaded)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        values[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ConfigError(
+            f"unknown config field(s) {', '.join(unknown)} for {cls.__name__}; "
+            f"valid: {', '.join(sorted(fields))}"
+        )
+    checked = {k: _check_value(cls, k, v, hints[k]) for k, v in values.items()}
+    return cls(**checked)
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A plain dict of a config dataclass (tuples become lists, for YAML and JSON)."""
+
+    def plain(v: Any) -> Any:
+        return list(v) if isinstance(v, tuple) else v
+
+    return {k: plain(v) for k, v in dataclasses.asdict(config).items()}

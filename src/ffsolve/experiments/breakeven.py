@@ -1,0 +1,113 @@
+"""Will parallel pay on this device? The cost of one Jacobi iteration against the whole
+sequential loop, for a causal MLP of several lengths and batch sizes.
+
+break_even_iters = sequential time / time per Jacobi iteration: Jacobi is faster than the
+sequential loop whenever it converges in fewer iterations than that. Both are measured.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ffsolve.bench import time_call
+from ffsolve.experiments import Experiment, RunContext, register_experiment
+from ffsolve.experiments.causal import dtype_of
+from ffsolve.models.causal import CausalMLP, CausalMLPConfig
+from ffsolve.plots import plt
+from ffsolve.problems.base import FunctionProblem
+from ffsolve.solvers import ConvergenceWarning, get_solver
+
+
+@dataclass(frozen=True)
+class BreakEvenConfig:
+    lengths: tuple[int, ...] = (64, 256, 1024)
+    batches: tuple[int, ...] = (1, 16, 128)
+    channels: int = 1
+    hidden: int = 512
+    probe_iters: int = 8  # Jacobi iterations timed to get the cost of one
+    dtype: str = "float32"
+    repeats: int = 3
+    seed: int = 0
+
+
+def run(cfg: BreakEvenConfig, ctx: RunContext) -> dict[str, Any]:
+    dtype = dtype_of(cfg.dtype)
+    seq, jac = get_solver("sequential"), get_solver("jacobi")
+    rows = []
+    for T in cfg.lengths:
+        model_cfg = CausalMLPConfig(T, cfg.channels, cfg.hidden, 2, 1.0, cfg.seed)
+        model = CausalMLP(model_cfg).to(device=ctx.device, dtype=dtype).eval()
+        for B in cfg.batches:
+            x0 = torch.zeros(B, T, cfg.channels, device=ctx.device, dtype=dtype)
+            problem = FunctionProblem(model, x0)
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                t_seq, _, _ = time_call(
+                    lambda p=problem: seq.solve(p, record=False), ctx.device, repeats=cfg.repeats
+                )
+                n = min(cfg.probe_iters, T)
+                t_jac, _, _ = time_call(
+                    lambda p=problem, n=n: jac.solve(p, max_iters=n, record=False),
+                    ctx.device,
+                    repeats=cfg.repeats,
+                )
+            per_iter = t_jac / n
+            row = {
+                "length": T,
+                "batch": B,
+                "sequential_s": t_seq,
+                "jacobi_iter_s": per_iter,
+                "break_even_iters": t_seq / per_iter,
+            }
+            rows.append(row)
+            ctx.log(
+                f"  T={T:<6} B={B:<5} sequential {t_seq:8.4f} s   one Jacobi iteration "
+                f"{per_iter * 1e3:8.3f} ms   break-even {row['break_even_iters']:7.1f} iterations"
+            )
+    return {"rows": rows}
+
+
+def plot(records: dict[str, Any], out_dir: Path) -> list[Path]:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    rows = records["rows"]
+    for B in sorted({r["batch"] for r in rows}):
+        sel = [r for r in rows if r["batch"] == B]
+        ax.loglog(
+            [r["length"] for r in sel],
+            [r["break_even_iters"] for r in sel],
+            "o-",
+            label=f"batch {B}",
+        )
+    ax.set_xlabel("sequence length T")
+    ax.set_ylabel("break-even Jacobi iterations (measured)")
+    ax.set_title(f"{records['env']['device_name']}")
+    ax.legend()
+    fig.tight_layout()
+    path = out_dir / "break_even.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def summary(records: dict[str, Any]) -> str:
+    lines = ["Jacobi beats the sequential loop when it converges in fewer iterations than:"]
+    for r in records["rows"]:
+        lines.append(f"  T={r['length']:<6} batch={r['batch']:<5} {r['break_even_iters']:8.1f}")
+    return "\n".join(lines)
+
+
+register_experiment(
+    Experiment(
+        name="breakeven",
+        description="cost of one Jacobi iteration vs the sequential loop (will parallel pay?)",
+        config=BreakEvenConfig,
+        run=run,
+        plot=plot,
+        summary=summary,
+    )
+)

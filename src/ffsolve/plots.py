@@ -1,0 +1,43 @@
+"""Figures drawn from saved records only (so `ffsolve plot RUN_DIR` can redraw them)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+__all__ = ["plot_traces", "plt"]
+
+
+def plot_traces(
+    records: Sequence[dict[str, Any]], path: Path, title: str = "", length: int | None = None
+) -> Path:
+    """Two panels per run: forward difference vs iteration (log) and certified prefix."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for r in records:
+        tr = r.get("traces") or {}
+        res, cert = tr.get("residuals"), tr.get("certified")
+        if res:
+            its = range(1, len(res) + 1)
+            ax1.semilogy(its, [max(v, 1e-18) for v in res], label=r["method"])
+        if cert:
+            ax2.plot(range(1, len(cert) + 1), cert, label=r["method"])
+    ax1.set_xlabel("iteration")
+    ax1.set_ylabel("max |x^k - x^{k-1}| (floored at 1e-18)")
+    ax2.set_xlabel("iteration")
+    ax2.set_ylabel("certified prefix (positions)")
+    if length:
+        ax2.axhline(length, color="gray", lw=0.5)
+    ax1.legend(fontsize=8)
+    ax2.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

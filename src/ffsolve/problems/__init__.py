@@ -1,0 +1,8 @@
+"""Adapters that turn a model plus fixed inputs into a triangular system for the solvers.
+
+This package is the only bridge between `ffsolve.models` and `ffsolve.solvers`.
+"""
+
+from ffsolve.problems.base import FunctionProblem, Problem
+
+__all__ = ["FunctionProblem", "Problem"]

@@ -1,0 +1,33 @@
+import json
+
+import pytest
+import torch
+
+from ffsolve.checkpoint import load_checkpoint, save_checkpoint
+from ffsolve.errors import CheckpointError
+
+
+def test_roundtrip_and_errors(tmp_path):
+    t = {"w": torch.randn(3, 4), "mask": torch.ones(4, dtype=torch.bool)}
+    path = save_checkpoint(tmp_path / "m", "made", t, {"hidden": [8]})
+    tensors, meta = load_checkpoint(path, "made")
+    assert torch.equal(tensors["w"], t["w"]) and meta["config"] == {"hidden": [8]}
+    with pytest.raises(CheckpointError, match="expected 'pixelcnn'"):
+        load_checkpoint(tmp_path / "m", "pixelcnn")
+    with pytest.raises(CheckpointError, match="missing"):
+        load_checkpoint(tmp_path / "other", "made")
+    # corrupt one byte of the tensors
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupted"):
+        load_checkpoint(path, "made")
+    side = tmp_path / "m.json"
+    meta = json.loads(side.read_text())
+    meta["format_version"] = 99
+    side.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="format version 99"):
+        load_checkpoint(path, "made")
+    side.write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_checkpoint(path, "made")

@@ -68,6 +68,7 @@ def solve(
     record: bool = True,
     check_every: int = 1,
     raise_on_failure: bool = False,
+    callback: Callable[[int, Tensor], None] | None = None,
     **options: Any,
 ) -> Solution:
     """Solve the triangular system x_t = f_t(x_<t) by `method`; every method gives the
@@ -90,6 +91,8 @@ def solve(
         record: keep residual and certified-prefix traces (turn off for timing).
         check_every: read the convergence flag on the host every this many sweeps.
         raise_on_failure: raise ConvergenceError instead of warning when max_iters is hit.
+        callback: called as callback(k, x) after iteration k with the current iterate (a live
+            buffer: clone what you keep); off in timed runs.
         **options: method options (`block_size`, `window`).
 
     Returns:
@@ -116,4 +119,5 @@ def solve(
         record=record,
         check_every=check_every,
         raise_on_failure=raise_on_failure,
+        callback=callback,
     )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -144,6 +145,7 @@ class Solver:
         record: bool = True,
         check_every: int = 1,
         raise_on_failure: bool = False,
+        callback: Callable[[int, Tensor], None] | None = None,
     ) -> Solution:
         """Iterate until every position of every batch item is certified, or `max_iters`."""
         T = problem.length
@@ -199,6 +201,8 @@ class Solver:
             if record:
                 residuals.append(diff.amax(dim=(1, 2)))
                 certified.append(cert.clone())
+            if callback is not None:
+                callback(k, s.x)
 
             if not self.static_region() or k % check_every == 0 or k == max_iters:
                 if int(bad_iter) >= 0:  # host read

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from torch import Tensor
 
 from ffsolve.problems.base import Problem
 from ffsolve.solvers.base import NonFiniteError, Solution, Solver, _Canonical
@@ -37,6 +39,7 @@ class Sequential(Solver):
         record: bool = True,
         check_every: int = 1,
         raise_on_failure: bool = False,
+        callback: Callable[[int, Tensor], None] | None = None,
     ) -> Solution:
         T = problem.length
         if max_iters is not None and max_iters < T:
@@ -45,6 +48,8 @@ class Sequential(Solver):
         step = problem.stepper(s.x)
         for t in range(T):
             s.v[:, t : t + 1] = s.flat(step(t))
+            if callback is not None:
+                callback(t + 1, s.x)
         if not bool(torch.isfinite(s.v).all()):  # one host read, after the loop
             bad = (~torch.isfinite(s.v)).any(2).any(0).int().argmax()
             raise NonFiniteError(f"sequential: NaN or Inf in the result at position {int(bad)}")

@@ -20,11 +20,24 @@ __all__ = ["FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "checkpoint_p
 FORMAT_VERSION = 1
 
 
+# The repository root of a source checkout (src/ffsolve/checkpoint.py -> ../../..), where the
+# shipped checkpoints live; relative checkpoint paths are also looked up there.
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
 def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
-    """(tensors, sidecar) for a checkpoint named by either file or by its stem."""
+    """(tensors, sidecar) for a checkpoint named by either file or by its stem.
+
+    A relative path that does not exist from the working directory is looked up from the
+    project root, so the shipped `checkpoints/...` work from any directory.
+    """
     p = Path(path)
     if p.suffix in (".safetensors", ".json"):
         p = p.with_suffix("")
+    if not p.is_absolute() and not p.with_suffix(".json").exists():
+        alt = PROJECT_ROOT / p
+        if alt.with_suffix(".json").exists():
+            p = alt
     return p.with_suffix(".safetensors"), p.with_suffix(".json")
 
 

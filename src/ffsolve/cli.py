@@ -73,7 +73,7 @@ def _execute(kind: str, name: str, spec: Any, args: argparse.Namespace, override
     print(f"{kind} {name} on {env['device_name']} -> {run_dir}", flush=True)
     body = spec.run(config, ctx) if kind == "run" else spec.train(config, ctx)
     records = {kind_key(kind): name, "config": config_to_dict(config), "env": env, **body}
-    write_json(run_dir / "records.json", records)
+    write_json(run_dir / "records.json", records, compact=True)
     summary = getattr(spec, "summary", None)
     if summary is not None:
         print(summary(records))

@@ -5,15 +5,28 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import math
 import pickle
 import struct
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch import Tensor
 
 from ffsolve.errors import DataError
 
-__all__ = ["load_mnist", "MNIST_HOWTO"]
+__all__ = [
+    "MNIST_HOWTO",
+    "bits_per_dim",
+    "dequantize_logit",
+    "load_cifar10",
+    "load_images",
+    "load_mnist",
+    "load_rgb_crops",
+    "logit_bounds",
+    "logit_to_pixels",
+]
 
 MNIST_HOWTO = (
     "MNIST not found: pass a folder holding the standard IDX files "
@@ -126,3 +139,164 @@ def load_mnist(data_dir: str | Path | None = None) -> dict[str, tuple[np.ndarray
     if found is None:
         raise DataError(MNIST_HOWTO)
     return found
+
+
+# --- CIFAR-shaped RGB data --------------------------------------------------------------
+
+RGB_HOWTO = (
+    "no natural photos found for the CIFAR-shaped stand-in: matplotlib ships grace_hopper.jpg; "
+    "for more photos pip install scikit-image scikit-learn"
+)
+CIFAR_HOWTO = (
+    "CIFAR-10 not found: download the python version (cifar-10-python.tar.gz) on a machine "
+    "with network, unpack it, and pass the cifar-10-batches-py folder with data_dir=..."
+)
+
+# skimage.data files that are natural colour photos (read from the package folder directly,
+# so nothing is ever fetched); plus scikit-learn's and matplotlib's sample photos.
+_SKIMAGE_PHOTOS = [
+    "astronaut.png",
+    "chelsea.png",
+    "coffee.png",
+    "rocket.jpg",
+    "hubble_deep_field.jpg",
+    "retina.jpg",
+    "motorcycle_left.png",
+    "ihc.png",
+]
+
+
+def natural_photos() -> dict[str, np.ndarray]:
+    """The natural colour photos installed packages ship, as uint8 (H, W, 3) arrays."""
+    from PIL import Image  # a dependency of matplotlib
+
+    paths: dict[str, Path] = {}
+    for pkg, sub, names in (
+        ("skimage", "data", _SKIMAGE_PHOTOS),
+        ("sklearn", "datasets/images", ["china.jpg", "flower.jpg"]),
+        ("matplotlib", "mpl-data/sample_data", ["grace_hopper.jpg"]),
+    ):
+        spec = importlib.util.find_spec(pkg)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        folder = Path(next(iter(spec.submodule_search_locations))) / sub
+        for name in names:
+            if (folder / name).is_file():
+                paths[name] = folder / name
+    photos = {}
+    for name, path in sorted(paths.items()):
+        with Image.open(path) as im:
+            photos[name] = np.asarray(im.convert("RGB"))
+    return photos
+
+
+def load_rgb_crops(
+    num_train: int = 50000, num_test: int = 10000, seed: int = 0, scale: int = 128
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """A CIFAR-shaped stand-in: random 32x32 crops of natural photos (not CIFAR-10).
+
+    Each photo is resized so that its shorter side is `scale` pixels (so a crop holds an
+    object-sized part of the scene). Test crops come from held-out photos (the last one or
+    two in name order), so test likelihoods are on unseen images.
+
+    Returns:
+        {"train": (uint8 (N, 32, 32, 3), labels = photo index), "test": (...)}.
+    """
+    from PIL import Image
+
+    photos = natural_photos()
+    if not photos:
+        raise DataError(RGB_HOWTO)
+    names = sorted(photos)
+    n_test_photos = 0 if len(names) == 1 else (1 if len(names) < 6 else 2)
+    resized = []
+    for name in names:
+        im = Image.fromarray(photos[name])
+        w, h = im.size
+        f = scale / min(w, h)
+        im = im.resize((max(32, round(w * f)), max(32, round(h * f))), Image.Resampling.LANCZOS)
+        resized.append(np.asarray(im))
+    rng = np.random.default_rng(seed)
+
+    def crops(indices: list[int], n: int) -> tuple[np.ndarray, np.ndarray]:
+        which = rng.choice(indices, size=n)
+        out = np.empty((n, 32, 32, 3), dtype=np.uint8)
+        for k, i in enumerate(which):
+            img = resized[i]
+            y = rng.integers(0, img.shape[0] - 31)
+            x = rng.integers(0, img.shape[1] - 31)
+            out[k] = img[y : y + 32, x : x + 32]
+        return out, which.astype(np.int64)
+
+    train_ids = list(range(len(names) - n_test_photos))
+    test_ids = list(range(len(names) - n_test_photos, len(names))) or train_ids
+    return {"train": crops(train_ids, num_train), "test": crops(test_ids, num_test)}
+
+
+class _CifarUnpickler(_NumpyOnly):
+    _ALLOWED = _NumpyOnly._ALLOWED | {("builtins", "bytes")}
+
+
+def load_cifar10(data_dir: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The real CIFAR-10 from a `cifar-10-batches-py` folder: uint8 (N, 32, 32, 3), labels."""
+    folder = Path(data_dir)
+    files = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+    out = {}
+    for split, names in files.items():
+        xs, ys = [], []
+        for name in names:
+            path = folder / name
+            if not path.is_file():
+                raise DataError(f"{path} is missing. {CIFAR_HOWTO}")
+            with open(path, "rb") as f:
+                try:
+                    batch = _CifarUnpickler(f, encoding="bytes").load()
+                except (pickle.UnpicklingError, EOFError) as e:
+                    raise DataError(f"{path} is not a CIFAR-10 python batch: {e}") from None
+            xs.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            ys.append(np.asarray(batch[b"labels"], dtype=np.int64))
+        out[split] = (np.concatenate(xs).transpose(0, 2, 3, 1).copy(), np.concatenate(ys))
+    return out
+
+
+def load_images(name: str, data_dir: str | Path | None = None, **kw) -> dict:
+    """A data set by name: 'mnist' (N, 28, 28), 'rgb' (crops, N, 32, 32, 3) or 'cifar10'."""
+    if name == "mnist":
+        return load_mnist(data_dir)
+    if name == "rgb":
+        return load_rgb_crops(**kw)
+    if name == "cifar10":
+        if data_dir is None:
+            raise DataError(CIFAR_HOWTO)
+        return load_cifar10(data_dir)
+    raise ValueError(f"unknown data set {name!r}; valid: mnist, rgb, cifar10")
+
+
+# --- dequantisation and the logit transform -----------------------------------------------
+
+
+def dequantize_logit(x: Tensor, lam: float, noise: Tensor) -> tuple:
+    """Pixels x in {0..255} (B, D) with uniform noise (B, D) -> (z, log|dz/dy|) where
+    y = (x + u) / 256 and z = logit(lam + (1 - 2 lam) y) (Dinh et al. 2017; MAF)."""
+    y = (x + noise) / 256.0
+    p = lam + (1 - 2 * lam) * y
+    z = torch.log(p) - torch.log1p(-p)
+    logdet = (math.log(1 - 2 * lam) - torch.log(p) - torch.log1p(-p)).sum(1)
+    return z, logdet
+
+
+def logit_to_pixels(z: Tensor, lam: float) -> Tensor:
+    """Inverse of the logit transform, in [0, 1] (clamped)."""
+    return ((torch.sigmoid(z) - lam) / (1 - 2 * lam)).clamp(0, 1)
+
+
+def logit_bounds(lam: float) -> tuple[float, float]:
+    """The logit-space image of [0, 1]: samples are clamped to it."""
+    lo = math.log(lam) - math.log1p(-lam)
+    return lo, -lo
+
+
+def bits_per_dim(log_prob_z: Tensor, logdet: Tensor, dims: int) -> Tensor:
+    """Bits per dimension in the original 8-bit pixel space: the density of y = (x+u)/256 is
+    p(z)|dz/dy|, and of the pixel scale x + u it is that over 256**D."""
+    return -(log_prob_z + logdet - dims * math.log(256.0)) / (dims * math.log(2.0))

@@ -79,8 +79,10 @@ def new_run_dir(root: str | Path, experiment: str) -> Path:
     return path
 
 
-def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=1, default=_jsonable) + "\n")
+def write_json(path: Path, data: Any, compact: bool = False) -> None:
+    """JSON with one key per line, or compact (records hold long arrays of traces)."""
+    indent = None if compact else 1
+    path.write_text(json.dumps(data, indent=indent, default=_jsonable) + "\n")
 
 
 def write_yaml(path: Path, data: Any) -> None:

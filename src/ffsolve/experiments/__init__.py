@@ -53,16 +53,25 @@ class Trainer:
     description: str
     config: type
     train: Callable[[Any, RunContext], dict[str, Any]]
+    summary: Callable[[dict[str, Any]], str] | None = None
 
 
 EXPERIMENTS: dict[str, Experiment] = {}
 TRAINERS: dict[str, Trainer] = {}
 
 # Modules that register experiments or trainers when imported.
-_MODULES = ["ffsolve.experiments.causal", "ffsolve.experiments.breakeven"]
+_MODULES = [
+    "ffsolve.experiments.causal",
+    "ffsolve.experiments.breakeven",
+    "ffsolve.experiments.made_train",
+    "ffsolve.experiments.made_sampling",
+]
 
 #: What `ffsolve demo` / `make demo` runs: an experiment name and config overrides.
-DEMO: tuple[str, tuple[str, ...]] = ("causal-net", ("length=128", "repeats=2"))
+DEMO: tuple[str, tuple[str, ...]] = (
+    "made-sampling",
+    ("checkpoint=checkpoints/made_mnist", "batch=36", "repeats=3", "grid_images=36"),
+)
 
 
 def register_experiment(exp: Experiment) -> Experiment:

@@ -1,5 +1,6 @@
 """Plain nn.Modules with no solver logic."""
 
 from ffsolve.models.causal import CausalMLP, CausalMLPConfig
+from ffsolve.models.made import MADE, MADEConfig, load_made, save_made
 
-__all__ = ["CausalMLP", "CausalMLPConfig"]
+__all__ = ["MADE", "CausalMLP", "CausalMLPConfig", "MADEConfig", "load_made", "save_made"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -27,6 +28,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def _git_commit() -> str:
+    """HEAD of the source checkout (+dirty), or $FFSOLVE_COMMIT where there is no .git (a
+    copy of the tree on another machine)."""
+    fallback = os.environ.get("FFSOLVE_COMMIT", "unknown")
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"],
@@ -35,7 +39,9 @@ def _git_commit() -> str:
             timeout=5,
             cwd=Path(__file__).parent,
         )
-        commit = out.stdout.strip() or "unknown"
+        commit = out.stdout.strip()
+        if out.returncode != 0 or not commit:
+            return fallback
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
             capture_output=True,
@@ -43,9 +49,9 @@ def _git_commit() -> str:
             timeout=5,
             cwd=Path(__file__).parent,
         ).stdout.strip()
-        return commit + ("+dirty" if dirty and commit != "unknown" else "")
+        return commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return fallback
 
 
 def environment(device: torch.device) -> dict[str, Any]:

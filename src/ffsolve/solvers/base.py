@@ -205,12 +205,11 @@ class Solver:
                 callback(k, s.x)
 
             if not self.static_region() or k % check_every == 0 or k == max_iters:
-                if int(bad_iter) >= 0:  # host read
-                    it, pos = int(bad_iter), int(bad_pos)
+                it, pos, cert_min = torch.stack([bad_iter, bad_pos, cert.min()]).tolist()  # 1 sync
+                if it >= 0:
                     raise NonFiniteError(
                         f"{self.name}: NaN or Inf in the iterate at iteration {it}, position {pos}"
                     )
-                cert_min = int(cert.min())
                 if cert_min >= T:
                     all_done = True
                     break

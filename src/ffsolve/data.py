@@ -234,7 +234,7 @@ def load_rgb_crops(
 
 
 class _CifarUnpickler(_NumpyOnly):
-    _ALLOWED = _NumpyOnly._ALLOWED | {("builtins", "bytes")}
+    _ALLOWED = _NumpyOnly._ALLOWED | {("builtins", "bytes"), ("_codecs", "encode")}
 
 
 def load_cifar10(data_dir: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:

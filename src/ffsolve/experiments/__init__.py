@@ -59,7 +59,11 @@ EXPERIMENTS: dict[str, Experiment] = {}
 TRAINERS: dict[str, Trainer] = {}
 
 # Modules that register experiments or trainers when imported.
-_MODULES = ["ffsolve.experiments.causal", "ffsolve.experiments.breakeven"]
+_MODULES = [
+    "ffsolve.experiments.causal",
+    "ffsolve.experiments.breakeven",
+    "ffsolve.experiments.rnn_backprop",
+]
 
 #: What `ffsolve demo` / `make demo` runs: an experiment name and config overrides.
 DEMO: tuple[str, tuple[str, ...]] = ("causal-net", ("length=128", "repeats=2"))

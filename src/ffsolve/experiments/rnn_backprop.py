@@ -464,10 +464,17 @@ def _floor(values: list[float], eps: float = 1e-16) -> list[float]:
     return [max(v, eps) for v in values]
 
 
+def _device(records: dict[str, Any]) -> str:
+    env = records["env"]
+    if env["device"].startswith("cuda"):
+        return env["device_name"]
+    return f"{env['device'].upper()} with {records['threads']} torch thread(s)"
+
+
 def plot(records: dict[str, Any], out_dir: Path) -> list[Path]:
     """(i) gradient error vs iteration, (ii) log EMA loss vs wall-clock, (iii) vs step."""
     decay = records["config"]["ema"]
-    device = records["env"]["device_name"]
+    device = _device(records)
     paths = []
 
     ge = records["grad_error"]["curve"]
@@ -514,16 +521,19 @@ def plot(records: dict[str, Any], out_dir: Path) -> list[Path]:
 
 def summary(records: dict[str, Any]) -> str:
     """Method, mean iterations/step, total time, speed-up vs bptt, final EMA loss, max error."""
-    head = ["method", "iters/step", "total s", "vs bptt", "final EMA loss", "max grad err"]
+    head = ["method", "iters/step", "total s", "vs bptt", "vs autograd"]
+    head += ["final EMA loss", "max grad err"]
     rows = [head]
     for m in records["methods"]:
         it = m["mean_iters_per_step"]
+        vs_auto = m.get("speedup_vs_autograd")
         rows.append(
             [
                 m["method"],
                 "-" if it is None else f"{it:.1f}",
                 f"{m['total_time_s']:.3f}",
                 f"{m['speedup_vs_bptt']:.2f}x",
+                "-" if vs_auto is None else f"{vs_auto:.2f}x",
                 f"{m['final_ema_loss']:.4e}",
                 f"{m['max_grad_error']:.2e}",
             ]
@@ -535,7 +545,8 @@ def summary(records: dict[str, Any]) -> str:
     lines.insert(
         0,
         f"T={records['length']}, hidden={cfg['hidden']}, {cfg['steps']} steps x "
-        f"{cfg['repeats']} repeats, {records['env']['device_name']}; total s = mean per repeat",
+        f"{cfg['repeats']} repeats, {_device(records)}; total s = mean per repeat "
+        "(forward + backward + update, synchronised)",
     )
     lines.append(
         "hand-written BPTT vs torch.autograd, max |grad diff|: "

@@ -154,12 +154,10 @@ class RecurrenceAdjoint(Problem):
         chain = self._chain if self._chain is not None else self._rebuild_chain()
         if not chain[-1].requires_grad:
             return self._g.clone()
+        with torch.enable_grad():
+            stacked = torch.stack(chain, dim=1)  # (B, T, F): one output, one seed
         grads = torch.autograd.grad(
-            chain,
-            chain,
-            grad_outputs=list(self._g_nat.unbind(1)),
-            retain_graph=True,
-            allow_unused=True,
+            stacked, chain, grad_outputs=self._g_nat, retain_graph=True, allow_unused=True
         )
         grads = [g if g is not None else self._g_nat[:, t] for t, g in enumerate(grads)]
         return torch.stack(grads[::-1], dim=1)  # (B, T, F), reversed time
@@ -277,6 +275,7 @@ class _Layout:
         self.is_tuple = is_tuple
         self.dtype = parts[0].dtype
         self.features = sum(self.sizes)
+        self.plain = not is_tuple and len(self.shapes[0]) == 1  # the state is already (B, F)
 
     def flatten(self, parts: Sequence[Tensor]) -> Tensor:
         n = parts[0].shape[0]
@@ -335,9 +334,13 @@ class _Plan:
 
     def cell(self, h: Tensor, x: Tensor) -> Tensor:
         """The cell on flat states: (N, F), (N, *D) -> (N, F)."""
-        n = h.shape[0]
+        if self.layout.plain:  # one (N, F) state: no reshaping, one cheap check per call
+            out = self.user_cell(h, x)
+            if isinstance(out, Tensor) and out.shape == h.shape and out.dtype == h.dtype:
+                return out
+            self.layout.parts_of(out, h.shape[0])  # raises the precise error
         out = self.user_cell(self.layout.unflatten(h), x)
-        return self.layout.flatten(self.layout.parts_of(out, n))
+        return self.layout.flatten(self.layout.parts_of(out, h.shape[0]))
 
 
 class _BPTTFunction(torch.autograd.Function):

@@ -30,7 +30,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -223,7 +223,6 @@ class BackpropInfo:
     batch: int
     solution: Solution | None = None
     backward_calls: int = 0
-    _layout: Any = field(default=None, repr=False)
 
     @property
     def num_iters(self) -> int | None:
@@ -569,7 +568,6 @@ def backprop_through(
         },
         length=T,
         batch=B,
-        _layout=layout,
     )
     plan = _Plan(
         user_cell,

@@ -1,9 +1,16 @@
 """ffsolve: exact parallel solving of sequential neural computation.
 
 sol = ffsolve.solve(fn, x0, method="jacobi")
+hs, info = ffsolve.backprop_through(cell, h0, xs, method="jacobi")   # BPTT by Jacobi
 """
 
-from ffsolve.problems import FunctionProblem, Problem
+from ffsolve.problems import (
+    BackpropInfo,
+    FunctionProblem,
+    Problem,
+    RecurrenceAdjoint,
+    backprop_through,
+)
 from ffsolve.solvers import (
     METHODS,
     ConvergenceError,
@@ -19,13 +26,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "METHODS",
+    "BackpropInfo",
     "ConvergenceError",
     "ConvergenceWarning",
     "FunctionProblem",
     "NonFiniteError",
     "Problem",
+    "RecurrenceAdjoint",
     "Solution",
     "Solver",
+    "backprop_through",
     "get_solver",
     "solve",
 ]

@@ -65,6 +65,7 @@ _MODULES = [
     "ffsolve.experiments.breakeven",
     "ffsolve.experiments.made_train",
     "ffsolve.experiments.made_sampling",
+    "ffsolve.experiments.rnn_backprop",
 ]
 
 #: What `ffsolve demo` / `make demo` runs: an experiment name and config overrides.

@@ -2,5 +2,15 @@
 
 from ffsolve.models.causal import CausalMLP, CausalMLPConfig
 from ffsolve.models.made import MADE, MADEConfig, load_made, save_made
+from ffsolve.models.rnn import VanillaRNN, VanillaRNNConfig
 
-__all__ = ["MADE", "CausalMLP", "CausalMLPConfig", "MADEConfig", "load_made", "save_made"]
+__all__ = [
+    "MADE",
+    "CausalMLP",
+    "CausalMLPConfig",
+    "MADEConfig",
+    "VanillaRNN",
+    "VanillaRNNConfig",
+    "load_made",
+    "save_made",
+]

@@ -68,6 +68,9 @@ def test_config_file_and_overrides(tmp_path):
     f.write_text("n: 3\nlr: 1\nsizes: [4, 5]\n")
     cfg = load_config(_Cfg, f, ["name=abc", "n=7"])
     assert cfg == _Cfg(n=7, lr=1.0, sizes=(4, 5), name="abc")
+    assert load_config(_Cfg, None, ["lr=1e-7"]).lr == 1e-7
+    with pytest.raises(ConfigError, match="expected float"):
+        load_config(_Cfg, None, ["lr=fast"])
     with pytest.raises(ConfigError, match="valid: lr, n, name, sizes"):
         load_config(_Cfg, None, ["m=1"])
     with pytest.raises(ConfigError, match="key=value"):

@@ -42,6 +42,11 @@ def _check_value(cls: type, name: str, value: Any, hint: Any) -> Any:
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-7 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint is int and isinstance(value, bool):
         raise ConfigError(f"{cls.__name__}.{name}: expected an int, got {value!r}")
     if isinstance(hint, type) and not isinstance(value, hint):

@@ -134,6 +134,15 @@ class Solver:
     def options(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
+    def _raise_nonfinite(self, state: _Canonical, iteration: int, current: int) -> None:
+        pos = _first_nonfinite(state.v)
+        where = f"position {pos}" if pos is not None else "a position no longer non-finite"
+        if iteration != current:
+            where += f" (located in the iterate of iteration {current})"
+        raise NonFiniteError(
+            f"{self.name}: NaN or Inf in the iterate at iteration {iteration}, {where}"
+        )
+
     # --- the one loop ------------------------------------------------------------------
     def solve(
         self,
@@ -160,13 +169,16 @@ class Solver:
             raise ValueError(f"max_iters must be >= 1, got {max_iters}")
 
         s = _Canonical(problem.initial(), problem.dim)
+        if not bool(torch.isfinite(s.v).all()):
+            raise NonFiniteError(f"{self.name}: the initial iterate holds NaN or Inf")
         device = s.x.device
         B = s.B
         cert = torch.zeros(B, dtype=torch.long, device=device)  # certified prefix per item
         conv_iter = torch.full((B,), -1, dtype=torch.long, device=device)
-        bad_iter = torch.full((), -1, dtype=torch.long, device=device)  # first NaN/Inf sweep
-        bad_pos = torch.full((), -1, dtype=torch.long, device=device)  # and its position
+        # Per iteration, the max-abs change of each item, (B,): the residual trace, and the
+        # NaN/Inf detector (a non-finite value makes its item's entry non-finite).
         residuals: list[Tensor] = []
+        checked = 0  # residuals[:checked] are known to be finite
         certified: list[Tensor] = []
         num_evals = 0
         cert_min = 0  # host copy, refreshed when the region depends on it
@@ -179,13 +191,8 @@ class Solver:
             num_evals += self.evals_per_sweep(problem, start, stop)
             old = s.v[:, start:stop]  # (B, n, F)
 
-            nonfinite = ~torch.isfinite(new).all(2).all(0)  # (n,)
-            first_bad = torch.where(nonfinite.any(), nonfinite.int().argmax() + start, -1)
-            fresh_bad = (bad_iter < 0) & (first_bad >= 0)
-            bad_iter = torch.where(fresh_bad, k, bad_iter)  # python scalar: no host transfer
-            bad_pos = torch.where(fresh_bad, first_bad, bad_pos)
-
             diff = (new - old).abs()  # (B, n, F)
+            residuals.append(diff.amax(dim=(1, 2)))  # (B,)
             if atol == 0 and rtol == 0:
                 same = (diff == 0).all(2)  # bitwise equality, the exact certificate
             else:
@@ -193,23 +200,27 @@ class Solver:
             prefix = same.long().cumprod(1).sum(1)  # (B,) unchanged prefix of the window
             # the first changed position is final too: its inputs are all certified
             reach = torch.clamp(prefix + 1, max=stop - start) + start
-            inside = cert >= start  # the window's inputs are certified
-            cert = torch.where(inside, torch.maximum(self.guaranteed(cert, T), reach), cert)
+            grown = torch.maximum(self.guaranteed(cert, T), reach)
+            # only where the window's inputs are certified (always, for a window from 0)
+            cert = grown if start == 0 else torch.where(cert >= start, grown, cert)
             done = cert >= T
             conv_iter = torch.where(done & (conv_iter < 0), k, conv_iter)
             s.v[:, start:stop] = new
             if record:
-                residuals.append(diff.amax(dim=(1, 2)))
-                certified.append(cert.clone())
+                certified.append(cert)  # a new tensor each iteration, never written in place
             if callback is not None:
                 callback(k, s.x)
 
             if not self.static_region() or k % check_every == 0 or k == max_iters:
-                it, pos, cert_min = torch.stack([bad_iter, bad_pos, cert.min()]).tolist()  # 1 sync
-                if it >= 0:
-                    raise NonFiniteError(
-                        f"{self.name}: NaN or Inf in the iterate at iteration {it}, position {pos}"
-                    )
+                recent = torch.stack(residuals[checked:])  # (m, B)
+                finite = torch.isfinite(recent).all(1)  # (m,)
+                ok, cert_min = torch.stack([finite.all().long(), cert.min()]).tolist()  # 1 sync
+                if not ok:
+                    self._raise_nonfinite(s, checked + int(finite.int().argmin()) + 1, k)
+                checked = len(residuals)
+                if not record:
+                    residuals.clear()
+                    checked = 0
                 if cert_min >= T:
                     all_done = True
                     break
@@ -224,12 +235,17 @@ class Solver:
         if check_every > 1:
             stats["check_every"] = check_every
             stats["sweeps_run"] = k
-        res = torch.stack(residuals)[:num_iters] if record else None
+        res = torch.stack(residuals)[:num_iters] if record else None  # (num_iters, B)
         cer = torch.stack(certified)[:num_iters] if record else None
         sol = Solution(s.x, converged, num_iters, num_evals, res, cer, stats)
         if not all_done:
             _report_failure(self.name, sol, max_iters, raise_on_failure)
         return sol
+
+
+def _first_nonfinite(v: Tensor) -> int | None:
+    bad = (~torch.isfinite(v)).any(2).any(0)  # (T,)
+    return int(bad.int().argmax()) if bool(bad.any()) else None
 
 
 def _report_failure(name: str, sol: Solution, max_iters: int, raise_on_failure: bool) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import gzip
 import json
 import os
 import platform
@@ -104,7 +105,12 @@ def _jsonable(obj: Any) -> Any:
 
 
 def read_records(run_dir: str | Path) -> dict[str, Any]:
+    """A run's records.json (or records.json.gz, as large recorded results are kept)."""
     path = Path(run_dir) / "records.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"no records.json in {run_dir} (is it a run directory?)")
-    return json.loads(path.read_text())
+    if path.is_file():
+        return json.loads(path.read_text())
+    packed = path.with_name("records.json.gz")
+    if packed.is_file():
+        with gzip.open(packed, "rt") as f:
+            return json.load(f)
+    raise FileNotFoundError(f"no records.json in {run_dir} (is it a run directory?)")

@@ -4,13 +4,8 @@ sol = ffsolve.solve(fn, x0, method="jacobi")
 hs, info = ffsolve.backprop_through(cell, h0, xs, method="jacobi")   # BPTT by Jacobi
 """
 
-from ffsolve.problems import (
-    BackpropInfo,
-    FunctionProblem,
-    Problem,
-    RecurrenceAdjoint,
-    backprop_through,
-)
+from ffsolve.backprop import BackpropInfo, backprop_through
+from ffsolve.problems import FunctionProblem, Problem, RecurrenceAdjoint
 from ffsolve.solvers import (
     METHODS,
     ConvergenceError,

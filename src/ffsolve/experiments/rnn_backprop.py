@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from ffsolve.backprop import BackpropInfo, backprop_through
 from ffsolve.bench import synchronize
 from ffsolve.data import load_mnist
 from ffsolve.errors import ConfigError
@@ -41,7 +42,6 @@ from ffsolve.experiments import Experiment, RunContext, register_experiment
 from ffsolve.experiments.causal import dtype_of
 from ffsolve.models.rnn import VanillaRNN, VanillaRNNConfig
 from ffsolve.plots import plt
-from ffsolve.problems.recurrence import BackpropInfo, backprop_through
 from ffsolve.solvers import ConvergenceWarning
 
 __all__ = [

@@ -4,6 +4,6 @@ This package is the only bridge between `ffsolve.models` and `ffsolve.solvers`.
 """
 
 from ffsolve.problems.base import FunctionProblem, Problem
-from ffsolve.problems.recurrence import BackpropInfo, RecurrenceAdjoint, backprop_through
+from ffsolve.problems.recurrence import RecurrenceAdjoint
 
-__all__ = ["BackpropInfo", "FunctionProblem", "Problem", "RecurrenceAdjoint", "backprop_through"]
+__all__ = ["FunctionProblem", "Problem", "RecurrenceAdjoint"]

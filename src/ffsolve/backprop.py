@@ -1,0 +1,435 @@
+"""`backprop_through`: back-propagation through a recurrence with the adjoint system of BPTT
+solved by any core method (see `ffsolve.problems.recurrence` for the system).
+
+The forward pass is the ordinary sequential loop; `.backward()` builds a `RecurrenceAdjoint`
+problem, solves it with the chosen solver and accumulates the gradients into the cell's
+parameters, h_0 and xs exactly like autograd would.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from ffsolve.problems.recurrence import RecurrenceAdjoint
+from ffsolve.solvers import NonFiniteError, Solution, Solver, get_solver
+
+__all__ = ["BackpropInfo", "backprop_through"]
+
+#: A recurrent state: one tensor (B, *shape) or a tuple of them (e.g. an LSTM's (h, c)).
+State = Tensor | tuple[Tensor, ...]
+
+
+@dataclass
+class BackpropInfo:
+    """What `backprop_through` did; filled in when backward runs (None before).
+
+    Attributes:
+        method: the solver's name.
+        options: solver options and stopping settings.
+        length: T, the number of time steps.
+        batch: B.
+        solution: the last backward's `Solution` of the adjoint system (reversed time).
+        backward_calls: how many times backward ran on this graph.
+    """
+
+    method: str
+    options: dict[str, Any]
+    length: int
+    batch: int
+    solution: Solution | None = None
+    backward_calls: int = 0
+
+    @property
+    def num_iters(self) -> int | None:
+        """Parallel iterations of the last solve (T for sequential), or None before backward."""
+        return None if self.solution is None else self.solution.num_iters
+
+    @property
+    def converged(self) -> bool | None:
+        """Whether every batch item's adjoints were certified (False: a truncated budget)."""
+        return None if self.solution is None else self.solution.all_converged
+
+    @property
+    def residuals(self) -> list[float] | None:
+        """Max-abs change of the adjoints per iteration (max over the batch), or None when
+        not recorded (`record=False`, or the sequential method)."""
+        if self.solution is None or self.solution.residuals is None:
+            return None
+        return self.solution.residuals.double().amax(1).tolist()
+
+    @property
+    def final_residual(self) -> float | None:
+        """The last iteration's max-abs change of the adjoints (None when not recorded)."""
+        res = self.residuals
+        return res[-1] if res else None
+
+    @property
+    def adjoints(self) -> Tensor | None:
+        """dL/dh_t for t = 1..T in time order, (B, T, F) with the state's features flattened
+        (an LSTM's h then c), or None before backward."""
+        return None if self.solution is None else self.solution.value.flip(1)
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable summary for logs."""
+        return {
+            "method": self.method,
+            "num_iters": self.num_iters,
+            "converged": self.converged,
+            "final_residual": self.final_residual,
+            "backward_calls": self.backward_calls,
+        }
+
+
+class _Layout:
+    """How a state (a tensor or a tuple of tensors, each (B, *shape)) maps to one (B, F)."""
+
+    def __init__(self, parts: Sequence[Tensor], is_tuple: bool) -> None:
+        self.shapes = [tuple(p.shape[1:]) for p in parts]
+        self.sizes = [math.prod(s) for s in self.shapes]
+        self.is_tuple = is_tuple
+        self.dtype = parts[0].dtype
+        self.features = sum(self.sizes)
+        self.plain = not is_tuple and len(self.shapes[0]) == 1  # the state is already (B, F)
+
+    def flatten(self, parts: Sequence[Tensor]) -> Tensor:
+        n = parts[0].shape[0]
+        flat = [p.reshape(n, -1) for p in parts]  # each (N, size_i)
+        return flat[0] if len(flat) == 1 else torch.cat(flat, dim=1)  # (N, F)
+
+    def unflatten(self, flat: Tensor) -> State:
+        n = flat.shape[0]
+        if not self.is_tuple:
+            return flat.view(n, *self.shapes[0])  # (N, *shape)
+        chunks = flat.split(self.sizes, dim=1)
+        return tuple(c.reshape(n, *s) for c, s in zip(chunks, self.shapes, strict=True))
+
+    def parts_of(self, out: Any, n: int) -> list[Tensor]:
+        """The cell's output as a list of parts, checked against the state's structure."""
+        if self.is_tuple:
+            if not isinstance(out, tuple | list) or len(out) != len(self.shapes):
+                raise TypeError(
+                    f"the cell must return a tuple of {len(self.shapes)} tensors like h0, "
+                    f"got {type(out).__name__}"
+                )
+            parts = list(out)
+        else:
+            if not isinstance(out, Tensor):
+                raise TypeError(f"the cell must return a tensor like h0, got {type(out).__name__}")
+            parts = [out]
+        for i, (p, s) in enumerate(zip(parts, self.shapes, strict=True)):
+            if not isinstance(p, Tensor) or tuple(p.shape) != (n, *s):
+                got = tuple(p.shape) if isinstance(p, Tensor) else type(p).__name__
+                where = f" part {i}" if self.is_tuple else ""
+                raise ValueError(
+                    f"the cell changed the state's shape{where}: got {got}, expected {(n, *s)}"
+                )
+            if p.dtype != self.dtype:
+                raise ValueError(f"the cell changed the state's dtype: {p.dtype} != {self.dtype}")
+        return parts
+
+
+class _Plan:
+    """Everything the autograd function needs besides tensors."""
+
+    def __init__(
+        self,
+        cell: Callable[[State, Tensor], State],
+        layout: _Layout,
+        solver: Solver,
+        solve_kwargs: dict[str, Any],
+        info: BackpropInfo,
+    ) -> None:
+        self.user_cell = cell
+        self.layout = layout
+        self.solver = solver
+        self.solve_kwargs = solve_kwargs
+        self.info = info
+        self.keep_chain = solver.name == "sequential"
+
+    def cell(self, h: Tensor, x: Tensor) -> Tensor:
+        """The cell on flat states: (N, F), (N, *D) -> (N, F)."""
+        if self.layout.plain:  # one (N, F) state: no reshaping, one cheap check per call
+            out = self.user_cell(h, x)
+            if isinstance(out, Tensor) and out.shape == h.shape and out.dtype == h.dtype:
+                return out
+            self.layout.parts_of(out, h.shape[0])  # raises the precise error
+        out = self.user_cell(self.layout.unflatten(h), x)
+        return self.layout.flatten(self.layout.parts_of(out, h.shape[0]))
+
+
+class _BPTTFunction(torch.autograd.Function):
+    """Sequential forward; the adjoint system solved by the plan's method on backward."""
+
+    @staticmethod
+    def forward(ctx: Any, plan: _Plan, h0: Tensor, xs: Tensor, *params: Tensor) -> Tensor:
+        B, T = xs.shape[:2]
+        h, xd = h0.detach(), xs.detach()
+        chain = None
+        if plan.keep_chain and any(ctx.needs_input_grad[1:]):
+            # keep the step-by-step graph: the sequential method back-propagates through it
+            with torch.enable_grad():
+                h = h.requires_grad_()
+                chain = []
+                for t in range(T):
+                    h = plan.cell(h, xd[:, t])
+                    chain.append(h)
+            hs = torch.stack([c.detach() for c in chain], dim=1)  # (B, T, F)
+        else:
+            steps = []
+            for t in range(T):
+                h = plan.cell(h, xd[:, t])
+                steps.append(h)
+            hs = torch.stack(steps, dim=1)  # (B, T, F)
+        _check_finite_hidden(hs)
+        ctx.plan = plan
+        ctx.chain = chain
+        ctx.save_for_backward(h0, xs, hs, *params)
+        return hs
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_hs: Tensor) -> tuple[Tensor | None, ...]:
+        plan: _Plan = ctx.plan
+        h0, xs, hs, *params = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        h_prev = torch.cat([h0.detach()[:, None], hs[:, :-1]], dim=1)  # (B, T, F): h_0..h_{T-1}
+        xs_grad = bool(needs[2])
+        problem = RecurrenceAdjoint(
+            plan.cell, h_prev, xs, grad_hs, xs_grad=xs_grad, chain=ctx.chain
+        )
+        sol = plan.solver.solve(problem, **plan.solve_kwargs)
+        plan.info.solution = sol
+        plan.info.backward_calls += 1
+        wanted = [p for p, n in zip(params, needs[3:], strict=True) if n]
+        dh0, dxs, dwanted = problem.input_grads(sol.value, wanted)
+        it = iter(dwanted)
+        dparams = [next(it) if n else None for n in needs[3:]]
+        return (None, dh0 if needs[1] else None, dxs, *dparams)
+
+
+def _check_finite_hidden(hs: Tensor) -> None:
+    if bool(torch.isfinite(hs).all()):  # one host read per forward
+        return
+    t = int((~torch.isfinite(hs)).flatten(2).any(2).any(0).int().argmax())
+    raise NonFiniteError(
+        f"the hidden state became NaN or Inf at time step {t} (the cell's output for xs[:, {t}])"
+    )
+
+
+def _default_params(cell: Any) -> list[Tensor]:
+    owner = cell
+    if inspect.ismethod(cell) and isinstance(cell.__self__, nn.Module):
+        owner = cell.__self__
+    if isinstance(owner, nn.Module):
+        return [p for p in owner.parameters() if p.requires_grad]
+    return []
+
+
+def _undeclared_leaves(out: Tensor, declared: Sequence[Tensor]) -> list[Tensor]:
+    """Leaves requiring grad that `out` depends on but that are not in `declared` (whose
+    gradients would silently be lost). Declared non-leaf tensors stop the walk."""
+    leaf_ids = {id(t) for t in declared if t.grad_fn is None}
+    stops = {t.grad_fn for t in declared if t.grad_fn is not None}
+    found, seen, stack = [], set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen or node in stops:
+            continue
+        seen.add(node)
+        var = getattr(node, "variable", None)  # AccumulateGrad nodes hold their leaf
+        if var is not None and id(var) not in leaf_ids:
+            found.append(var)
+        stack.extend(fn for fn, _ in node.next_functions)
+    return found
+
+
+def _as_parts(h0: Any) -> tuple[list[Tensor], bool]:
+    if isinstance(h0, Tensor):
+        return [h0], False
+    if isinstance(h0, tuple | list) and h0 and all(isinstance(p, Tensor) for p in h0):
+        return list(h0), True
+    raise TypeError(f"h0 must be a tensor or a tuple of tensors, got {type(h0).__name__}")
+
+
+def _check_inputs(parts: list[Tensor], xs: Tensor, batch_first: bool) -> None:
+    layout_name = "(B, T, D)" if batch_first else "(T, B, D)"
+    if not isinstance(xs, Tensor):
+        raise TypeError(f"xs must be a tensor {layout_name}, got {type(xs).__name__}")
+    min_dim = 3 if xs.dtype.is_floating_point or xs.dtype.is_complex else 2
+    if xs.dim() < min_dim:
+        raise ValueError(
+            f"xs must be {layout_name} (batch_first={batch_first}), got shape {tuple(xs.shape)}; "
+            "add a feature dimension for scalar inputs (xs[..., None])"
+        )
+    B, T = (xs.shape[0], xs.shape[1]) if batch_first else (xs.shape[1], xs.shape[0])
+    if T == 0:
+        raise ValueError("xs has no time steps (T = 0)")
+    for i, p in enumerate(parts):
+        name = "h0" if len(parts) == 1 else f"h0[{i}]"
+        if p.dim() < 1 or p.shape[0] != B:
+            raise ValueError(
+                f"{name} has shape {tuple(p.shape)} but xs {tuple(xs.shape)} has batch size {B} "
+                f"(batch_first={batch_first}); h0 must be (B, ...)"
+            )
+        if not p.dtype.is_floating_point:
+            raise TypeError(f"{name} must have a floating dtype, got {p.dtype}")
+        if p.dtype != parts[0].dtype or p.device != parts[0].device:
+            raise ValueError("all parts of h0 must share one dtype and device")
+        if p.device != xs.device:
+            raise ValueError(f"h0 is on {p.device} but xs is on {xs.device}")
+        if not bool(torch.isfinite(p).all()):
+            raise ValueError(f"{name} holds NaN or Inf")
+    if xs.dtype.is_floating_point:
+        bad = ~torch.isfinite(xs)
+        if bool(bad.any()):
+            per_step = (bad if batch_first else bad.transpose(0, 1)).flatten(2).any(2)  # (B, T)
+            t = int(per_step.any(0).int().argmax())
+            b = int(per_step[:, t].int().argmax())
+            raise ValueError(f"xs holds NaN or Inf at time step {t} (batch item {b})")
+
+
+def backprop_through(
+    cell: Callable[[State, Tensor], State],
+    h0: State,
+    xs: Tensor,
+    method: str | Solver = "jacobi",
+    *,
+    params: Sequence[Tensor] | None = None,
+    atol: float = 0.0,
+    rtol: float = 0.0,
+    max_iters: int | None = None,
+    batch_first: bool = True,
+    record: bool = True,
+    check_every: int = 1,
+    raise_on_failure: bool = False,
+    **options: Any,
+) -> tuple[State, BackpropInfo]:
+    """Run h_t = cell(h_{t-1}, x_t) for t = 1..T sequentially; back-propagate by `method`.
+
+    The returned hidden states are differentiable. On `.backward()` the adjoint recursion of
+    BPTT (see the module docstring) is solved by `method` with vector-Jacobian products over
+    all time steps at once, and the gradients w.r.t. `params`, h0 and xs are accumulated
+    exactly like autograd would accumulate them through the sequential loop. With zero
+    tolerances and the default budget every method gives autograd's gradients to float
+    rounding; `max_iters=k` < T with Jacobi gives k-step truncated BPTT (a
+    `ConvergenceWarning` says so).
+
+    Args:
+        cell: `cell(h, x) -> h_next`; h is a tensor (N, *S) or a tuple of them (e.g. (h, c)),
+            x is (N, *D). A torch `RNNCell`, `GRUCell` or `LSTMCell` may be passed as is (its
+            (x, h) argument order is handled). The backward calls it on all T steps at once
+            (N = B*T), so it must treat rows independently and be deterministic (no dropout).
+        h0: the initial state, (B, *S) or a tuple of such tensors.
+        xs: inputs (B, T, *D), or (T, B, *D) with `batch_first=False`; integer (token) inputs
+            may be (B, T).
+        method: "sequential" (ordinary BPTT), "jacobi", "jacobi_gs", "gs_jacobi" or a Solver.
+        params: the tensors the cell is differentiated with respect to. Default: the
+            parameters of `cell` when it is an nn.Module or a bound method of one. A cell that
+            uses other tensors requiring grad raises ValueError (their gradient would be lost).
+        atol, rtol: tolerance of the adjoint solve (0, 0: exact, certified by equality).
+        max_iters: iteration budget (default: the method's exactness bound, T for Jacobi).
+        batch_first: layout of xs and of the returned states.
+        record: keep the solve's residual traces (`info.residuals`); off for timing.
+        check_every, raise_on_failure, **options: passed to the solver (`block_size`,
+            `window`); see `ffsolve.solve`.
+
+    Returns:
+        (hs, info): the states h_1..h_T, (B, T, *S) (a tuple for a tuple state; time-major
+        with `batch_first=False`), and a `BackpropInfo` that backward fills in.
+
+    Raises:
+        ValueError: bad shapes, h0/xs batch mismatch, NaN or Inf in xs or h0 (the time step
+            is named), an unknown method, undeclared tensors requiring grad.
+        TypeError: a non-tensor h0/xs, a cell returning the wrong structure.
+        ffsolve.NonFiniteError: the hidden state or the adjoints became NaN or Inf.
+
+    Example:
+        >>> gru = torch.nn.GRUCell(3, 16)
+        >>> hs, info = ffsolve.backprop_through(gru, torch.zeros(8, 16), xs, method="jacobi")
+        >>> loss_fn(hs).backward()          # gru's .grad filled, as by autograd
+        >>> info.num_iters, info.converged
+    """
+    if not callable(cell):
+        raise TypeError(f"cell must be callable, got {type(cell).__name__}")
+    solver = get_solver(method, **options)
+    if max_iters is not None and (isinstance(max_iters, bool) or not isinstance(max_iters, int)):
+        raise TypeError(f"max_iters must be an int or None, got {type(max_iters).__name__}")
+    if max_iters is not None and max_iters < 1:
+        raise ValueError(f"max_iters must be >= 1, got {max_iters}")
+    if atol < 0 or rtol < 0:
+        raise ValueError(f"atol and rtol must be >= 0, got atol={atol}, rtol={rtol}")
+    parts, is_tuple = _as_parts(h0)
+    _check_inputs(parts, xs, batch_first)
+    user_cell = cell
+    if isinstance(cell, nn.RNNCellBase):  # torch's cells take (input, hidden)
+        user_cell = lambda h, x: cell(x, h)  # noqa: E731
+    params = _default_params(cell) if params is None else list(params)
+    for p in params:
+        if not isinstance(p, Tensor):
+            raise TypeError(f"params must be tensors, got {type(p).__name__}")
+    unique: dict[int, Tensor] = {id(p): p for p in params}
+    params = list(unique.values())
+
+    layout = _Layout(parts, is_tuple)
+    x_bt = xs if batch_first else xs.transpose(0, 1)  # (B, T, *D)
+    B, T = x_bt.shape[:2]
+    info = BackpropInfo(
+        method=solver.name,
+        options={
+            **{k: v for k, v in solver.options().items() if v is not None},
+            "atol": atol,
+            "rtol": rtol,
+            "max_iters": max_iters,
+        },
+        length=T,
+        batch=B,
+    )
+    plan = _Plan(
+        user_cell,
+        layout,
+        solver,
+        dict(
+            atol=atol,
+            rtol=rtol,
+            max_iters=max_iters,
+            record=record,
+            check_every=check_every,
+            raise_on_failure=raise_on_failure,
+        ),
+        info,
+    )
+    h0_flat = layout.flatten(parts)  # (B, F)
+    if torch.is_grad_enabled():
+        # one step with a graph: checks the cell's output and finds tensors it uses that
+        # require grad but were not declared (their gradients would silently be lost)
+        with torch.enable_grad():
+            probe_h = h0_flat.detach().requires_grad_()
+            probe = plan.cell(probe_h, x_bt[:, 0].detach())
+        if probe.requires_grad:
+            lost = _undeclared_leaves(probe, [probe_h, *params])
+            if lost:
+                shapes = ", ".join(str(tuple(t.shape)) for t in lost)
+                raise ValueError(
+                    f"the cell uses {len(lost)} tensor(s) that require grad but are not in "
+                    f"params (shapes {shapes}); pass them with params=[...] (the default is "
+                    "the parameters of an nn.Module cell or of a bound method's module)"
+                )
+    hs_flat = _BPTTFunction.apply(plan, h0_flat, x_bt, *params)  # (B, T, F)
+    hs = layout.unflatten(hs_flat.reshape(B * T, layout.features))
+    if is_tuple:
+        hs = tuple(p.view(B, T, *p.shape[1:]) for p in hs)  # each (B, T, *S_i)
+        if not batch_first:
+            hs = tuple(p.transpose(0, 1) for p in hs)
+    else:
+        hs = hs.view(B, T, *hs.shape[1:])  # (B, T, *S)
+        if not batch_first:
+            hs = hs.transpose(0, 1)
+    return hs, info

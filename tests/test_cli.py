@@ -53,6 +53,11 @@ def test_user_errors_are_one_line(tmp_path, capsys):
     assert main(["plot", str(tmp_path)]) == 2
     assert "no records.json" in capsys.readouterr().err
     assert main(["train", "nothing", "--out", str(tmp_path)]) == 2
+    capsys.readouterr()
+    missing = ["--set", "data=cifar10", "--out", str(tmp_path / "t")]
+    assert main(["train", "made", *missing]) == 2
+    assert "cifar-10-batches-py" in capsys.readouterr().err
+    assert not any((tmp_path / "t" / "made").iterdir())  # no empty run directory left
 
 
 @dataclass(frozen=True)

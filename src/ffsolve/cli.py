@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import traceback
 from pathlib import Path
@@ -71,7 +72,12 @@ def _execute(kind: str, name: str, spec: Any, args: argparse.Namespace, override
     write_json(run_dir / "env.json", env)
     ctx = RunContext(device=device, out_dir=run_dir, log=lambda s: print(s, flush=True))
     print(f"{kind} {name} on {env['device_name']} -> {run_dir}", flush=True)
-    body = spec.run(config, ctx) if kind == "run" else spec.train(config, ctx)
+    try:
+        body = spec.run(config, ctx) if kind == "run" else spec.train(config, ctx)
+    except BaseException:
+        if {p.name for p in run_dir.iterdir()} <= {"config.yaml", "env.json"}:
+            shutil.rmtree(run_dir)  # nothing was produced: leave no empty run behind
+        raise
     records = {kind_key(kind): name, "config": config_to_dict(config), "env": env, **body}
     write_json(run_dir / "records.json", records, compact=True)
     summary = getattr(spec, "summary", None)

@@ -82,6 +82,8 @@ def test_bad_loop_options():
         ffsolve.solve(chain, x0, atol=-1.0)
     with pytest.raises(ValueError, match="check_every"):
         ffsolve.solve(chain, x0, check_every=0)
+    with pytest.raises(TypeError, match="max_iters must be an int"):
+        ffsolve.solve(chain, x0, max_iters=2.5)
     with pytest.raises(ValueError, match="exactly T=6 steps"):
         ffsolve.solve(chain, x0, method="sequential", max_iters=3)
 

@@ -20,6 +20,7 @@ from torch.autograd.function import once_differentiable
 
 from ffsolve.problems.recurrence import RecurrenceAdjoint
 from ffsolve.solvers import NonFiniteError, Solution, Solver, get_solver
+from ffsolve.solvers.base import check_stopping
 
 __all__ = ["BackpropInfo", "backprop_through"]
 
@@ -360,12 +361,7 @@ def backprop_through(
     if not callable(cell):
         raise TypeError(f"cell must be callable, got {type(cell).__name__}")
     solver = get_solver(method, **options)
-    if max_iters is not None and (isinstance(max_iters, bool) or not isinstance(max_iters, int)):
-        raise TypeError(f"max_iters must be an int or None, got {type(max_iters).__name__}")
-    if max_iters is not None and max_iters < 1:
-        raise ValueError(f"max_iters must be >= 1, got {max_iters}")
-    if atol < 0 or rtol < 0:
-        raise ValueError(f"atol and rtol must be >= 0, got atol={atol}, rtol={rtol}")
+    check_stopping(atol, rtol, max_iters, check_every)  # fail now, not inside backward
     parts, is_tuple = _as_parts(h0)
     _check_inputs(parts, xs, batch_first)
     user_cell = cell

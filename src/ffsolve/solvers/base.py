@@ -33,6 +33,7 @@ __all__ = [
     "ConvergenceError",
     "ConvergenceWarning",
     "NonFiniteError",
+    "check_stopping",
 ]
 
 
@@ -159,14 +160,9 @@ class Solver:
         """Iterate until every position of every batch item is certified, or `max_iters`."""
         T = problem.length
         self.validate(T)
-        if atol < 0 or rtol < 0:
-            raise ValueError(f"atol and rtol must be >= 0, got atol={atol}, rtol={rtol}")
-        if check_every < 1:
-            raise ValueError(f"check_every must be >= 1, got {check_every}")
+        check_stopping(atol, rtol, max_iters, check_every)
         if max_iters is None:
             max_iters = self.default_max_iters(T)
-        if max_iters < 1:
-            raise ValueError(f"max_iters must be >= 1, got {max_iters}")
 
         s = _Canonical(problem.initial(), problem.dim)
         if not bool(torch.isfinite(s.v).all()):
@@ -241,6 +237,19 @@ class Solver:
         if not all_done:
             _report_failure(self.name, sol, max_iters, raise_on_failure)
         return sol
+
+
+def check_stopping(atol: float, rtol: float, max_iters: int | None, check_every: int) -> None:
+    """Validate the stopping options shared by every solve (and by callers that defer one)."""
+    if atol < 0 or rtol < 0:
+        raise ValueError(f"atol and rtol must be >= 0, got atol={atol}, rtol={rtol}")
+    for name, value in (("max_iters", max_iters), ("check_every", check_every)):
+        if value is None and name == "max_iters":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
 
 
 def _first_nonfinite(v: Tensor) -> int | None:

@@ -12,7 +12,7 @@ import yaml
 
 from ffsolve.errors import ConfigError
 
-__all__ = ["load_config", "config_to_dict"]
+__all__ = ["Config", "check_config", "config_to_dict", "load_config", "spec"]
 
 C = TypeVar("C")
 
@@ -53,6 +53,79 @@ def _check_value(cls: type, name: str, value: Any, hint: Any) -> Any:
         got = f"{value!r} ({type(value).__name__})"
         raise ConfigError(f"{cls.__name__}.{name}: expected {hint.__name__}, got {got}")
     return value
+
+
+def spec(
+    default: Any,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    choices: tuple[Any, ...] | None = None,
+    doc: str = "",
+) -> Any:
+    """A config field with its valid range or choices declared next to its default.
+
+    For a list or tuple field the bounds and choices apply to every item; None always passes
+    when the field's type allows it.
+
+    Example:
+        >>> batch: int = spec(100, ge=1)
+        >>> dtype: str = spec("float32", choices=("float32", "float64"))
+    """
+    rule = {"ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices, "doc": doc}
+    return dataclasses.field(default=default, metadata={"ffsolve": rule})
+
+
+def _allowed(rule: dict[str, Any]) -> str:
+    if rule.get("choices") is not None:
+        return "one of " + ", ".join(repr(c) for c in rule["choices"])
+    parts = [
+        f"{sym} {rule[key]}"
+        for key, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+        if rule.get(key) is not None
+    ]
+    return " and ".join(parts)
+
+
+def _violates(rule: dict[str, Any], v: Any) -> bool:
+    if rule.get("choices") is not None:
+        return v not in rule["choices"]
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return False
+    if v != v:  # NaN is never in range
+        return any(rule.get(k) is not None for k in ("ge", "gt", "le", "lt"))
+    return (
+        (rule.get("ge") is not None and not v >= rule["ge"])
+        or (rule.get("gt") is not None and not v > rule["gt"])
+        or (rule.get("le") is not None and not v <= rule["le"])
+        or (rule.get("lt") is not None and not v < rule["lt"])
+    )
+
+
+def check_config(config: Any) -> None:
+    """Check every field declared with `spec` against its range or choices (ConfigError)."""
+    for f in dataclasses.fields(config):
+        rule = f.metadata.get("ffsolve")
+        if not rule:
+            continue
+        value = getattr(config, f.name)
+        items = value if isinstance(value, list | tuple) else [value]
+        for v in items:
+            if v is not None and _violates(rule, v):
+                raise ConfigError(
+                    f"{type(config).__name__}.{f.name}={value!r} is out of range: "
+                    f"allowed {_allowed(rule)}"
+                )
+
+
+class Config:
+    """Base of config dataclasses: ranges declared with `spec` are checked on construction,
+    so YAML, `--set` and the Python API are validated alike."""
+
+    def __post_init__(self) -> None:
+        check_config(self)
 
 
 def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] = ()) -> C:

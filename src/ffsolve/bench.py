@@ -183,3 +183,63 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.2e}" if v < 1e-2 else f"{v:.3g}"
     return "" if v is None else str(v)
+
+
+def trace_solve(
+    solver: Solver,
+    problem: Problem,
+    reference: Tensor,
+    device: torch.device,
+    frames: Sequence[int] = (),
+    **solve_kwargs: Any,
+) -> dict[str, Any]:
+    """One untimed solve that records, per iteration, the distance of the iterate to a
+    reference solution (e.g. the sequential sample), the forward difference and a clock.
+
+    The clock synchronises after every iteration, so it runs a little slower than a timed
+    solve; figures say so. Distances are over the canonical (B, T, F) state: `l2` is the mean
+    over the batch of each item's l2 norm, `positions_differing` counts (item, position)
+    pairs with any feature not bitwise equal to the reference.
+
+    Returns:
+        A dict of per-iteration lists (`l2_to_reference`, `max_abs_to_reference`,
+        `positions_differing`, `forward_difference`, `clock_s`), `iters_to_equal_reference`
+        (None when never bitwise equal), `num_iters`, and `snapshots` {k: iterate} at
+        `frames` (k = 0 is the initial iterate).
+    """
+    ref = reference.detach()
+    B = ref.shape[0]
+    prev = problem.initial().detach().clone()
+    out: dict[str, Any] = {
+        "l2_to_reference": [],
+        "max_abs_to_reference": [],
+        "positions_differing": [],
+        "forward_difference": [],
+        "clock_s": [],
+    }
+    equal: list[bool] = []
+    snaps: dict[int, Tensor] = {0: prev.clone()} if 0 in frames else {}
+    t0 = 0.0
+
+    def callback(k: int, x: Tensor) -> None:
+        synchronize(device)
+        out["clock_s"].append(time.perf_counter() - t0)
+        d = (x - ref).reshape(B, ref.shape[1], -1).double()  # (B, T, F)
+        out["l2_to_reference"].append(float(d.flatten(1).norm(dim=1).mean()))
+        out["max_abs_to_reference"].append(float(d.abs().max()))
+        out["positions_differing"].append(int((d != 0).any(2).sum()))
+        step = (x - prev).reshape(B, -1).double()
+        out["forward_difference"].append(float(step.norm(dim=1).mean()))
+        equal.append(bool(torch.equal(x, ref)))
+        prev.copy_(x)
+        if k in frames:
+            snaps[k] = x.detach().clone()
+
+    synchronize(device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        sol = solver.solve(problem, record=False, callback=callback, **solve_kwargs)
+    out["iters_to_equal_reference"] = next((i + 1 for i, e in enumerate(equal) if e), None)
+    out["num_iters"] = sol.num_iters
+    out["snapshots"] = snaps
+    return out

@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["plot_traces", "plt"]
+__all__ = ["mosaic", "plot_traces", "plt", "show_images"]
 
 
 def plot_traces(
@@ -41,3 +41,27 @@ def plot_traces(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def mosaic(images: Sequence, cols: int) -> tuple[Any, str | None]:
+    """uint8 images (n, H, W) or (n, H, W, 3) as nested lists or an array -> one tiled image
+    (rows * H, cols * W[, 3]) and the colour map to show it with (grey for one channel)."""
+    import numpy as np
+
+    arr = np.asarray(images, dtype=np.uint8)  # (n, H, W[, C])
+    n = len(arr)
+    rows = -(-n // cols)
+    pad = np.zeros((rows * cols - n, *arr.shape[1:]), np.uint8)
+    arr = np.concatenate([arr, pad])
+    arr = arr.reshape(rows, cols, *arr.shape[1:])  # (rows, cols, H, W[, C])
+    arr = np.swapaxes(arr, 1, 2)  # (rows, H, cols, W[, C])
+    tiled = arr.reshape(rows * arr.shape[1], cols * arr.shape[3], *arr.shape[4:])
+    return tiled, ("gray" if tiled.ndim == 2 else None)
+
+
+def show_images(ax: Any, images: Sequence, cols: int, title: str = "") -> None:
+    """Draw uint8 images tiled `cols` wide on `ax`, without axes."""
+    tiled, cmap = mosaic(images, cols)
+    ax.imshow(tiled, cmap=cmap, vmin=0, vmax=255)
+    ax.set_title(title, fontsize=7)
+    ax.axis("off")

@@ -21,7 +21,7 @@ from ffsolve.data import logit_bounds, logit_to_pixels
 from ffsolve.experiments import Experiment, RunContext, register_experiment
 from ffsolve.experiments.causal import dtype_of
 from ffsolve.models.made import load_made
-from ffsolve.plots import plt
+from ffsolve.plots import mosaic, plt
 from ffsolve.problems.autoregressive import MADESampling, logistic_noise
 from ffsolve.solvers import Solver
 
@@ -215,21 +215,6 @@ def run(cfg: MADESamplingConfig, ctx: RunContext) -> dict[str, Any]:
 # --- figures, from the records only ------------------------------------------------------
 
 
-def _image(arr: np.ndarray) -> tuple[np.ndarray, str | None]:
-    return (arr, "gray") if arr.ndim == 2 else (arr, None)
-
-
-def _mosaic(images: list, cols: int) -> np.ndarray:
-    arr = np.asarray(images, dtype=np.uint8)  # (n, H, W[, C])
-    n = len(arr)
-    rows = -(-n // cols)
-    pad = np.zeros((rows * cols - n, *arr.shape[1:]), np.uint8)
-    arr = np.concatenate([arr, pad])
-    arr = arr.reshape(rows, cols, *arr.shape[1:])  # (rows, cols, H, W[, C])
-    arr = np.swapaxes(arr, 1, 2)  # (rows, H, cols, W[, C])
-    return arr.reshape(rows * arr.shape[1], cols * arr.shape[3], *arr.shape[4:])
-
-
 def plot(records: dict[str, Any], out_dir: Path) -> list[Path]:
     paths = []
     env = records.get("env", {})
@@ -281,7 +266,7 @@ def plot(records: dict[str, Any], out_dir: Path) -> list[Path]:
                 ax = axes[row, j]
                 ax.axis("off")
                 if imgs is not None:
-                    arr, cmap = _image(_mosaic(imgs, 2))
+                    arr, cmap = mosaic(imgs, 2)
                     ax.imshow(arr, cmap=cmap, vmin=0, vmax=255)
                 ax.set_title(label, fontsize=6)
         fig.suptitle(
@@ -297,7 +282,7 @@ def plot(records: dict[str, Any], out_dir: Path) -> list[Path]:
     fig, axes = plt.subplots(1, 2, figsize=(10, 5.4))
     for ax, key in zip(axes, ("sequential", "jacobi"), strict=True):
         cols = int(np.ceil(np.sqrt(len(grid[key]))))
-        arr, cmap = _image(_mosaic(grid[key], cols))
+        arr, cmap = mosaic(grid[key], cols)
         ax.imshow(arr, cmap=cmap, vmin=0, vmax=255)
         ax.set_title(f"{key} (same noise)", fontsize=9)
         ax.axis("off")

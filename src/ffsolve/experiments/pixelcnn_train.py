@@ -1,0 +1,293 @@
+"""`ffsolve train pixelcnnpp`: maximum likelihood for PixelCNN++ on 8-bit images.
+
+Loss: the discretised logistic mixture likelihood, reported in bits per dimension (of the
+8-bit pixel space, so comparable with published PixelCNN++ numbers on the same data). Adam
+with the paper's exponential learning-rate decay per step; optional bfloat16 autocast on CUDA.
+A time budget (`max_minutes`) ends training after the batch that crosses it, so a run fits a
+fixed slot on a GPU; the state is saved every `save_every_minutes` and at the end, and a run
+started with `resume: true` continues from the last save (weights, optimiser, schedule,
+data order, history), so an interrupted run loses at most the minutes since that save.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ffsolve.config import Config, spec
+from ffsolve.data import load_images
+from ffsolve.errors import CheckpointError, ConfigError
+from ffsolve.experiments import RunContext, Trainer, register_trainer
+from ffsolve.models.pixelcnnpp import (
+    PixelCNNpp,
+    PixelCNNppConfig,
+    mixture_nll,
+    save_pixelcnnpp,
+)
+
+
+@dataclass(frozen=True)
+class PixelCNNTrainConfig(Config):
+    """Training of a PixelCNN++ (paper: 5 resnets, 40 filters MNIST, 160 filters CIFAR-10).
+
+    Attributes:
+        data: mnist, rgb (32x32 crops of natural photos: a CIFAR-shaped stand-in, not
+            CIFAR-10) or cifar10 (needs data_dir).
+        filters, resnets, mixtures, dropout: the model (`PixelCNNppConfig`).
+        epochs: at most this many epochs; `max_minutes` may end training earlier.
+        max_minutes: wall-clock budget of the training loop (0: none).
+        lr, lr_decay: Adam's learning rate, multiplied by lr_decay after every step.
+        amp: bfloat16 autocast for the network on CUDA (the loss stays float32).
+        save_every_minutes: periodic save of the resumable state (0: only at the end).
+        resume: continue from `<save_to>.resume.pt` when it exists.
+        storage_dtype: float32 or float16 weights in the shipped checkpoint (test bits/dim is
+            re-measured with the stored, rounded weights).
+        max_train, max_test: use only the first N images (quick runs).
+    """
+
+    data: str = spec("mnist", choices=("mnist", "rgb", "cifar10"))
+    data_dir: str | None = None
+    filters: int = spec(40, ge=1)
+    resnets: int = spec(5, ge=1)
+    mixtures: int = spec(10, ge=1)
+    dropout: float = spec(0.5, ge=0.0, lt=1.0)
+    epochs: int = spec(100, ge=1)
+    max_minutes: float = spec(0.0, ge=0.0)
+    batch_size: int = spec(64, ge=1)
+    lr: float = spec(1e-3, gt=0.0)
+    lr_decay: float = spec(0.999995, gt=0.0, le=1.0)
+    amp: bool = True
+    save_every_minutes: float = spec(5.0, ge=0.0)
+    resume: bool = False
+    save_to: str | None = None
+    storage_dtype: str = spec("float32", choices=("float32", "float16"))
+    max_train: int | None = spec(None, ge=1)
+    max_test: int | None = spec(None, ge=1)
+    eval_batch: int = spec(500, ge=1)
+    rgb_train: int = spec(50000, ge=1)
+    rgb_test: int = spec(10000, ge=1)
+    seed: int = 0
+
+
+def _images(x: np.ndarray, limit: int | None) -> torch.Tensor:
+    """uint8 (N, H, W) or (N, H, W, C) -> uint8 (N, C, H, W)."""
+    x = x[:limit] if limit else x
+    t = torch.from_numpy(np.ascontiguousarray(x))
+    return t[:, None] if t.dim() == 3 else t.permute(0, 3, 1, 2).contiguous()
+
+
+def to_unit(xb: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> [-1, 1], bins of width 2/255 centred on the pixel values."""
+    return xb.float() / 127.5 - 1.0
+
+
+def evaluate_bpd(
+    model: PixelCNNpp, x: torch.Tensor, batch: int, device: torch.device, amp: bool = False
+) -> float:
+    """Test bits per dimension of uint8 images x (N, C, H, W), in eval mode."""
+    model.eval()
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            xb = to_unit(x[i : i + batch].to(device))
+            with torch.autocast(device.type, torch.bfloat16, enabled=amp and device.type == "cuda"):
+                params = model(xb)
+            total += float(mixture_nll(params, xb, model.config.mixtures).sum())
+    return total / (len(x) * x[0].numel() * math.log(2.0))
+
+
+def _resume_path(save_to: str) -> Path:
+    return Path(save_to + ".resume.pt")
+
+
+def _save_state(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a reader sees the old state or the new one, never half
+
+
+def train(cfg: PixelCNNTrainConfig, ctx: RunContext) -> dict[str, Any]:
+    torch.manual_seed(cfg.seed)
+    dev = ctx.device
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    kw = {"num_train": cfg.rgb_train, "num_test": cfg.rgb_test, "seed": cfg.seed}
+    data = load_images(cfg.data, cfg.data_dir, **(kw if cfg.data == "rgb" else {}))
+    x_train = _images(data["train"][0], cfg.max_train).to(dev)  # uint8 on the device
+    x_test = _images(data["test"][0], cfg.max_test)
+    C, H, W = x_train.shape[1:]
+    model_cfg = PixelCNNppConfig(
+        channels=C,
+        height=H,
+        width=W,
+        filters=cfg.filters,
+        resnets=cfg.resnets,
+        mixtures=cfg.mixtures,
+        dropout=cfg.dropout,
+    )
+    model = PixelCNNpp(model_cfg).to(dev)
+    n_params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=cfg.lr_decay)
+    save_to = cfg.save_to or str(ctx.out_dir / "pixelcnnpp")
+    g = torch.Generator().manual_seed(cfg.seed)
+    history: list[dict[str, Any]] = []
+    start_epoch, step, elapsed0, skipped = 1, 0, 0.0, 0
+    rpath = _resume_path(save_to)
+    if cfg.resume and rpath.is_file():
+        try:
+            st = torch.load(rpath, map_location=dev, weights_only=True)
+            model.load_state_dict(st["model"])
+            opt.load_state_dict(st["optimizer"])
+            sched.load_state_dict(st["scheduler"])
+        except (RuntimeError, KeyError, ValueError, OSError) as e:
+            raise CheckpointError(f"cannot resume from {rpath}: {e}") from None
+        if st["model_config"] != model_cfg.__dict__:
+            raise ConfigError(f"{rpath} was saved for another model: {st['model_config']}")
+        g.set_state(st["generator"].cpu())
+        torch.set_rng_state(st["torch_rng"].cpu())
+        if dev.type == "cuda" and st.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(st["cuda_rng"].cpu(), dev)
+        start_epoch, step, elapsed0 = st["epoch"], st["step"], st["elapsed_s"]
+        history = st["history"]
+        ctx.log(f"resumed from {rpath}: epoch {start_epoch}, step {step}, {elapsed0:.0f} s")
+    elif cfg.resume:
+        ctx.log(f"no resumable state at {rpath}: starting afresh")
+    ctx.log(
+        f"PixelCNN++ {C}x{H}x{W} ({cfg.data}), {cfg.filters} filters, {cfg.resnets} resnets, "
+        f"{n_params / 1e6:.2f}M parameters; {len(x_train)} train / {len(x_test)} test images"
+    )
+    amp = cfg.amp and dev.type == "cuda"
+    dims = C * H * W
+    t0 = time.perf_counter() - elapsed0
+    last_save = time.perf_counter()
+
+    def state(epoch: int) -> dict[str, Any]:
+        return {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "generator": g.get_state(),
+            "torch_rng": torch.get_rng_state(),  # dropout draws from the global generator
+            "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
+            "epoch": epoch,
+            "step": step,
+            "elapsed_s": time.perf_counter() - t0,
+            "history": history,
+            "model_config": model_cfg.__dict__,
+        }
+
+    out_of_time = False
+    epoch = start_epoch
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        model.train()
+        perm = torch.randperm(len(x_train), generator=g).to(dev)
+        losses = []
+        n_batches = math.ceil(len(x_train) / cfg.batch_size)
+        bar = tqdm(
+            range(n_batches),
+            desc=f"epoch {epoch}",
+            leave=False,
+            disable=not sys.stderr.isatty(),
+        )
+        for b in bar:
+            xb = to_unit(x_train[perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]])
+            with torch.autocast(dev.type, torch.bfloat16, enabled=amp):
+                params = model(xb)
+            loss = mixture_nll(params, xb, cfg.mixtures).mean() / (dims * math.log(2.0))
+            opt.zero_grad(set_to_none=True)
+            if not torch.isfinite(loss):
+                skipped += 1  # a non-finite batch is skipped, loudly, never trained on
+                if skipped > 10:
+                    raise FloatingPointError(f"training diverged: {skipped} non-finite losses")
+                continue
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            losses.append(loss.detach())
+            if b % 50 == 0 and bar.disable is False:
+                bar.set_postfix(bpd=f"{float(loss):.3f}")
+            if cfg.max_minutes and time.perf_counter() - t0 > 60 * cfg.max_minutes:
+                out_of_time = True
+                break
+        train_bpd = float(torch.stack(losses).mean()) if losses else float("nan")
+        test = evaluate_bpd(model, x_test, cfg.eval_batch, dev, amp)
+        history.append(
+            {
+                "epoch": epoch,
+                "step": step,
+                "train_bpd": train_bpd,
+                "test_bpd": test,
+                "elapsed_s": time.perf_counter() - t0,
+                "complete": not out_of_time,
+            }
+        )
+        ctx.log(
+            f"  epoch {epoch:3d}  train {train_bpd:.4f}  test {test:.4f} bits/dim  "
+            f"(step {step}, {time.perf_counter() - t0:.0f} s)"
+        )
+        if out_of_time:
+            break
+        if cfg.save_every_minutes and time.perf_counter() - last_save > 60 * cfg.save_every_minutes:
+            _save_state(rpath, state(epoch + 1))
+            last_save = time.perf_counter()
+    Path(save_to).parent.mkdir(parents=True, exist_ok=True)
+    _save_state(rpath, state(epoch + 1))
+    model.eval()
+    stored_bpd = history[-1]["test_bpd"] if history else None
+    if cfg.storage_dtype == "float16":  # measure what ships: the float16-rounded weights
+        rounded = copy.deepcopy(model)
+        with torch.no_grad():
+            for p in rounded.parameters():
+                p.copy_(p.half().float())
+        stored_bpd = evaluate_bpd(rounded, x_test, cfg.eval_batch, dev, amp)
+        ctx.log(f"  test with float16-stored weights: {stored_bpd:.4f} bits/dim")
+    extra = {
+        "data": {"name": cfg.data, "shape": [C, H, W]},
+        "test_bits_per_dim": stored_bpd,
+        "epochs": history[-1]["epoch"] if history else 0,
+        "steps": step,
+        "train_seconds": history[-1]["elapsed_s"] if history else 0.0,
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+    }
+    saved = save_pixelcnnpp(save_to, model.cpu(), extra, cfg.storage_dtype)
+    ctx.log(f"checkpoint: {saved}")
+    return {
+        "history": history,
+        "checkpoint": str(saved),
+        "num_params": n_params,
+        "test_bits_per_dim": stored_bpd,
+        "skipped_batches": skipped,
+    }
+
+
+def summary(records: dict[str, Any]) -> str:
+    h = records["history"]
+    if not h:
+        return f"no epoch ran; checkpoint {records['checkpoint']}"
+    return (
+        f"test {records['test_bits_per_dim']:.4f} bits/dim after {h[-1]['epoch']} epochs, "
+        f"{h[-1]['step']} steps ({h[-1]['elapsed_s']:.0f} s); checkpoint {records['checkpoint']}"
+    )
+
+
+register_trainer(
+    Trainer(
+        name="pixelcnnpp",
+        description="PixelCNN++ on MNIST or RGB images (discretised logistic mixture)",
+        config=PixelCNNTrainConfig,
+        train=train,
+        summary=summary,
+    )
+)

@@ -66,6 +66,8 @@ _MODULES = [
     "ffsolve.experiments.made_train",
     "ffsolve.experiments.made_sampling",
     "ffsolve.experiments.rnn_backprop",
+    "ffsolve.experiments.densenet_train",
+    "ffsolve.experiments.densenet_jacobi",
 ]
 
 #: What `ffsolve demo` / `make demo` runs: an experiment name and config overrides.

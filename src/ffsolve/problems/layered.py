@@ -288,7 +288,7 @@ def prediction_metrics(
     kk = min(5, logits.shape[1])
     top = logits.topk(kk, 1).indices  # (B, 5), largest first
     ref = reference.topk(kk, 1).indices
-    overlap = (top[:, :, None] == ref[:, None, :]).any(2).float().sum(1) / kk  # (B,)
+    overlap = (top[:, :, None] == ref[:, None, :]).any(2).double().sum(1) / kk  # (B,)
     return {
         "top1_agree": float((top[:, 0] == ref[:, 0]).float().mean()),
         "top5_agree": float(overlap.mean()),

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU call for issue 9 (DenseNet by Jacobi over its layers), about 8 minutes on an H200:
-#   1. train DenseNet-BC (depth 100, growth 12) on Fashion-MNIST, time-boxed (TRAIN_MIN, 5 min);
+#   1. train DenseNet-BC (depth 100, growth 12) on Fashion-MNIST, time-boxed (TRAIN_MIN, 4.5 min);
 #   2. reload the saved checkpoint and evaluate it on the 10k test images;
 #   3. ffsolve run densenet-jacobi on it (batch 1 and 64);
 #   4. ffsolve run densenet-jacobi on DenseNet-201 with RANDOM weights at 224x224 (batch 1, 16).
@@ -17,7 +17,7 @@ OUT=${OUT:-/tmp/ffsolve-out}
 DEVICE=${DEVICE:-cuda}
 PY=${PYTHON:-python3}
 DATA=${DATA:-.carry/fashion-mnist}
-TRAIN_MIN=${TRAIN_MIN:-5}
+TRAIN_MIN=${TRAIN_MIN:-4.5}
 RUNS=runs/gpu-densenet
 mkdir -p "$OUT" "$RUNS"
 CKPT="$OUT/densenet_bc_fmnist"

@@ -25,7 +25,7 @@ Two sweeps of a dense block (both eval mode only; BatchNorm uses its running sta
 - `fused=True`, all layers of a block at once: BN1 folded into a per-layer affine over the
   block's full concatenated features (zero beyond the layer's own input channels, so later
   channels are multiplied by exactly zero), the L bottleneck 1x1 convs as ONE batched matrix
-  product (L, 4k, C) @ (B, L, C, HW), BN2 folded into a per-channel affine, and the L 3x3
+  product (L, 4k, C) @ (L, C, B HW), BN2 folded into a per-channel affine, and the L 3x3
   convs as ONE grouped convolution (groups = L). It is a different float program (folded
   BN, different kernels), so it equals the per-layer loop to rounding, not bitwise; every
   method run with it returns that program's exact fixed point.
@@ -116,11 +116,12 @@ class FusedBlock:
         hi = self.num_layers if hi is None else hi
         n, k = hi - lo, self.growth
         B, C, H, W = feats.shape
-        x = feats.reshape(B, 1, C, H * W)  # (B, 1, C, HW)
-        y = torch.relu(x * self.scale1[lo:hi] + self.shift1[lo:hi])  # (B, n, C, HW)
-        z = torch.matmul(self.w1[lo:hi], y)  # (B, n, 4k, HW): one batched GEMM
         bott = self.w1.shape[1]
-        z = z.view(B, n * bott, H, W)  # (B, n 4k, H, W), layer-major channels
+        # the batch goes into the GEMM's N dimension, so the weights are never expanded B times
+        x = feats.reshape(B, C, H * W).transpose(0, 1).reshape(1, C, B * H * W)  # (1, C, BHW)
+        y = torch.relu(x * self.scale1[lo:hi] + self.shift1[lo:hi])  # (n, C, BHW)
+        z = torch.bmm(self.w1[lo:hi], y)  # (n, 4k, BHW): one batched GEMM for n layers
+        z = z.view(n * bott, B, H, W).transpose(0, 1)  # (B, n 4k, H, W), layer-major channels
         sl = slice(lo * bott, hi * bott)
         z = torch.relu(z * self.scale2[:, sl] + self.shift2[:, sl])
         return F.conv2d(z, self.w2[lo * k : hi * k], padding=1, groups=n)  # (B, n k, H, W)

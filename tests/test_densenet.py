@@ -215,3 +215,22 @@ def test_cli_train_and_run_tiny(tmp_path, capsys):
     assert (run_dir / "convergence_iter.png").is_file()
     assert (run_dir / "convergence_time.png").is_file()
     assert "ESTIMATE" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_static_jacobi_step_stops_online_at_the_sequential_logits(fused):
+    from ffsolve.experiments.densenet_jacobi import StaticJacobi
+
+    net = _tiny()
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        ref = net(x)
+        problem = DenseNetLayers(net, torch.zeros_like(x), fused=fused)  # stem set per call
+        solve = StaticJacobi(problem, atol=0.0, capture=False)
+        logits, sweeps = solve(x)
+        exact = ffsolve.solve(DenseNetLayers(net, x, fused=fused), method="jacobi").num_iters
+        again, _ = solve(x, check_every=4)  # reusable; a coarser check costs extra sweeps only
+    torch.testing.assert_close(logits, ref, rtol=1e-12, atol=1e-12)
+    if not fused:
+        assert torch.equal(logits, ref) and torch.equal(again, ref)
+    assert sweeps == exact + 1  # the flag needs one unchanged sweep, the certificate does not

@@ -49,9 +49,11 @@ def plot_curves(
     path: Path,
     xlabel: str,
     title: str = "",
+    vlines: Sequence[tuple[float, str]] = (),
 ) -> Path:
     """One panel per (key, ylabel, log-scale) of `panels`; each series is a dict with
-    'label', 'x' (a list) and one list per panel key (None entries are skipped)."""
+    'label', 'x' (a list) and one list per panel key (None entries are skipped); `vlines`
+    are (x, label) reference marks drawn on every panel (e.g. a baseline's time)."""
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
     for ax, (key, ylabel, log) in zip(axes[0], panels, strict=True):
         for s in series:
@@ -63,6 +65,8 @@ def plot_curves(
                 ax.semilogy(xs, [max(y, 1e-18) for y in ys], label=s["label"])
             else:
                 ax.plot(xs, ys, label=s["label"])
+        for i, (x, label) in enumerate(vlines):
+            ax.axvline(x, ls="--", lw=0.8, color=f"C{(i + 5) % 10}", label=label)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=7)

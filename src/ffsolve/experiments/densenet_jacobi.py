@@ -327,9 +327,12 @@ def plot(records: dict[str, Any], out_dir: Path) -> list[Path]:
     title = f"{m['name']}, weights {m['weights']}: Jacobi over {m['num_layers']} dense layers"
     panels = [("top5_agree", "top-5 agreement with sequential", False),
               ("logit_l2", "logit l2 error (mean over batch)", True)]  # fmt: skip
-    by_iter, by_time = [], []
+    by_iter, by_time, marks = [], [], []
     for pb in records["batches"]:
         rows = {r["method"]: r for r in pb["rows"]}
+        for name in ("sequential forward (eager)", "sequential forward (CUDA graph)"):
+            if name in rows:
+                marks.append((rows[name]["seconds"] * 1e3, f"B={pb['batch']} {name}"))
         for sweep, tr in pb["traces"].items():
             it = [r["iter"] for r in tr["per_iter"]]
             series = {k: [r[k] for r in tr["per_iter"]] for k, _, _ in panels}
@@ -343,7 +346,7 @@ def plot(records: dict[str, Any], out_dir: Path) -> list[Path]:
     if by_time:
         paths.append(
             plot_curves(panels, by_time, out_dir / "convergence_time.png",
-                        "ms (iteration x measured time per exact-run iteration)", title)
+                        "ms (iteration x measured time per exact-run iteration)", title, marks)
         )  # fmt: skip
     return paths
 

@@ -30,7 +30,9 @@ else
   BC_SET=(--set batches=[1,64])
   D201_SET=(--set batches=[1,16] --set repeats=3)
 fi
-ff() { echo "== ffsolve $*"; "$PY" -m ffsolve "$@" --device "$DEVICE" --out "$RUNS" || echo "!! failed: $*"; }
+STEP_S=${STEP_S:-130}  # hard limit of each densenet-jacobi run, so the call always returns
+ff() { local limit=$1; shift; echo "== ffsolve $*"
+  timeout "$limit" "$PY" -m ffsolve "$@" --device "$DEVICE" --out "$RUNS" || echo "!! failed (rc $?): $*"; }
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null || true
   "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
@@ -38,7 +40,7 @@ ff() { echo "== ffsolve $*"; "$PY" -m ffsolve "$@" --device "$DEVICE" --out "$RU
   date -u
   ls -la "$DATA" || echo "!! no data in $DATA"
   t0=$(date +%s)
-  ff train densenet --config configs/densenet_bc_fmnist.yaml --set data_dir="$DATA" \
+  ff "$(awk "BEGIN {print int($TRAIN_MIN * 60 + 60)}")" train densenet --config configs/densenet_bc_fmnist.yaml --set data_dir="$DATA" \
      --set save_to="$CKPT" "${TRAIN_SET[@]}"
   echo "== evaluate the saved checkpoint"
   "$PY" - "$CKPT" "$DATA" "$DEVICE" <<'PY' || echo "!! failed: evaluate"
@@ -54,9 +56,9 @@ acc = accuracy(model, x, torch.tensor(y), meta["data"]["mean"], meta["data"]["st
 print(f"reloaded checkpoint: test accuracy {acc:.4f} on {len(y)} {meta['data']['name']} test images")
 PY
   echo "== train + evaluate took $(( $(date +%s) - t0 )) s"
-  ff run densenet-jacobi --config configs/densenet_jacobi.yaml --set checkpoint="$CKPT" \
+  ff "$STEP_S" run densenet-jacobi --config configs/densenet_jacobi.yaml --set checkpoint="$CKPT" \
      --set data_dir="$DATA" "${BC_SET[@]}"
-  ff run densenet-jacobi --config configs/densenet_jacobi.yaml --set checkpoint=null \
+  ff "$STEP_S" run densenet-jacobi --config configs/densenet_jacobi.yaml --set checkpoint=null \
      --set arch=densenet201 "${D201_SET[@]}"
   echo "== total $(( $(date +%s) - t0 )) s"
   echo "== summary"

@@ -242,6 +242,10 @@ def run(cfg: DenseNetJacobiConfig, ctx: RunContext) -> dict[str, Any]:
                         _row(f"ESTIMATE slowest layer x {n} ({what}, "
                              f"{sweep} trace)", slowest * n, n, t_seq, estimate=True)
                     )  # fmt: skip
+        # the strongest sequential baseline measured here (eager or CUDA graph)
+        best = min(r["seconds"] for r in rows if r["method"].startswith("sequential"))
+        for r in rows:
+            r["speedup_vs_best_sequential"] = best / r["seconds"] if r["seconds"] else None
         for r in rows:
             ctx.log(f"  B={B:<4} {r['method']:<62} {_fmt_s(r['seconds'])}  iters={r['iters']}")
         per_batch.append({"batch": B, "rows": rows, "traces": traces, "slowest_layer_s": slowest})
@@ -302,15 +306,20 @@ def _fmt_s(s: float | None) -> str:
 def summary(records: dict[str, Any]) -> str:
     m = records["model"]
     lines = [f"{m['name']} ({m['num_layers']} dense layers, weights {m['weights']})"]
-    head = f"{'batch':>5}  {'method':<66} {'ms':>10} {'iters':>6} {'vs eager':>9} {'max|diff|':>9}"
+    head = (
+        f"{'batch':>5}  {'method':<66} {'ms':>10} {'iters':>6} {'vs eager':>9} {'vs best':>8} "
+        f"{'max|diff|':>9}"
+    )
     lines += [head, "-" * len(head)]
     for pb in records["batches"]:
         for r in pb["rows"]:
             sp = f"{r['speedup']:.2f}x" if r.get("speedup") else ""
+            vb = r.get("speedup_vs_best_sequential")
+            vb = f"{vb:.2f}x" if vb else ""
             d = r.get("max_abs_diff")
             lines.append(
                 f"{pb['batch']:>5}  {r['method']:<66} {r['seconds'] * 1e3:>10.3f} "
-                f"{r['iters']!s:>6} {sp:>9} {'' if d is None else f'{d:.1e}':>9}"
+                f"{r['iters']!s:>6} {sp:>9} {vb:>8} {'' if d is None else f'{d:.1e}':>9}"
             )
         for sweep, tr in pb["traces"].items():
             lines.append(

@@ -112,10 +112,11 @@ def test_checkpoint_round_trip(tmp_path):
     assert torch.equal(back(x), net(x))
 
 
-def test_fused_sweep_equals_per_layer_loop():
+@pytest.mark.parametrize("conv3x3", ["grouped", "unfold"])
+def test_fused_sweep_equals_per_layer_loop(conv3x3):
     net = _tiny()
     x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
-    loop, fused = DenseNetLayers(net, x), DenseNetLayers(net, x, fused=True)
+    loop, fused = DenseNetLayers(net, x), DenseNetLayers(net, x, fused=True, conv3x3=conv3x3)
     state = torch.randn(2, loop.length, loop.F, dtype=torch.float64)  # any iterate
     with torch.no_grad():
         a = loop.evaluate(state, 0, loop.length)
@@ -126,13 +127,15 @@ def test_fused_sweep_equals_per_layer_loop():
         # one block alone: the L layers from the same concatenation, layer by layer
         block = net.dense_blocks()[1]
         feats = torch.randn(2, net.block_inputs[1] + 4 * 3, 4, 4, dtype=torch.float64)
-        fb = FusedBlock.of(block, net.block_inputs[1], 3).sweep(feats)
+        fb = FusedBlock.of(block, net.block_inputs[1], 3, conv3x3).sweep(feats)
         for j, layer in enumerate(block.values()):
             ref = layer(feats[:, : net.block_inputs[1] + 3 * j])
             torch.testing.assert_close(fb[:, 3 * j : 3 * j + 3], ref, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize(
+    "fused, conv3x3", [(False, "grouped"), (True, "grouped"), (True, "unfold")]
+)
 @pytest.mark.parametrize(
     "method, options",
     [
@@ -143,12 +146,12 @@ def test_fused_sweep_equals_per_layer_loop():
         ("gs_jacobi", {"window": 4}),
     ],
 )
-def test_every_method_returns_the_sequential_logits(method, options, fused):
+def test_every_method_returns_the_sequential_logits(method, options, fused, conv3x3):
     net = _tiny()
     x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
     with torch.no_grad():
         ref = net(x)
-        problem = DenseNetLayers(net, x, fused=fused)
+        problem = DenseNetLayers(net, x, fused=fused, conv3x3=conv3x3)
         sol = ffsolve.solve(problem, method=method, **options)
         logits = problem.logits(sol.value)
     assert sol.all_converged and sol.num_iters <= problem.length
@@ -166,6 +169,8 @@ def test_problem_rejects_training_mode_and_bad_images():
         DenseNetLayers(net.train(), torch.zeros(1, 1, 8, 8, dtype=torch.float64))
     with pytest.raises(ValueError, match="images must be"):
         DenseNetLayers(net.eval(), torch.zeros(1, 3, 8, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="conv3x3 must be"):
+        DenseNetLayers(net.eval(), torch.zeros(1, 1, 8, 8, dtype=torch.float64), True, "fft")
 
 
 def test_prediction_metrics_use_the_largest_logits():
@@ -209,6 +214,7 @@ def test_cli_train_and_run_tiny(tmp_path, capsys):
     rows = {r["method"]: r for r in rec["batches"][0]["rows"]}
     assert rows["jacobi layer sweep, exact"]["max_abs_diff"] == 0.0
     assert rows["jacobi fused sweep, exact"]["max_abs_diff"] < 1e-12
+    assert rows["jacobi fused-unfold sweep, exact"]["max_abs_diff"] < 1e-12
     assert any(r.get("estimate") for r in rows.values())
     trace = rec["batches"][0]["traces"]["layer"]["per_iter"]
     assert trace[-1]["top5_agree"] == 1.0 and trace[-1]["logit_l2"] == 0.0

@@ -2,8 +2,10 @@
 
 For each batch size: the sequential forward (eager, and replayed from a CUDA graph on CUDA),
 Jacobi over the dense layers with online stopping (exact, atol = 0, and with a tolerance),
-each with the per-layer sweep and the fused sweep (one batched GEMM + one grouped conv per
-block), the same fixed number of fused sweeps captured in a CUDA graph, and beside them the
+each with the per-layer sweep and the fused sweeps (one batched GEMM for the bottlenecks and
+one grouped conv, or im2col + one batched GEMM, for the 3x3 convs of a block), Jacobi as one
+static device step replayed from a CUDA graph with online stopping, the fixed number of
+sweeps the tolerance needed captured in a CUDA graph, and beside them the
 paper's simulated number, labelled an estimate: the slowest single dense layer's time times
 the iteration count. Untimed traced runs give, per iteration, the top-5 agreement with the
 sequential prediction (the five largest logits), the logit l2 error, the forward difference
@@ -43,11 +45,23 @@ class DenseNetJacobiConfig(Config):
     dtype: str = spec("float32", choices=("float32", "float64"))
     atol: float = spec(1e-3, ge=0)  # the tolerance rows (the exact rows use 0)
     check_every: int = spec(1, ge=1)
-    sweeps: tuple[str, ...] = spec(("layer", "fused"), choices=("layer", "fused"))
+    # layer: per-layer loop; fused: one GEMM + one grouped conv per block; fused-unfold: the
+    # 3x3 convs as im2col + one batched GEMM instead
+    sweeps: tuple[str, ...] = spec(
+        ("layer", "fused", "fused-unfold"), choices=("layer", "fused", "fused-unfold")
+    )
     cuda_graph: bool = True  # graph rows on CUDA
     warmup: int = spec(1, ge=0)
     repeats: int = spec(5, ge=1)
     seed: int = 0
+
+
+def _kind(sweep: str) -> dict[str, Any]:
+    """DenseNetLayers options of a sweep name."""
+    return {
+        "fused": sweep != "layer",
+        "conv3x3": "unfold" if sweep == "fused-unfold" else "grouped",
+    }
 
 
 def _model(cfg: DenseNetJacobiConfig, ctx: RunContext) -> tuple[DenseNet, dict[str, Any]]:
@@ -210,10 +224,9 @@ def run(cfg: DenseNetJacobiConfig, ctx: RunContext) -> dict[str, Any]:
                     ctx.log(f"  CUDA graph of the forward failed: {e}")
             traces, slowest = {}, None
             for sweep in cfg.sweeps:
-                fused = sweep == "fused"
-                problem = DenseNetLayers(model, images, fused=fused)
+                problem = DenseNetLayers(model, images, **_kind(sweep))
                 traces[sweep] = _trace(problem, ref, cfg.atol)
-                timed = DenseNetLayers(model, images, fused=fused)  # BN folded once, untimed
+                timed = DenseNetLayers(model, images, **_kind(sweep))  # BN folded once, untimed
                 for atol in (0.0, cfg.atol):
 
                     def solve(atol=atol, p=timed, images=images):
@@ -255,11 +268,10 @@ def run(cfg: DenseNetJacobiConfig, ctx: RunContext) -> dict[str, Any]:
 def _graph_rows(model, images, ref, sweep, trace, cfg, t_seq, ctx) -> list[dict[str, Any]]:
     """CUDA-graph rows of one sweep kind: online stopping (exact and atol), and the fixed
     number of sweeps the atol trace needed (no flag read at all)."""
-    fused = sweep == "fused"
     rows = []
     try:
         for atol in (0.0, cfg.atol):
-            solver = StaticJacobi(DenseNetLayers(model, images, fused=fused), atol, capture=True)
+            solver = StaticJacobi(DenseNetLayers(model, images, **_kind(sweep)), atol, capture=True)
             t, _, (logits, n) = time_call(lambda s=solver: s(images, cfg.check_every),
                                           images.device, cfg.warmup, cfg.repeats)  # fmt: skip
             name = "exact" if atol == 0 else f"atol={atol:g}"
@@ -270,7 +282,7 @@ def _graph_rows(model, images, ref, sweep, trace, cfg, t_seq, ctx) -> list[dict[
             )  # fmt: skip
             del solver
         n = trace["tolerance_iter"]
-        p = DenseNetLayers(model, images, fused=fused)
+        p = DenseNetLayers(model, images, **_kind(sweep))
         replay, out = _graph(lambda p=p, n=n, im=images: _fixed_sweeps(p, im, n), images.device)
         t, _, _ = time_call(replay, images.device, cfg.warmup, cfg.repeats)
         rows.append(

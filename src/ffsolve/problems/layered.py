@@ -26,7 +26,8 @@ Two sweeps of a dense block (both eval mode only; BatchNorm uses its running sta
   block's full concatenated features (zero beyond the layer's own input channels, so later
   channels are multiplied by exactly zero), the L bottleneck 1x1 convs as ONE batched matrix
   product (L, 4k, C) @ (L, C, B HW), BN2 folded into a per-channel affine, and the L 3x3
-  convs as ONE grouped convolution (groups = L). It is a different float program (folded
+  convs as ONE grouped convolution (groups = L), or (`conv3x3="unfold"`) as one im2col and
+  one batched GEMM (L, k, 9 4k) @ (B, L, 9 4k, HW). It is a different float program (folded
   BN, different kernels), so it equals the per-layer loop to rounding, not bitwise; every
   method run with it returns that program's exact fixed point.
 
@@ -77,9 +78,12 @@ class FusedBlock:
     w2: Tensor
     num_layers: int
     growth: int
+    conv3x3: str = "grouped"  # or "unfold": im2col + one batched GEMM
 
     @classmethod
-    def of(cls, block, c0: int, growth: int) -> FusedBlock:
+    def of(cls, block, c0: int, growth: int, conv3x3: str = "grouped") -> FusedBlock:
+        if conv3x3 not in ("grouped", "unfold"):
+            raise ValueError(f"conv3x3 must be 'grouped' or 'unfold', got {conv3x3!r}")
         layers = list(block.values())
         L = len(layers)
         C = c0 + L * growth  # every channel of the block's concatenated output
@@ -101,7 +105,7 @@ class FusedBlock:
         return cls(
             scale1, shift1, w1,
             torch.cat(scale2).view(1, -1, 1, 1), torch.cat(shift2).view(1, -1, 1, 1),
-            w2, L, growth,
+            w2, L, growth, conv3x3,
         )  # fmt: skip
 
     def sweep(self, feats: Tensor, lo: int = 0, hi: int | None = None) -> Tensor:
@@ -124,7 +128,12 @@ class FusedBlock:
         z = z.view(n * bott, B, H, W).transpose(0, 1)  # (B, n 4k, H, W), layer-major channels
         sl = slice(lo * bott, hi * bott)
         z = torch.relu(z * self.scale2[:, sl] + self.shift2[:, sl])
-        return F.conv2d(z, self.w2[lo * k : hi * k], padding=1, groups=n)  # (B, n k, H, W)
+        w2 = self.w2[lo * k : hi * k]  # (n k, 4k, 3, 3)
+        if self.conv3x3 == "grouped":
+            return F.conv2d(z, w2, padding=1, groups=n)  # (B, n k, H, W)
+        cols = F.unfold(z, 3, padding=1).view(B, n, bott * 9, H * W)  # (B, n, 4k 9, HW)
+        out = torch.matmul(w2.reshape(n, k, bott * 9), cols)  # (B, n, k, HW)
+        return out.view(B, n * k, H, W)
 
 
 class DenseNetLayers(Problem):
@@ -135,13 +144,17 @@ class DenseNetLayers(Problem):
         images: (B, C_in, H, W).
         fused: sweep each dense block with `FusedBlock` (one batched GEMM and one grouped
             conv per block) instead of the per-layer loop.
+        conv3x3: the fused sweep's 3x3 convolutions: "grouped" (one grouped conv) or
+            "unfold" (im2col + one batched GEMM).
 
     The state is (B, T, F), F = k * H_1 * W_1 (see the module docstring).
     """
 
     dim = 1
 
-    def __init__(self, model: DenseNet, images: Tensor, fused: bool = False) -> None:
+    def __init__(
+        self, model: DenseNet, images: Tensor, fused: bool = False, conv3x3: str = "grouped"
+    ) -> None:
         if model.training:
             raise ValueError(
                 "DenseNetLayers needs the model in eval mode (BatchNorm running stats)"
@@ -171,7 +184,7 @@ class DenseNetLayers(Problem):
         self.B = B
         self._fused = (
             [
-                FusedBlock.of(b, c, self.k)
+                FusedBlock.of(b, c, self.k, conv3x3)
                 for b, c in zip(self.blocks, model.block_inputs, strict=True)
             ]
             if fused

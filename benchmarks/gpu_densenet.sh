@@ -30,7 +30,7 @@ else
   BC_SET=(--set batches=[1,64])
   D201_SET=(--set batches=[1,16] --set repeats=3)
 fi
-STEP_S=${STEP_S:-130}  # hard limit of each densenet-jacobi run, so the call always returns
+STEP_S=${STEP_S:-150}  # hard limit of each densenet-jacobi run, so the call always returns
 ff() { local limit=$1; shift; echo "== ffsolve $*"
   timeout "$limit" "$PY" -m ffsolve "$@" --device "$DEVICE" --out "$RUNS" || echo "!! failed (rc $?): $*"; }
 {

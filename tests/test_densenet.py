@@ -240,3 +240,13 @@ def test_static_jacobi_step_stops_online_at_the_sequential_logits(fused):
     if not fused:
         assert torch.equal(logits, ref) and torch.equal(again, ref)
     assert sweeps == exact + 1  # the flag needs one unchanged sweep, the certificate does not
+
+
+def test_fashion_mnist_missing_says_how_to_get_it(tmp_path):
+    from ffsolve.data import load_images
+    from ffsolve.errors import DataError
+
+    with pytest.raises(DataError, match="apt-get install -y dataset-fashion-mnist"):
+        load_images("fashion-mnist", tmp_path / "nope")
+    with pytest.raises(DataError, match="lacks train-images"):
+        load_images("fashion-mnist", tmp_path)

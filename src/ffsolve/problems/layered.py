@@ -81,6 +81,7 @@ class FusedBlock:
     conv3x3: str = "grouped"  # or "unfold": im2col + one batched GEMM
 
     @classmethod
+    @torch.no_grad()  # folded constants of an eval-mode block, not part of any graph
     def of(cls, block, c0: int, growth: int, conv3x3: str = "grouped") -> FusedBlock:
         if conv3x3 not in ("grouped", "unfold"):
             raise ValueError(f"conv3x3 must be 'grouped' or 'unfold', got {conv3x3!r}")
@@ -174,7 +175,8 @@ class DenseNetLayers(Problem):
         self.sizes = list(model.config.block_config)
         self.offsets = [sum(self.sizes[:b]) for b in range(len(self.sizes) + 1)]  # block starts
         self.length = self.offsets[-1]
-        self.stem_out = model.stem(images)  # (B, c0, H1, W1): reads only the image
+        with torch.no_grad():  # inference only: the problem is for evaluation, not training
+            self.stem_out = model.stem(images)  # (B, c0, H1, W1): reads only the image
         B, _, H, W = self.stem_out.shape
         self.spatial = [(H, W)]
         for _ in self.trans:

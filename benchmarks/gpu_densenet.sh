@@ -28,7 +28,7 @@ if [ "${TINY:-0}" = 1 ]; then
 else
   TRAIN_SET=(--set max_minutes=$TRAIN_MIN)
   BC_SET=(--set batches=[1,64])
-  D201_SET=(--set batches=[1,16] --set repeats=3)
+  D201_SET=(--set batches=[1,16] --set repeats=3 --set warmup=1)
 fi
 STEP_S=${STEP_S:-150}  # hard limit of each densenet-jacobi run, so the call always returns
 ff() { local limit=$1; shift; echo "== ffsolve $*"

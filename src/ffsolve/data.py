@@ -21,6 +21,7 @@ __all__ = [
     "bits_per_dim",
     "dequantize_logit",
     "load_cifar10",
+    "load_fashion_mnist",
     "load_images",
     "load_mnist",
     "load_rgb_crops",
@@ -112,6 +113,37 @@ def _mnist_from_package() -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
     }
 
 
+def _idx_folder(folder: Path, name: str, howto: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The four standard IDX files of an MNIST-shaped data set from a folder."""
+    if not folder.is_dir():
+        raise DataError(f"{name} folder {folder} does not exist. {howto}")
+    out = {}
+    for split, (img, lab) in _IDX.items():
+        pi, pl = _find(folder, img), _find(folder, lab)
+        if pi is None or pl is None:
+            raise DataError(f"{folder} lacks {img if pi is None else lab}. {howto}")
+        x, y = read_idx(pi), read_idx(pl)
+        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+            raise DataError(f"{pi} and {pl} do not hold matching images and labels")
+        out[split] = (x, y.astype(np.int64))
+    return out
+
+
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_HOWTO = (
+    "Fashion-MNIST not found: apt-get install -y dataset-fashion-mnist (IDX files in "
+    f"{FASHION_DIR}), or pass a folder holding the four IDX files with data_dir=..."
+)
+
+
+def load_fashion_mnist(
+    data_dir: str | Path | None = None,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """All 70k Fashion-MNIST images as uint8 (N, 28, 28) and int64 labels, from a folder of
+    the IDX files (default: the Debian package's folder)."""
+    return _idx_folder(Path(data_dir) if data_dir else FASHION_DIR, "Fashion-MNIST", FASHION_HOWTO)
+
+
 def load_mnist(data_dir: str | Path | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """All 70k MNIST digits as uint8 images (N, 28, 28) and int64 labels.
 
@@ -122,19 +154,7 @@ def load_mnist(data_dir: str | Path | None = None) -> dict[str, tuple[np.ndarray
         {"train": (60000 images, labels), "test": (10000 images, labels)}.
     """
     if data_dir is not None:
-        folder = Path(data_dir)
-        if not folder.is_dir():
-            raise DataError(f"MNIST folder {folder} does not exist. {MNIST_HOWTO}")
-        out = {}
-        for split, (img, lab) in _IDX.items():
-            pi, pl = _find(folder, img), _find(folder, lab)
-            if pi is None or pl is None:
-                raise DataError(f"{folder} lacks {img if pi is None else lab}. {MNIST_HOWTO}")
-            x, y = read_idx(pi), read_idx(pl)
-            if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
-                raise DataError(f"{pi} and {pl} do not hold matching images and labels")
-            out[split] = (x, y.astype(np.int64))
-        return out
+        return _idx_folder(Path(data_dir), "MNIST", MNIST_HOWTO)
     found = _mnist_from_package()
     if found is None:
         raise DataError(MNIST_HOWTO)
@@ -263,13 +283,15 @@ def load_images(name: str, data_dir: str | Path | None = None, **kw) -> dict:
     """A data set by name: 'mnist' (N, 28, 28), 'rgb' (crops, N, 32, 32, 3) or 'cifar10'."""
     if name == "mnist":
         return load_mnist(data_dir)
+    if name == "fashion-mnist":
+        return load_fashion_mnist(data_dir)
     if name == "rgb":
         return load_rgb_crops(**kw)
     if name == "cifar10":
         if data_dir is None:
             raise DataError(CIFAR_HOWTO)
         return load_cifar10(data_dir)
-    raise ValueError(f"unknown data set {name!r}; valid: mnist, rgb, cifar10")
+    raise ValueError(f"unknown data set {name!r}; valid: mnist, fashion-mnist, rgb, cifar10")
 
 
 # --- dequantisation and the logit transform -----------------------------------------------

@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["mosaic", "plot_traces", "plt", "show_images"]
+__all__ = ["mosaic", "plot_curves", "plot_traces", "plt", "show_images"]
 
 
 def plot_traces(
@@ -65,3 +65,38 @@ def show_images(ax: Any, images: Sequence, cols: int, title: str = "") -> None:
     ax.imshow(tiled, cmap=cmap, vmin=0, vmax=255)
     ax.set_title(title, fontsize=7)
     ax.axis("off")
+
+
+def plot_curves(
+    panels: Sequence[tuple[str, str, bool]],
+    series: Sequence[dict[str, Any]],
+    path: Path,
+    xlabel: str,
+    title: str = "",
+    vlines: Sequence[tuple[float, str]] = (),
+) -> Path:
+    """One panel per (key, ylabel, log-scale) of `panels`; each series is a dict with
+    'label', 'x' (a list) and one list per panel key (None entries are skipped); `vlines`
+    are (x, label) reference marks drawn on every panel (e.g. a baseline's time)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
+    for ax, (key, ylabel, log) in zip(axes[0], panels, strict=True):
+        for s in series:
+            pts = [(x, y) for x, y in zip(s["x"], s[key], strict=True) if y is not None]
+            if not pts:
+                continue
+            xs, ys = zip(*pts, strict=True)
+            if log:
+                ax.semilogy(xs, [max(y, 1e-18) for y in ys], label=s["label"])
+            else:
+                ax.plot(xs, ys, label=s["label"])
+        for i, (x, label) in enumerate(vlines):
+            ax.axvline(x, ls="--", lw=0.8, color=f"C{(i + 5) % 10}", label=label)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -66,13 +66,10 @@ _MODULES = [
     "ffsolve.experiments.made_train",
     "ffsolve.experiments.made_sampling",
     "ffsolve.experiments.rnn_backprop",
-<<<<<<< HEAD
     "ffsolve.experiments.pixelcnn_train",
     "ffsolve.experiments.pixelcnn_sampling",
-=======
     "ffsolve.experiments.densenet_train",
     "ffsolve.experiments.densenet_jacobi",
->>>>>>> densenet
 ]
 
 #: What `ffsolve demo` / `make demo` runs: an experiment name and config overrides.

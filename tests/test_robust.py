@@ -219,12 +219,14 @@ def test_interrupted_save_falls_back_to_the_previous_tensors(tmp_path):
 
 def test_float16_storage_loads_as_float32(tmp_path):
     w = torch.randn(5, 7)
-    save_checkpoint(
-        tmp_path / "h", "made", {"w": w, "i": torch.arange(3)}, {}, storage_dtype="float16"
-    )
+    mask = torch.rand(300, 11) > 0.5  # bool masks are stored 8 to a byte
+    t = {"w": w, "i": torch.arange(3), "mask": mask}
+    save_checkpoint(tmp_path / "h", "made", t, {}, storage_dtype="float16")
     tensors, meta = load_checkpoint(tmp_path / "h", "made")
     assert meta["storage_dtype"] == "float16"
     assert tensors["w"].dtype == torch.float32 and tensors["i"].dtype == torch.int64
+    assert tensors["mask"].dtype == torch.bool and torch.equal(tensors["mask"], mask)
+    assert (tmp_path / "h.safetensors").stat().st_size < mask.numel() // 2
     assert torch.equal(tensors["w"], w.half().float())
     with pytest.raises(ValueError, match="storage_dtype"):
         save_checkpoint(tmp_path / "h", "made", {"w": w}, {}, storage_dtype="int8")

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -187,10 +188,13 @@ def save_checkpoint(
     global _saves
     _saves += 1
     store = STORAGE_DTYPES[storage_dtype]
-    out = {}
+    out, packed = {}, {}
     for k, v in tensors.items():
         v = v.detach().cpu()
-        out[k] = (v.to(store) if v.is_floating_point() else v).contiguous()
+        if v.dtype == torch.bool:  # masks: 8 per byte (safetensors spends a byte on each)
+            out[k], packed[k] = _pack_bool(v), list(v.shape)
+        else:
+            out[k] = (v.to(store) if v.is_floating_point() else v).contiguous()
     p = Path(path)  # written where asked (no lookup in the project root, unlike loading)
     p = p.with_suffix("") if p.suffix in (".safetensors", ".json") else p
     tpath, jpath = p.with_suffix(".safetensors"), p.with_suffix(".json")
@@ -203,6 +207,7 @@ def save_checkpoint(
         "config": config,
         "sha256": _sha256(new),
         "storage_dtype": storage_dtype,
+        "packed_bool": packed,
         **(extra or {}),
     }
     prev = tpath.with_name(tpath.name + ".prev")
@@ -263,7 +268,28 @@ def load_checkpoint(
         raise CheckpointError(f"cannot read {tpath}: {e}") from None
     if storage != "float32":
         tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+    try:
+        for k, shape in (meta.get("packed_bool") or {}).items():
+            tensors[k] = _unpack_bool(tensors[k], shape)
+    except (KeyError, RuntimeError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{jpath}: packed masks do not match the tensors: {e}") from None
     return tensors, meta
+
+
+def _pack_bool(v: Tensor) -> Tensor:
+    """A bool tensor -> uint8, 8 values per byte, most significant bit first (numpy's
+    packbits order); the shape is kept in the sidecar."""
+    flat = v.reshape(-1).to(torch.uint8)
+    flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)]).reshape(-1, 8)  # (n/8, 8)
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+    return (flat * weights).sum(1, dtype=torch.uint8)
+
+
+def _unpack_bool(packed: Tensor, shape: list[int]) -> Tensor:
+    n = math.prod(shape)
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
+    bits = (packed.reshape(-1, 1) >> shifts) & 1  # (n/8, 8)
+    return bits.reshape(-1)[:n].to(torch.bool).reshape(shape)
 
 
 def save_train_state(

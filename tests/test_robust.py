@@ -264,6 +264,8 @@ def test_records_are_written_atomically(tmp_path):
     assert json.loads(target.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["records.json"]  # no temporary left
     assert oct(target.stat().st_mode & 0o777) != oct(0o600)  # usual permissions, not mkstemp's
+    save_checkpoint(tmp_path / "ck", "made", {"w": torch.ones(2)}, {})
+    assert (tmp_path / "ck.safetensors").stat().st_mode & 0o044  # readable by others
 
 
 def test_new_run_dir_is_race_free(tmp_path):

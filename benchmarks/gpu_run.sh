@@ -2,8 +2,7 @@
 # One call on the GPU machine: every experiment, side by side with its sequential baselines,
 # then the run directories packed into $OUT/runs.tgz. Run from the repository root:
 #   PYTHONPATH=src bash benchmarks/gpu_run.sh [experiment ...]
-# Data and unshipped checkpoints travel in the ignored folder .carry/ (mnist/ IDX files,
-# made_rgb.*). Each step's failure is logged and the next one still runs.
+# Data travel in the ignored folder .carry/ (mnist/ IDX files); both MADE checkpoints ship. Each step's failure is logged and the next one still runs.
 set -u
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/ffsolve-out}
@@ -21,8 +20,7 @@ ff() { echo "== ffsolve $*"; python3 -m ffsolve "$@" --device "$DEVICE" --out ru
 for step in $steps; do
   case $step in
     made-mnist) ff run made-sampling --config configs/made_sampling_mnist.yaml ;;
-    made-rgb) ff run made-sampling --config configs/made_sampling_rgb.yaml \
-                 --set checkpoint=.carry/made_rgb ;;
+    made-rgb) ff run made-sampling --config configs/made_sampling_rgb.yaml ;;
     rnn) ff run rnn-backprop --config configs/rnn_backprop.yaml --set data_dir=.carry/mnist ;;
     bench) ff bench ;;
     *) echo "unknown step $step" ;;

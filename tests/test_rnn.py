@@ -416,4 +416,4 @@ def test_cli_missing_mnist_is_a_one_line_error(tmp_path, capsys):
     assert main(args) == 2
     assert "MNIST folder" in capsys.readouterr().err
     assert main([*args[:6], "--set", "data=cifar"]) == 2
-    assert "data must be 'mnist' or 'synthetic'" in capsys.readouterr().err
+    assert "allowed one of 'mnist', 'synthetic'" in capsys.readouterr().err

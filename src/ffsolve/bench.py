@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ffsolve.problems.base import Problem
+from ffsolve.progress import track
 from ffsolve.solvers import Solution, Solver, get_solver
 
 __all__ = ["MethodSpec", "time_call", "compare", "format_table", "synchronize"]
@@ -107,7 +108,8 @@ def compare(
 
     timed: dict[str, tuple[float, list[float], Solution]] = {}
     traced: dict[str, Solution] = {}
-    for spec in specs:
+    # the bar advances between rows, never inside a timed call
+    for spec in track(specs, desc="methods", unit="method"):
         prob = spec.problem or problem
         kw = dict(atol=atol, rtol=rtol, **spec.solve_kwargs)
 

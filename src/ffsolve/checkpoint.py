@@ -1,10 +1,39 @@
 """Checkpoints: tensors in safetensors plus a JSON sidecar (format version, kind, config,
-checksum). Loading never unpickles; a wrong or corrupted file is a CheckpointError."""
+checksum). Loading never unpickles; a wrong or corrupted file is a CheckpointError.
+
+Nothing is written in place. Every file goes to a temporary file in the same folder and is
+moved over its name with `os.replace` (atomic on POSIX and Windows), and a checkpoint's
+JSON sidecar is replaced last, after the tensors. Until the sidecar is replaced, the previous
+tensors stay readable as `<stem>.safetensors.prev` and `load_checkpoint` falls back to them,
+so a run killed at any point of a save leaves the previous checkpoint loadable.
+
+Helpers shared by every trainer:
+
+- `atomic_path(path)`: a context manager giving a temporary path next to `path`; write it,
+  and it replaces `path` when the block exits without an error.
+- `atomic_write_text(path, text)` / `atomic_write_bytes(path, data)`.
+- `save_train_state(path, model, optimizer, scheduler, epoch, extra)` and
+  `load_train_state(path, model, optimizer, scheduler)`: everything needed to resume a
+  training run (model, optimizer, scheduler, epoch, torch RNG state, your `extra` dict of
+  tensors, numbers, strings, lists and dicts), in one file written atomically, read back with
+  `torch.load(weights_only=True)` (no arbitrary unpickling). `train_state_path(checkpoint)`
+  names it: `<stem>.resume.pt` next to the checkpoint.
+
+Example:
+    >>> save_checkpoint("runs/m", "made", model.state_dict(), {"dims": 784})
+    >>> save_train_state(train_state_path("runs/m"), model, opt, sched, epoch, {"g": g.get_state()})
+    >>> state = load_train_state(train_state_path("runs/m"), model, opt, sched)  # state["epoch"]
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +44,33 @@ from torch import Tensor
 
 from ffsolve.errors import CheckpointError
 
-__all__ = ["FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "checkpoint_paths"]
+__all__ = [
+    "FORMAT_VERSION",
+    "STORAGE_DTYPES",
+    "atomic_path",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "checkpoint_exists",
+    "checkpoint_paths",
+    "load_checkpoint",
+    "load_train_state",
+    "save_checkpoint",
+    "save_train_state",
+    "train_state_path",
+]
 
 FORMAT_VERSION = 1
+
+#: storage_dtype -> torch dtype; floating tensors are stored in it and loaded as float32.
+STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# Test hook: FFSOLVE_CRASH_MID_SAVE=N kills the process (os._exit(99)) during the N-th
+# checkpoint save of this process, after the new tensors replaced the old ones and before the
+# sidecar is replaced: the worst moment, used by the kill-mid-save test.
+_CRASH_ENV = "FFSOLVE_CRASH_MID_SAVE"
+_saves = 0
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 # The repository root of a source checkout (src/ffsolve/checkpoint.py -> ../../..), where the
@@ -41,8 +94,74 @@ def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
     return p.with_suffix(".safetensors"), p.with_suffix(".json")
 
 
+def checkpoint_exists(path: str | Path) -> bool:
+    """True when either file of the checkpoint `path` exists (from the working directory)."""
+    p = Path(path)
+    if p.suffix in (".safetensors", ".json"):
+        p = p.with_suffix("")
+    return p.with_suffix(".json").exists() or p.with_suffix(".safetensors").exists()
+
+
+def train_state_path(checkpoint: str | Path) -> Path:
+    """The resume file of a checkpoint: `<stem>.resume.pt` next to it."""
+    p = Path(checkpoint)
+    if p.suffix in (".safetensors", ".json"):
+        p = p.with_suffix("")
+    return p.with_name(p.name + ".resume.pt")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path in `path`'s folder; on success it is fsynced and moved over
+    `path` with os.replace, on an error it is removed and `path` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        # mkstemp makes 0600 (and a writer may have made the file anew): usual permissions
+        os.chmod(tmp_path, 0o666 & ~_UMASK)
+        with open(tmp_path, "rb+") as f:  # the data reaches the disk before the rename
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp_path.unlink()
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` atomically (temporary file in the same folder, os.replace)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write `text` (UTF-8) to `path` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _sidecar_sha(jpath: Path) -> str | None:
+    try:
+        meta = json.loads(jpath.read_text())
+    except (OSError, ValueError):
+        return None
+    return meta.get("sha256") if isinstance(meta, dict) else None
+
+
+def _interrupted(tpath: Path, jpath: Path, prev: Path) -> bool:
+    """True when an earlier save stopped between its tensors and its sidecar: the readable
+    pair is then (sidecar, prev), and prev must be kept."""
+    if not prev.is_file():
+        return False
+    sha = _sidecar_sha(jpath)
+    return sha is not None and sha != _sha256(tpath) and sha == _sha256(prev)
 
 
 def save_checkpoint(
@@ -51,26 +170,73 @@ def save_checkpoint(
     tensors: dict[str, Tensor],
     config: dict[str, Any],
     extra: dict[str, Any] | None = None,
+    *,
+    storage_dtype: str = "float32",
 ) -> Path:
-    """Write `<path>.safetensors` and `<path>.json`; returns the tensors' path."""
-    tpath, jpath = checkpoint_paths(path)
-    tpath.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tpath))
+    """Write `<path>.safetensors` and `<path>.json` atomically; returns the tensors' path.
+
+    Args:
+        path: the checkpoint's stem (or either file's name).
+        kind: the model kind, checked on load ("made", "pixelcnnpp", ...).
+        tensors: name -> tensor (moved to the CPU, made contiguous).
+        config: the model's config as plain JSON values.
+        extra: more sidecar fields (data set, test metrics, ...).
+        storage_dtype: "float32", or "float16"/"bfloat16" to halve the file: floating
+            tensors are rounded to it on save and loaded back as float32.
+    """
+    if storage_dtype not in STORAGE_DTYPES:
+        raise ValueError(f"storage_dtype must be one of {', '.join(STORAGE_DTYPES)}")
+    global _saves
+    _saves += 1
+    store = STORAGE_DTYPES[storage_dtype]
+    out, packed = {}, {}
+    for k, v in tensors.items():
+        v = v.detach().cpu()
+        if v.dtype == torch.bool:  # masks: 8 per byte (safetensors spends a byte on each)
+            out[k], packed[k] = _pack_bool(v), list(v.shape)
+        else:
+            out[k] = (v.to(store) if v.is_floating_point() else v).contiguous()
+    p = Path(path)  # written where asked (no lookup in the project root, unlike loading)
+    p = p.with_suffix("") if p.suffix in (".safetensors", ".json") else p
+    tpath, jpath = p.with_suffix(".safetensors"), p.with_suffix(".json")
+    with atomic_path(tpath.with_name(tpath.name + ".new")) as tmp:
+        save_file(out, str(tmp))
+    new = tpath.with_name(tpath.name + ".new")
     meta = {
         "format_version": FORMAT_VERSION,
         "kind": kind,
         "config": config,
-        "sha256": _sha256(tpath),
+        "sha256": _sha256(new),
+        "storage_dtype": storage_dtype,
+        "packed_bool": packed,
         **(extra or {}),
     }
-    jpath.write_text(json.dumps(meta, indent=1) + "\n")
+    prev = tpath.with_name(tpath.name + ".prev")
+    if tpath.exists() and jpath.exists() and not _interrupted(tpath, jpath, prev):
+        # keep the old pair readable until the sidecar moves
+        with contextlib.suppress(FileNotFoundError):
+            prev.unlink()
+        try:
+            os.link(tpath, prev)
+        except OSError:
+            with atomic_path(prev) as tmp:
+                tmp.write_bytes(tpath.read_bytes())
+    os.replace(new, tpath)
+    if os.environ.get(_CRASH_ENV) == str(_saves):
+        os._exit(99)
+    atomic_write_text(jpath, json.dumps(meta, indent=1) + "\n")
+    with contextlib.suppress(FileNotFoundError):
+        prev.unlink()
     return tpath
 
 
 def load_checkpoint(
     path: str | Path, kind: str, device: torch.device | str = "cpu"
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Read a checkpoint of `kind`; returns (tensors, metadata with 'config')."""
+    """Read a checkpoint of `kind`; returns (tensors, metadata with 'config').
+
+    Tensors stored in half precision (`storage_dtype` in the sidecar) come back as float32.
+    """
     tpath, jpath = checkpoint_paths(path)
     for p in (tpath, jpath):
         if not p.is_file():
@@ -89,9 +255,104 @@ def load_checkpoint(
     if meta.get("kind") != kind:
         raise CheckpointError(f"{jpath} holds a {meta.get('kind')!r} model, expected {kind!r}")
     if meta.get("sha256") != _sha256(tpath):
-        raise CheckpointError(f"{tpath} is corrupted (checksum does not match {jpath.name})")
+        # a save interrupted after its tensors moved: the old tensors are kept beside
+        prev = tpath.with_name(tpath.name + ".prev")
+        if not (prev.is_file() and meta.get("sha256") == _sha256(prev)):
+            raise CheckpointError(f"{tpath} is corrupted (checksum does not match {jpath.name})")
+        tpath = prev
+    storage = meta.get("storage_dtype", "float32")
+    if storage not in STORAGE_DTYPES:
+        raise CheckpointError(f"{jpath}: unknown storage_dtype {storage!r}")
     try:
         tensors = load_file(str(tpath), device=str(device))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"cannot read {tpath}: {e}") from None
+    if storage != "float32":
+        tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+    try:
+        for k, shape in (meta.get("packed_bool") or {}).items():
+            tensors[k] = _unpack_bool(tensors[k], shape)
+    except (KeyError, RuntimeError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{jpath}: packed masks do not match the tensors: {e}") from None
     return tensors, meta
+
+
+def _pack_bool(v: Tensor) -> Tensor:
+    """A bool tensor -> uint8, 8 values per byte, most significant bit first (numpy's
+    packbits order); the shape is kept in the sidecar."""
+    flat = v.reshape(-1).to(torch.uint8)
+    flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)]).reshape(-1, 8)  # (n/8, 8)
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+    return (flat * weights).sum(1, dtype=torch.uint8)
+
+
+def _unpack_bool(packed: Tensor, shape: list[int]) -> Tensor:
+    n = math.prod(shape)
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
+    bits = (packed.reshape(-1, 1) >> shifts) & 1  # (n/8, 8)
+    return bits.reshape(-1)[:n].to(torch.bool).reshape(shape)
+
+
+def save_train_state(
+    path: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any | None,
+    epoch: int,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Save what resuming needs, atomically, to `path` (see `train_state_path`).
+
+    Args:
+        path: the resume file.
+        model, optimizer, scheduler: their state_dicts are saved (scheduler may be None).
+        epoch: the number of epochs completed.
+        extra: tensors, numbers, strings, lists and dicts (e.g. a data generator's state,
+            the history so far); no other objects (loading refuses arbitrary pickles).
+    """
+    state = {
+        "format_version": FORMAT_VERSION,
+        "epoch": int(epoch),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "torch_rng": torch.get_rng_state(),
+        "extra": extra or {},
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    return Path(path)
+
+
+def load_train_state(
+    path: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any | None = None,
+) -> dict[str, Any]:
+    """Restore model, optimizer, scheduler and torch's RNG from `path` (in place).
+
+    Returns:
+        {"epoch": epochs completed, "extra": the saved extra dict}.
+
+    Raises:
+        CheckpointError: the file is missing, unreadable, or does not fit the model.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"no resume state {p} (nothing to resume; drop --resume)")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a bad or foreign file
+        raise CheckpointError(f"cannot read resume state {p}: {e}") from None
+    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{p} is not an ffsolve resume state of format {FORMAT_VERSION}")
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state["scheduler"] is not None:
+            scheduler.load_state_dict(state["scheduler"])
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{p} does not fit this model or optimizer: {e}") from None
+    torch.set_rng_state(state["torch_rng"])
+    return {"epoch": int(state["epoch"]), "extra": state["extra"]}

@@ -9,6 +9,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from ffsolve import progress
 from ffsolve.config import config_to_dict, load_config
 from ffsolve.errors import FFSolveError
 from ffsolve.experiments import (
@@ -27,10 +28,12 @@ from ffsolve.runs import (
     write_json,
     write_yaml,
 )
-from ffsolve.solvers import METHODS
+from ffsolve.solvers import METHODS, ConvergenceError, NonFiniteError
 
 
 def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
+    # also accepted after the sub-command; SUPPRESS keeps the top-level value when absent
+    p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help=_QUIET)
     if config:
         p.add_argument("--config", help="YAML file of config fields")
         p.add_argument(
@@ -40,11 +43,15 @@ def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
     p.add_argument("--out", default="runs", help="root folder of run directories (default runs)")
 
 
+_QUIET = "no progress bars (they are off anyway when output is not a terminal)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ffsolve", description="Exact parallel solving of sequential neural computation."
     )
     p.add_argument("--traceback", action="store_true", help="show full tracebacks on errors")
+    p.add_argument("--quiet", action="store_true", help=_QUIET)
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list experiments, trainable models and methods")
     r = sub.add_parser("run", help="run an experiment; writes runs/<experiment>/<timestamp>/")
@@ -55,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model and save a checkpoint")
     t.add_argument("model")
     _common(t)
+    g = t.add_mutually_exclusive_group()
+    g.add_argument("--force", action="store_true", help="overwrite an existing checkpoint")
+    g.add_argument(
+        "--resume", action="store_true", help="continue from the last periodic save of save_to"
+    )
     d = sub.add_parser("demo", help="the main job on the shipped default")
     _common(d)
     b = sub.add_parser("bench", help="will parallel pay here? sweep vs sequential cost per size")
@@ -70,7 +82,13 @@ def _execute(kind: str, name: str, spec: Any, args: argparse.Namespace, override
     env = environment(device)
     write_yaml(run_dir / "config.yaml", config_to_dict(config))
     write_json(run_dir / "env.json", env)
-    ctx = RunContext(device=device, out_dir=run_dir, log=lambda s: print(s, flush=True))
+    ctx = RunContext(
+        device=device,
+        out_dir=run_dir,
+        log=progress.write,
+        force=getattr(args, "force", False),
+        resume=getattr(args, "resume", False),
+    )
     print(f"{kind} {name} on {env['device_name']} -> {run_dir}", flush=True)
     try:
         body = spec.run(config, ctx) if kind == "run" else spec.train(config, ctx)
@@ -115,8 +133,23 @@ def _plot(run_dir: str) -> None:
         print(f"figure: {path}")
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    text = str(e).lower()
+    return isinstance(e, MemoryError) or "out of memory" in text or "allocate memory" in text
+
+
+def _user_error(e: BaseException, show_traceback: bool, prefix: str = "") -> int:
+    """Print the error as one line (exit code 2); the traceback too with --traceback."""
+    if show_traceback:
+        traceback.print_exc()
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    print(f"ffsolve: error: {prefix}{'; '.join(lines) or type(e).__name__}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    progress.set_quiet(args.quiet)
     try:
         if args.command == "list":
             _list()
@@ -131,11 +164,12 @@ def main(argv: list[str] | None = None) -> int:
             _execute("run", name, get_experiment(name), args, overrides)
         elif args.command == "bench":
             _execute("run", "breakeven", get_experiment("breakeven"), args)
-    except (FFSolveError, ValueError, TypeError, FileNotFoundError) as e:
-        if args.traceback:
-            traceback.print_exc()
-        print(f"ffsolve: error: {e}", file=sys.stderr)
-        return 2
+    except (FFSolveError, ValueError, TypeError, OSError, NonFiniteError, ConvergenceError) as e:
+        return _user_error(e, args.traceback)
+    except (MemoryError, RuntimeError) as e:
+        if not _out_of_memory(e):
+            raise  # a bug: the full traceback helps
+        return _user_error(e, args.traceback, "out of memory (try a smaller batch or size): ")
     except KeyboardInterrupt:
         print("ffsolve: interrupted", file=sys.stderr)
         return 130

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import yaml
 
+from ffsolve.checkpoint import atomic_write_text
+
 __all__ = ["environment", "new_run_dir", "write_json", "read_records", "resolve_device"]
 
 
@@ -75,25 +77,33 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 
 def new_run_dir(root: str | Path, experiment: str) -> Path:
-    """runs/<experiment>/<timestamp>/, made fresh (a suffix avoids clashes)."""
+    """runs/<experiment>/<timestamp>/, made fresh (a suffix avoids clashes).
+
+    Race-free: the folder is claimed by mkdir without exist_ok, so of two runs started in the
+    same second one gets `<timestamp>` and the other `<timestamp>-2`.
+    """
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = Path(root) / experiment / stamp
-    path, n = base, 1
-    while path.exists():
-        n += 1
-        path = base.with_name(f"{stamp}-{n}")
-    path.mkdir(parents=True)
-    return path
+    parent = Path(root) / experiment
+    parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        path = parent / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"cannot make a fresh run directory under {parent}")
 
 
 def write_json(path: Path, data: Any, compact: bool = False) -> None:
-    """JSON with one key per line, or compact (records hold long arrays of traces)."""
+    """JSON with one key per line, or compact (records hold long arrays of traces); written
+    atomically (a reader never sees half a file)."""
     indent = None if compact else 1
-    path.write_text(json.dumps(data, indent=indent, default=_jsonable) + "\n")
+    atomic_write_text(path, json.dumps(data, indent=indent, default=_jsonable) + "\n")
 
 
 def write_yaml(path: Path, data: Any) -> None:
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
 
 
 def _jsonable(obj: Any) -> Any:

@@ -30,11 +30,15 @@ __all__ = [
 
 @dataclass(frozen=True)
 class RunContext:
-    """What a run gets besides its config: the device, its output folder, a logger."""
+    """What a run gets besides its config: the device, its output folder, a logger, and for
+    trainers the command line's --force (overwrite an existing checkpoint) and --resume
+    (continue from the resume state saved next to the checkpoint)."""
 
     device: torch.device
     out_dir: Path
     log: Callable[[str], None] = print
+    force: bool = False
+    resume: bool = False
 
 
 @dataclass(frozen=True)

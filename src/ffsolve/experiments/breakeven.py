@@ -15,31 +15,33 @@ from typing import Any
 import torch
 
 from ffsolve.bench import time_call
+from ffsolve.config import Config, spec
 from ffsolve.experiments import Experiment, RunContext, register_experiment
-from ffsolve.experiments.causal import dtype_of
+from ffsolve.experiments.causal import DTYPE_NAMES, dtype_of
 from ffsolve.models.causal import CausalMLP, CausalMLPConfig
 from ffsolve.plots import plt
 from ffsolve.problems.base import FunctionProblem
+from ffsolve.progress import track
 from ffsolve.solvers import ConvergenceWarning, get_solver
 
 
 @dataclass(frozen=True)
-class BreakEvenConfig:
-    lengths: tuple[int, ...] = (64, 256, 1024)
-    batches: tuple[int, ...] = (1, 16, 128)
-    channels: int = 1
-    hidden: int = 512
-    probe_iters: int = 8  # Jacobi iterations timed to get the cost of one
-    dtype: str = "float32"
-    repeats: int = 3
-    seed: int = 0
+class BreakEvenConfig(Config):
+    lengths: tuple[int, ...] = spec((64, 256, 1024), ge=1)
+    batches: tuple[int, ...] = spec((1, 16, 128), ge=1)
+    channels: int = spec(1, ge=1)
+    hidden: int = spec(512, ge=1)
+    probe_iters: int = spec(8, ge=1)  # Jacobi iterations timed to get the cost of one
+    dtype: str = spec("float32", choices=DTYPE_NAMES)
+    repeats: int = spec(3, ge=1)
+    seed: int = spec(0, ge=0)
 
 
 def run(cfg: BreakEvenConfig, ctx: RunContext) -> dict[str, Any]:
     dtype = dtype_of(cfg.dtype)
     seq, jac = get_solver("sequential"), get_solver("jacobi")
     rows = []
-    for T in cfg.lengths:
+    for T in track(cfg.lengths, desc="lengths", unit="length"):  # updates between timings
         model_cfg = CausalMLPConfig(T, cfg.channels, cfg.hidden, 2, 1.0, cfg.seed)
         model = CausalMLP(model_cfg).to(device=ctx.device, dtype=dtype).eval()
         for B in cfg.batches:

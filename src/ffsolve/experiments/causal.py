@@ -9,26 +9,11 @@ from typing import Any
 import torch
 
 from ffsolve.bench import MethodSpec, compare, format_table
+from ffsolve.config import Config, spec
 from ffsolve.experiments import Experiment, RunContext, register_experiment
 from ffsolve.models.causal import CausalMLP, CausalMLPConfig
 from ffsolve.plots import plot_traces
 from ffsolve.problems.base import FunctionProblem
-
-
-@dataclass(frozen=True)
-class CausalConfig:
-    length: int = 256
-    channels: int = 4
-    hidden: int = 512
-    depth: int = 2
-    gain: float = 1.5
-    batch: int = 16
-    block_size: int = 16
-    window: int = 32
-    dtype: str = "float32"
-    repeats: int = 3
-    seed: int = 0
-
 
 _DTYPES = {
     "float32": torch.float32,
@@ -36,6 +21,22 @@ _DTYPES = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
+DTYPE_NAMES = tuple(_DTYPES)
+
+
+@dataclass(frozen=True)
+class CausalConfig(Config):
+    length: int = spec(256, ge=1)
+    channels: int = spec(4, ge=1)
+    hidden: int = spec(512, ge=1)
+    depth: int = spec(2, ge=1)
+    gain: float = spec(1.5, ge=0.0)
+    batch: int = spec(16, ge=1)
+    block_size: int = spec(16, ge=1)  # at most length (checked by the solver)
+    window: int = spec(32, ge=1)
+    dtype: str = spec("float32", choices=DTYPE_NAMES)
+    repeats: int = spec(3, ge=1)
+    seed: int = spec(0, ge=0)
 
 
 def dtype_of(name: str) -> torch.dtype:

@@ -2,36 +2,52 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from ffsolve.checkpoint import (
+    STORAGE_DTYPES,
+    checkpoint_exists,
+    load_train_state,
+    save_train_state,
+    train_state_path,
+)
+from ffsolve.config import Config, config_to_dict, spec
 from ffsolve.data import bits_per_dim, dequantize_logit, load_images
+from ffsolve.errors import FFSolveError
 from ffsolve.experiments import RunContext, Trainer, register_trainer
-from ffsolve.models.made import MADE, MADEConfig, save_made
+from ffsolve.models.made import MADE, MADEConfig, load_made, save_made
+from ffsolve.progress import track
 
 
 @dataclass(frozen=True)
-class MADETrainConfig:
-    data: str = "mnist"  # mnist | rgb (crops of natural photos) | cifar10 (needs data_dir)
+class MADETrainConfig(Config):
+    # mnist | rgb (crops of natural photos) | cifar10 (needs data_dir)
+    data: str = spec("mnist", choices=("mnist", "rgb", "cifar10"))
     data_dir: str | None = None
-    hidden: tuple[int, ...] = (512, 512)
+    hidden: tuple[int, ...] = spec((512, 512), ge=1)
     natural_ordering: bool = True
-    lam: float = 1e-6  # logit transform: 1e-6 for MNIST, 0.05 for RGB
-    epochs: int = 20
-    batch_size: int = 100
-    lr: float = 1e-3
-    lr_final: float = 1e-4  # cosine decay to this
-    max_train: int | None = None  # use only the first N training images (quick runs)
-    max_test: int | None = None
-    rgb_train: int = 50000  # crops in the RGB stand-in
-    rgb_test: int = 10000
-    seed: int = 0
+    lam: float = spec(1e-6, gt=0.0, lt=0.5)  # logit transform: 1e-6 for MNIST, 0.05 for RGB
+    epochs: int = spec(20, ge=1)
+    batch_size: int = spec(100, ge=1)
+    lr: float = spec(1e-3, gt=0.0)
+    lr_final: float = spec(1e-4, ge=0.0)  # cosine decay to this
+    max_train: int | None = spec(None, ge=1)  # use only the first N training images
+    max_test: int | None = spec(None, ge=1)
+    rgb_train: int = spec(50000, ge=1)  # crops in the RGB stand-in
+    rgb_test: int = spec(10000, ge=1)
+    seed: int = spec(0, ge=0)
     save_to: str | None = None  # checkpoint path (stem); default <run dir>/made
+    save_every: int = spec(1, ge=1)  # epochs between saves of the checkpoint and resume state
+    # float16 halves the file (weights rounded; loaded as float32, test bits/dim re-measured)
+    storage_dtype: str = spec("float32", choices=("float32", "float16"))
 
 
 def _flat(images: np.ndarray, limit: int | None) -> torch.Tensor:
@@ -55,7 +71,31 @@ def evaluate_bpd(
     return total / n
 
 
+def _rounded(model: MADE, storage_dtype: str) -> MADE:
+    """A copy with the floating weights rounded to `storage_dtype` and back (what loading a
+    checkpoint stored in it gives), or the model itself for float32."""
+    if storage_dtype == "float32":
+        return model
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for t in (*out.parameters(), *out.buffers()):
+            if t.is_floating_point():
+                t.copy_(t.to(STORAGE_DTYPES[storage_dtype]).float())
+    return out
+
+
 def train(cfg: MADETrainConfig, ctx: RunContext) -> dict[str, Any]:
+    path = cfg.save_to or str(ctx.out_dir / "made")
+    state_path = train_state_path(path)
+    if ctx.resume:
+        if cfg.save_to is None:
+            raise FFSolveError("--resume needs save_to (the checkpoint whose training to continue)")
+        if not state_path.is_file():
+            raise FFSolveError(f"nothing to resume: no {state_path} (drop --resume)")
+    elif checkpoint_exists(path) and not ctx.force:
+        raise FFSolveError(
+            f"checkpoint {path} exists; --force overwrites it, --resume continues its training"
+        )
     torch.manual_seed(cfg.seed)
     kw = {"num_train": cfg.rgb_train, "num_test": cfg.rgb_test, "seed": cfg.seed}
     data = load_images(cfg.data, cfg.data_dir, **(kw if cfg.data == "rgb" else {}))
@@ -76,22 +116,58 @@ def train(cfg: MADETrainConfig, ctx: RunContext) -> dict[str, Any]:
     total_steps = cfg.epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total_steps, eta_min=cfg.lr_final)
     g = torch.Generator().manual_seed(cfg.seed)
-    model.eval()
-    history = [
-        {
-            "epoch": 0,
-            "train_bpd": None,
-            "elapsed_s": 0.0,
-            "test_bpd": evaluate_bpd(model, x_test, cfg.lam, ctx.device),
-        }
-    ]
-    ctx.log(f"  epoch   0 (initial)  test {history[0]['test_bpd']:.4f} bits/dim")
-    t0 = time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
+    # what must not change across a resume (save_every may)
+    same = {k: v for k, v in config_to_dict(cfg).items() if k != "save_every"}
+    if ctx.resume:
+        state = load_train_state(state_path, model, opt, sched)
+        if state["extra"].get("config") != same:
+            theirs = state["extra"].get("config") or {}
+            diff = sorted(k for k in same if theirs.get(k) != same[k])
+            raise FFSolveError(f"{state_path} was made with other values of: {', '.join(diff)}")
+        g.set_state(state["extra"]["generator"])
+        history = state["extra"]["history"]
+        start = state["epoch"] + 1
+        ctx.log(f"  resuming after epoch {state['epoch']} from {state_path}")
+    else:
+        model.eval()
+        history = [
+            {
+                "epoch": 0,
+                "train_bpd": None,
+                "elapsed_s": 0.0,
+                "test_bpd": evaluate_bpd(model, x_test, cfg.lam, ctx.device),
+            }
+        ]
+        ctx.log(f"  epoch   0 (initial)  test {history[0]['test_bpd']:.4f} bits/dim")
+        start = 1
+    extra = {"data": {"name": cfg.data, "shape": shape, "lam": cfg.lam}}
+
+    def save(epoch: int) -> Path:
+        """Checkpoint first, then the resume state: a kill between the two resumes one
+        save earlier, never from a state newer than the checkpoint."""
+        final = epoch == cfg.epochs
+        storage = cfg.storage_dtype if final else "float32"
+        kept = _rounded(model, storage)
+        test = history[-1]["test_bpd"]
+        if kept is not model:  # re-measure with the weights as they are stored
+            test = evaluate_bpd(kept.eval(), x_test, cfg.lam, ctx.device)
+        meta = {**extra, "test_bits_per_dim": test, "epochs": epoch}
+        if storage != "float32":
+            meta["test_bits_per_dim_float32"] = history[-1]["test_bpd"]
+        saved = save_made(path, kept, meta, storage_dtype=storage)
+        if not final:
+            resume = {"config": same, "generator": g.get_state(), "history": history}
+            save_train_state(state_path, model, opt, sched, epoch, resume)
+        return saved
+
+    t0 = time.perf_counter() - (history[-1]["elapsed_s"] or 0.0)
+    saved = None
+    for epoch in track(range(start, cfg.epochs + 1), desc="epochs", unit="epoch"):
         model.train()
         perm = torch.randperm(len(x_train), generator=g)
         losses = []
-        for i in range(0, len(x_train), cfg.batch_size):
+        starts = range(0, len(x_train), cfg.batch_size)
+        for i in track(starts, desc=f"epoch {epoch}", unit="batch"):
             xb = x_train[perm[i : i + cfg.batch_size]]
             u = torch.rand(xb.shape, generator=g)
             z, logdet = dequantize_logit(xb.to(ctx.device), cfg.lam, u.to(ctx.device))
@@ -116,19 +192,19 @@ def train(cfg: MADETrainConfig, ctx: RunContext) -> dict[str, Any]:
             f"  epoch {epoch:3d}/{cfg.epochs}  train {train_bpd:.4f}  test {test:.4f} bits/dim"
             f"  ({time.perf_counter() - t0:.0f} s)"
         )
-    path = cfg.save_to or str(ctx.out_dir / "made")
-    extra = {
-        "data": {"name": cfg.data, "shape": shape, "lam": cfg.lam},
-        "test_bits_per_dim": history[-1]["test_bpd"],
-        "epochs": cfg.epochs,
-    }
-    saved = save_made(path, model.cpu(), extra)
-    ctx.log(f"checkpoint: {saved}")
+        if epoch % cfg.save_every == 0 or epoch == cfg.epochs:
+            saved = save(epoch)
+    if saved is None:  # resumed after the last epoch's checkpoint but before its cleanup
+        saved = save(cfg.epochs)
+    state_path.unlink(missing_ok=True)  # finished: nothing left to resume
+    _, meta = load_made(path)
+    ctx.log(f"checkpoint: {saved} (test {meta['test_bits_per_dim']:.4f} bits/dim as stored)")
     return {
         "history": history,
         "checkpoint": str(saved),
         "num_params": n_params,
-        "test_bits_per_dim": extra["test_bits_per_dim"],
+        "storage_dtype": cfg.storage_dtype,
+        "test_bits_per_dim": meta["test_bits_per_dim"],
     }
 
 

@@ -36,12 +36,14 @@ from torch.nn import functional as F
 
 from ffsolve.backprop import BackpropInfo, backprop_through
 from ffsolve.bench import synchronize
+from ffsolve.config import Config, spec
 from ffsolve.data import load_mnist
 from ffsolve.errors import ConfigError
 from ffsolve.experiments import Experiment, RunContext, register_experiment
 from ffsolve.experiments.causal import dtype_of
 from ffsolve.models.rnn import VanillaRNN, VanillaRNNConfig
 from ffsolve.plots import plt
+from ffsolve.progress import track
 from ffsolve.solvers import ConvergenceWarning
 
 __all__ = [
@@ -56,7 +58,7 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class RNNBackpropConfig:
+class RNNBackpropConfig(Config):
     """The paper's defaults (hidden 128, T = 100, batch 1, SGD lr 1e-4, 200 steps, 10 repeats).
 
     Attributes:
@@ -76,24 +78,24 @@ class RNNBackpropConfig:
         seed: seeds weights (seed + repeat), sequence orders and synthetic data.
     """
 
-    data: str = "mnist"
+    data: str = spec("mnist", choices=("mnist", "synthetic"))
     data_dir: str | None = None
-    side: int = 10
-    hidden: int = 128
-    init_std: float = 0.1
-    lr: float = 1e-4
-    steps: int = 200
-    repeats: int = 10
-    budgets: tuple[int, ...] = (10, 20, 30, 50, 80)
-    tol_atol: float = 1e-7
-    tol_rtol: float = 0.0
-    error_sequences: int = 10
-    ema: float = 0.9
+    side: int = spec(10, ge=1, le=28)
+    hidden: int = spec(128, ge=1)
+    init_std: float = spec(0.1, gt=0.0)
+    lr: float = spec(1e-4, gt=0.0)
+    steps: int = spec(200, ge=1)
+    repeats: int = spec(10, ge=1)
+    budgets: tuple[int, ...] = spec((10, 20, 30, 50, 80), ge=1)
+    tol_atol: float = spec(1e-7, ge=0.0)
+    tol_rtol: float = spec(0.0, ge=0.0)
+    error_sequences: int = spec(10, ge=1)
+    ema: float = spec(0.9, ge=0.0, lt=1.0)
     autograd_row: bool = True
-    warmup: int = 3
-    threads: int = 0
-    dtype: str = "float32"
-    seed: int = 0
+    warmup: int = spec(3, ge=0)
+    threads: int = spec(0, ge=0)
+    dtype: str = spec("float32", choices=("float32", "float64"))
+    seed: int = spec(0, ge=0)
 
 
 @dataclass(frozen=True)
@@ -119,21 +121,11 @@ def _methods(cfg: RNNBackpropConfig) -> list[_Method]:
 
 
 def _check(cfg: RNNBackpropConfig) -> None:
-    if cfg.data not in ("mnist", "synthetic"):
-        raise ConfigError(f"data must be 'mnist' or 'synthetic', got {cfg.data!r}")
-    for name in ("side", "hidden", "steps", "repeats", "error_sequences"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.side > 28:
-        raise ConfigError(f"side must be <= 28 (MNIST is 28x28), got {cfg.side}")
-    if not cfg.budgets or min(cfg.budgets) < 1 or len(set(cfg.budgets)) != len(cfg.budgets):
+    """What the field ranges (checked on construction) cannot say alone."""
+    if not cfg.budgets or len(set(cfg.budgets)) != len(cfg.budgets):
         raise ConfigError(f"budgets must be distinct positive ints, got {list(cfg.budgets)}")
-    if not 0.0 <= cfg.ema < 1.0:
-        raise ConfigError(f"ema must be in [0, 1), got {cfg.ema}")
-    if cfg.tol_atol < 0 or cfg.tol_rtol < 0 or cfg.tol_atol + cfg.tol_rtol == 0:
+    if cfg.tol_atol + cfg.tol_rtol == 0:
         raise ConfigError("jacobi-tol needs a positive tolerance (tol_atol or tol_rtol)")
-    if cfg.lr <= 0 or cfg.warmup < 0 or cfg.threads < 0:
-        raise ConfigError("lr must be > 0, warmup and threads >= 0")
 
 
 # --- data --------------------------------------------------------------------------------
@@ -320,7 +312,7 @@ def _grad_errors(
     jacobi_full = _Method("jacobi-full", "jacobi", {})
     for state, model in states.items():
         rows, norms = [], []
-        for j in range(test.shape[0]):
+        for j in track(range(test.shape[0]), desc=f"gradient errors ({state})"):
             x = test[j : j + 1]
             exact, _ = _grad_vector(model, x, bptt)
             ref, _ = _grad_vector(model, x, autograd)
@@ -398,7 +390,7 @@ def _run(cfg: RNNBackpropConfig, ctx: RunContext, dtype: torch.dtype) -> dict[st
     runs: dict[str, list[dict[str, Any]]] = {m.label: [] for m in methods}
     trained0: VanillaRNN | None = None
     t_start = time.perf_counter()
-    for r in range(cfg.repeats):
+    for r in track(range(cfg.repeats), desc="repeats", unit="repeat"):  # between timed runs
         init = VanillaRNN(_model_config(cfg, r)).to(device=device, dtype=dtype)
         for m in methods:
             rec, model = _train(cfg, m, init, train_seqs[r], device)

@@ -7,17 +7,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ffsolve.config import Config, spec
+
 __all__ = ["CausalMLP", "CausalMLPConfig"]
 
 
 @dataclass(frozen=True)
-class CausalMLPConfig:
-    length: int = 64  # T positions
-    channels: int = 1  # C features per position
-    hidden: int = 256  # hidden units
-    depth: int = 2  # hidden layers
-    gain: float = 1.0  # weight scale; larger means stronger coupling, slower Jacobi
-    seed: int = 0
+class CausalMLPConfig(Config):
+    length: int = spec(64, ge=1)  # T positions
+    channels: int = spec(1, ge=1)  # C features per position
+    hidden: int = spec(256, ge=1)  # hidden units
+    depth: int = spec(2, ge=1)  # hidden layers
+    gain: float = spec(1.0, ge=0.0)  # weight scale; larger: stronger coupling, slower Jacobi
+    seed: int = spec(0, ge=0)
 
 
 class CausalMLP(nn.Module):

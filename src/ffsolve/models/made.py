@@ -17,17 +17,18 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ffsolve.checkpoint import load_checkpoint, save_checkpoint
+from ffsolve.config import Config, spec
 from ffsolve.errors import CheckpointError
 
 __all__ = ["MADE", "MADEConfig", "load_made", "save_made"]
 
 
 @dataclass(frozen=True)
-class MADEConfig:
-    dims: int = 784  # D, data dimensions
-    hidden: tuple[int, ...] = (512, 512)
+class MADEConfig(Config):
+    dims: int = spec(784, ge=2)  # D, data dimensions
+    hidden: tuple[int, ...] = spec((512, 512), ge=1)
     natural_ordering: bool = True  # False: a random ordering from the seed
-    seed: int = 0  # masks (hidden degrees, ordering) come from this seed
+    seed: int = spec(0, ge=0)  # masks (hidden degrees, ordering) come from this seed
     min_log_scale: float = -7.0  # floor of the logistic log-scale (keeps the density finite)
 
 
@@ -116,11 +117,19 @@ class MADE(nn.Module):
         return (-u - log_scale - 2 * F.softplus(-u)).sum(1)
 
 
-def save_made(path: str | Path, model: MADE, extra: dict[str, Any] | None = None) -> Path:
-    """Save weights, masks, degrees and ordering (safetensors) with the config (JSON)."""
+def save_made(
+    path: str | Path,
+    model: MADE,
+    extra: dict[str, Any] | None = None,
+    storage_dtype: str = "float32",
+) -> Path:
+    """Save weights, masks, degrees and ordering (safetensors) with the config (JSON);
+    `storage_dtype="float16"` halves the file (loaded back as float32)."""
     config = dataclasses.asdict(model.config)
     config["hidden"] = list(config["hidden"])
-    return save_checkpoint(path, "made", model.state_dict(), config, extra)
+    return save_checkpoint(
+        path, "made", model.state_dict(), config, extra, storage_dtype=storage_dtype
+    )
 
 
 def load_made(path: str | Path, device: torch.device | str = "cpu") -> tuple[MADE, dict]:

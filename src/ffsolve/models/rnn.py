@@ -8,11 +8,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ffsolve.config import Config, spec
+
 __all__ = ["VanillaRNN", "VanillaRNNConfig"]
 
 
 @dataclass(frozen=True)
-class VanillaRNNConfig:
+class VanillaRNNConfig(Config):
     """Sizes and initialisation of `VanillaRNN`.
 
     Attributes:
@@ -23,11 +25,11 @@ class VanillaRNNConfig:
         seed: seed of the generator that draws the weights.
     """
 
-    input_size: int = 1
-    hidden: int = 128
-    output_size: int = 1
-    init_std: float = 0.1
-    seed: int = 0
+    input_size: int = spec(1, ge=1)
+    hidden: int = spec(128, ge=1)
+    output_size: int = spec(1, ge=1)
+    init_std: float = spec(0.1, ge=0.0)
+    seed: int = spec(0, ge=0)
 
 
 class VanillaRNN(nn.Module):

@@ -17,6 +17,8 @@ and no extra confirming sweep is ever needed past that bound.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -83,6 +85,11 @@ class _Canonical:
     """A contiguous state with a (B, T, F) view that aliases it."""
 
     def __init__(self, x: Tensor, dim: int) -> None:
+        if x.numel() == 0:  # a view of zero elements cannot be reshaped to (B, T, F)
+            raise ValueError(
+                f"the initial iterate of shape {tuple(x.shape)} is empty (a zero-size batch or "
+                "feature dimension): nothing to solve"
+            )
         self.x = x.detach().clone(memory_format=torch.contiguous_format)
         self.dim = dim
         self.shape = self.x.shape
@@ -240,9 +247,16 @@ class Solver:
 
 
 def check_stopping(atol: float, rtol: float, max_iters: int | None, check_every: int) -> None:
-    """Validate the stopping options shared by every solve (and by callers that defer one)."""
-    if atol < 0 or rtol < 0:
-        raise ValueError(f"atol and rtol must be >= 0, got atol={atol}, rtol={rtol}")
+    """Validate the stopping options shared by every solve (and by callers that defer one).
+
+    atol and rtol must be finite numbers >= 0 (NaN would never certify a position, inf would
+    certify every one); max_iters (or None) and check_every ints >= 1.
+    """
+    for name, value in (("atol", atol), ("rtol", rtol)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value}")
     for name, value in (("max_iters", max_iters), ("check_every", check_every)):
         if value is None and name == "max_iters":
             continue

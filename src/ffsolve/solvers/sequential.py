@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ffsolve.problems.base import Problem
-from ffsolve.solvers.base import NonFiniteError, Solution, Solver, _Canonical
+from ffsolve.solvers.base import NonFiniteError, Solution, Solver, _Canonical, check_stopping
 
 __all__ = ["Sequential"]
 
@@ -42,6 +42,7 @@ class Sequential(Solver):
         callback: Callable[[int, Tensor], None] | None = None,
     ) -> Solution:
         T = problem.length
+        check_stopping(atol, rtol, max_iters, check_every)  # same options as every method
         if max_iters is not None and max_iters < T:
             raise ValueError(f"sequential needs exactly T={T} steps; max_iters={max_iters}")
         s = _Canonical(problem.initial(), problem.dim)

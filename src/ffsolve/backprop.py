@@ -9,7 +9,6 @@ parameters, h_0 and xs exactly like autograd would.
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +18,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from ffsolve.problems.recurrence import RecurrenceAdjoint
+from ffsolve.problems.recurrence import StateLayout as _Layout
 from ffsolve.solvers import NonFiniteError, Solution, Solver, get_solver
 from ffsolve.solvers.base import check_stopping
 
@@ -87,54 +87,6 @@ class BackpropInfo:
             "final_residual": self.final_residual,
             "backward_calls": self.backward_calls,
         }
-
-
-class _Layout:
-    """How a state (a tensor or a tuple of tensors, each (B, *shape)) maps to one (B, F)."""
-
-    def __init__(self, parts: Sequence[Tensor], is_tuple: bool) -> None:
-        self.shapes = [tuple(p.shape[1:]) for p in parts]
-        self.sizes = [math.prod(s) for s in self.shapes]
-        self.is_tuple = is_tuple
-        self.dtype = parts[0].dtype
-        self.features = sum(self.sizes)
-        self.plain = not is_tuple and len(self.shapes[0]) == 1  # the state is already (B, F)
-
-    def flatten(self, parts: Sequence[Tensor]) -> Tensor:
-        n = parts[0].shape[0]
-        flat = [p.reshape(n, -1) for p in parts]  # each (N, size_i)
-        return flat[0] if len(flat) == 1 else torch.cat(flat, dim=1)  # (N, F)
-
-    def unflatten(self, flat: Tensor) -> State:
-        n = flat.shape[0]
-        if not self.is_tuple:
-            return flat.view(n, *self.shapes[0])  # (N, *shape)
-        chunks = flat.split(self.sizes, dim=1)
-        return tuple(c.reshape(n, *s) for c, s in zip(chunks, self.shapes, strict=True))
-
-    def parts_of(self, out: Any, n: int) -> list[Tensor]:
-        """The cell's output as a list of parts, checked against the state's structure."""
-        if self.is_tuple:
-            if not isinstance(out, tuple | list) or len(out) != len(self.shapes):
-                raise TypeError(
-                    f"the cell must return a tuple of {len(self.shapes)} tensors like h0, "
-                    f"got {type(out).__name__}"
-                )
-            parts = list(out)
-        else:
-            if not isinstance(out, Tensor):
-                raise TypeError(f"the cell must return a tensor like h0, got {type(out).__name__}")
-            parts = [out]
-        for i, (p, s) in enumerate(zip(parts, self.shapes, strict=True)):
-            if not isinstance(p, Tensor) or tuple(p.shape) != (n, *s):
-                got = tuple(p.shape) if isinstance(p, Tensor) else type(p).__name__
-                where = f" part {i}" if self.is_tuple else ""
-                raise ValueError(
-                    f"the cell changed the state's shape{where}: got {got}, expected {(n, *s)}"
-                )
-            if p.dtype != self.dtype:
-                raise ValueError(f"the cell changed the state's dtype: {p.dtype} != {self.dtype}")
-        return parts
 
 
 class _Plan:

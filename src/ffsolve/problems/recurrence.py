@@ -27,17 +27,83 @@ others decays like rho^k.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from ffsolve.problems.base import Problem
+from ffsolve.problems.base import LinearRecurrence, Problem, _rows_by_vjp
 
-__all__ = ["RecurrenceAdjoint"]
+__all__ = ["RecurrenceAdjoint", "RecurrenceForward", "StateLayout"]
+
+#: A recurrent state: one tensor (B, *shape) or a tuple of them (e.g. an LSTM's (h, c)).
+State = Tensor | tuple[Tensor, ...]
 
 #: A flat cell: (N, F) states and (N, *D) inputs -> (N, F) next states.
 FlatCell = Callable[[Tensor, Tensor], Tensor]
+
+
+class StateLayout:
+    """How a state (a tensor or a tuple of tensors, each (B, *shape)) maps to one (B, F).
+
+    Shared by `backprop_through` and `RecurrenceForward`: an LSTM's (h, c) is flattened to
+    one (B, 2H) state, h then c."""
+
+    def __init__(self, parts: Sequence[Tensor], is_tuple: bool) -> None:
+        self.shapes = [tuple(p.shape[1:]) for p in parts]
+        self.sizes = [math.prod(s) for s in self.shapes]
+        self.is_tuple = is_tuple
+        self.dtype = parts[0].dtype
+        self.features = sum(self.sizes)
+        self.plain = not is_tuple and len(self.shapes[0]) == 1  # the state is already (B, F)
+
+    def flatten(self, parts: Sequence[Tensor]) -> Tensor:
+        n = parts[0].shape[0]
+        flat = [p.reshape(n, -1) for p in parts]  # each (N, size_i)
+        return flat[0] if len(flat) == 1 else torch.cat(flat, dim=1)  # (N, F)
+
+    def unflatten(self, flat: Tensor) -> State:
+        n = flat.shape[0]
+        if not self.is_tuple:
+            return flat.view(n, *self.shapes[0])  # (N, *shape)
+        chunks = flat.split(self.sizes, dim=1)
+        return tuple(c.reshape(n, *s) for c, s in zip(chunks, self.shapes, strict=True))
+
+    def parts_of(self, out: Any, n: int) -> list[Tensor]:
+        """The cell's output as a list of parts, checked against the state's structure."""
+        if self.is_tuple:
+            if not isinstance(out, tuple | list) or len(out) != len(self.shapes):
+                raise TypeError(
+                    f"the cell must return a tuple of {len(self.shapes)} tensors like h0, "
+                    f"got {type(out).__name__}"
+                )
+            parts = list(out)
+        else:
+            if not isinstance(out, Tensor):
+                raise TypeError(f"the cell must return a tensor like h0, got {type(out).__name__}")
+            parts = [out]
+        for i, (p, s) in enumerate(zip(parts, self.shapes, strict=True)):
+            if not isinstance(p, Tensor) or tuple(p.shape) != (n, *s):
+                got = tuple(p.shape) if isinstance(p, Tensor) else type(p).__name__
+                where = f" part {i}" if self.is_tuple else ""
+                raise ValueError(
+                    f"the cell changed the state's shape{where}: got {got}, expected {(n, *s)}"
+                )
+            if p.dtype != self.dtype:
+                raise ValueError(f"the cell changed the state's dtype: {p.dtype} != {self.dtype}")
+        return parts
+
+
+def _cell_jacobians(cell: FlatCell, hp: Tensor, xr: Tensor, transpose: bool) -> Tensor:
+    """d cell(h, x) / d h for every row: hp (N, F), xr (N, *D) -> (N, F, F) (transposed on
+    request), by F batched vector-Jacobian products of one call on all rows."""
+    with torch.enable_grad():
+        h = hp.detach().requires_grad_()
+        out = cell(h, xr.detach())  # (N, F)
+    g = _rows_by_vjp(out, h, h.shape[1])  # (F, N, F): g[i, n, j] = d out[n, i] / d h[n, j]
+    return g.permute(1, 2, 0) if transpose else g.permute(1, 0, 2)
 
 
 class RecurrenceAdjoint(Problem):
@@ -132,6 +198,32 @@ class RecurrenceAdjoint(Problem):
         out[:, lo - start :] += u[:, lo - 1 : stop - 1]
         return out
 
+    first_order = True  # position s reads position s - 1 only
+
+    def jacobians(self, x: Tensor, start: int, stop: int, diagonal: bool = False) -> Tensor:
+        """A_s = J_{T-s+1}^T for s in [start, stop) (A_0 = 0): (B, n, F, F), or the diagonals.
+
+        Formed from F batched vector-Jacobian products of the cell on the chunk's rows (row
+        s - 1 of the reversed-time graph is step T - s + 1), so one chunk of matrices at a time.
+        """
+        B, T, F = self.shape
+        lo = max(start, 1)
+        n = stop - lo
+        parts = []
+        if start == 0:
+            parts.append(x.new_zeros(B, 1, F, F))
+        if n > 0:
+            hp = self._hp.detach().view(B, T, F)[:, lo - 1 : stop - 1].reshape(B * n, F)
+            xr = self._xr.detach().view(B, T, *self._xs.shape[2:])[:, lo - 1 : stop - 1]
+            A = _cell_jacobians(self.cell, hp, xr.reshape(B * n, *xr.shape[2:]), True)
+            parts.append(A.view(B, n, F, F))
+        A = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (B, stop - start, F, F)
+        return A.diagonal(dim1=2, dim2=3) if diagonal else A
+
+    def linear_recurrence(self) -> LinearRecurrence:
+        """a_{T-s} = J_{T-s+1}^T a_{T-s+1} + g_{T-s}: position s reads s - 1 linearly."""
+        return LinearRecurrence(self._g, lambda s, e: self.jacobians(self._g, s, e), "dense")
+
     def stepper(self, x: Tensor) -> Callable[[int], Tensor]:
         # Ordinary BPTT: autograd's engine walks the sequential chain once, step after step,
         # and yields every adjoint; the solver's loop then takes them one position at a time.
@@ -195,3 +287,124 @@ class RecurrenceAdjoint(Problem):
             d = grads[1]
             dxs = torch.zeros_like(self._xs) if d is None else d.view(self._xs.shape).flip(1)
         return dh0, dxs, list(grads[1 + int(self._xs_grad) :])
+
+
+def flat_cell(cell: Callable[[State, Tensor], State], layout: StateLayout) -> FlatCell:
+    """The cell on flat states, (N, F), (N, *D) -> (N, F), checked against the layout. A torch
+    `RNNCell`, `GRUCell` or `LSTMCell` (which take (input, hidden)) is accepted as is."""
+    user = (lambda h, x: cell(x, h)) if isinstance(cell, nn.RNNCellBase) else cell
+
+    def call(h: Tensor, x: Tensor) -> Tensor:
+        if layout.plain:
+            out = user(h, x)
+            if isinstance(out, Tensor) and out.shape == h.shape and out.dtype == h.dtype:
+                return out
+            layout.parts_of(out, h.shape[0])  # raises the precise error
+        out = user(layout.unflatten(h), x)
+        return layout.flatten(layout.parts_of(out, h.shape[0]))
+
+    return call
+
+
+class RecurrenceForward(Problem):
+    """The hidden states of h_t = cell(h_{t-1}, x_t), t = 1..T, as a triangular system.
+
+    Position t - 1 of the (B, T, F) state holds h_t (F: the state's features, an LSTM's h then
+    c). f_t reads position t - 1 only (`first_order`), so every method applies: sequential,
+    jacobi (one cell call on all B*T rows per sweep), newton and quasi_newton (DEER).
+
+    Args:
+        cell: `cell(h, x) -> h_next` with h (N, *S) or a tuple of such tensors, x (N, *D);
+            rows must be independent (it is called on B*T rows at once). torch's `RNNCell`,
+            `GRUCell`, `LSTMCell` are accepted as is.
+        h0: (B, *S) or a tuple of them, the initial state.
+        xs: (B, T, *D) the inputs x_1..x_T.
+        jacobian: optional `jacobian(h, x, diagonal) -> (N, F, F)` or `(N, F)`, d cell / d h
+            on flat states (N, F); the default forms it by F batched vector-Jacobian products.
+
+    Example:
+        >>> problem = RecurrenceForward(torch.nn.GRUCell(2, 16), torch.zeros(8, 16), xs)
+        >>> hs = problem.states(ffsolve.solve(problem, method="newton").value)  # (8, T, 16)
+    """
+
+    first_order = True
+
+    def __init__(
+        self,
+        cell: Callable[[State, Tensor], State],
+        h0: State,
+        xs: Tensor,
+        *,
+        jacobian: Callable[[Tensor, Tensor, bool], Tensor] | None = None,
+    ) -> None:
+        if not callable(cell):
+            raise TypeError(f"cell must be callable, got {type(cell).__name__}")
+        is_tuple = not isinstance(h0, Tensor)
+        parts = list(h0) if is_tuple else [h0]
+        if not parts or not all(isinstance(p, Tensor) for p in parts):
+            raise TypeError("h0 must be a tensor or a tuple of tensors")
+        if not isinstance(xs, Tensor) or xs.dim() < 2:
+            raise ValueError("xs must be a tensor (B, T, *D)")
+        B, T = xs.shape[:2]
+        if T == 0:
+            raise ValueError("xs has no time steps (T = 0)")
+        if any(p.shape[0] != B for p in parts):
+            raise ValueError(f"h0 and xs disagree on the batch size ({parts[0].shape[0]} vs {B})")
+        self.layout = StateLayout(parts, is_tuple)
+        self.cell = flat_cell(cell, self.layout)
+        self._jacobian = jacobian
+        self.h0 = self.layout.flatten([p.detach() for p in parts])  # (B, F)
+        self.xs = xs.detach()
+        self.length, self.dim = T, 1
+        self.shape = (B, T, self.layout.features)
+
+    def initial(self) -> Tensor:
+        """h_0 repeated at every position: (B, T, F)."""
+        return self.h0[:, None].expand(self.shape).clone()
+
+    def _prev(self, x: Tensor, start: int, stop: int) -> Tensor:
+        """h_{t-1} for positions [start, stop): (B, n, F)."""
+        if start == 0:
+            return torch.cat([self.h0[:, None], x[:, : stop - 1]], dim=1)
+        return x[:, start - 1 : stop - 1]
+
+    def _rows(self, start: int, stop: int) -> Tensor:
+        xs = self.xs[:, start:stop]  # (B, n, *D)
+        return xs.reshape(-1, *xs.shape[2:])  # (B*n, *D)
+
+    def evaluate(self, x: Tensor, start: int, stop: int) -> Tensor:
+        B, _, F = self.shape
+        hp = self._prev(x, start, stop).reshape(-1, F)  # (B*n, F)
+        return self.cell(hp, self._rows(start, stop)).view(B, stop - start, F)
+
+    def stepper(self, x: Tensor) -> Callable[[int], Tensor]:
+        def step(t: int) -> Tensor:
+            h = self.h0 if t == 0 else x[:, t - 1]  # (B, F)
+            return self.cell(h, self.xs[:, t])[:, None]  # (B, 1, F)
+
+        return step
+
+    def jacobians(self, x: Tensor, start: int, stop: int, diagonal: bool = False) -> Tensor:
+        B, _, F = self.shape
+        n = stop - start
+        hp = self._prev(x, start, stop).reshape(B * n, F)
+        rows = self._rows(start, stop)
+        if self._jacobian is not None:
+            J = self._jacobian(hp, rows, diagonal)
+        else:
+            J = _cell_jacobians(self.cell, hp, rows, False)  # (B*n, F, F)
+            if diagonal:
+                J = J.diagonal(dim1=1, dim2=2)
+        J = J.reshape(B, n, *J.shape[1:])
+        if start == 0:  # h_0 is fixed: position 0 has no predecessor in the system
+            J = torch.cat([torch.zeros_like(J[:, :1]), J[:, 1:]], dim=1)
+        return J
+
+    def states(self, value: Tensor) -> State:
+        """A solution's value (B, T, F) as hidden states (B, T, *S), a tuple for a tuple
+        state (an LSTM's (h, c))."""
+        B, T, F = self.shape
+        out: Any = self.layout.unflatten(value.reshape(B * T, F))
+        if isinstance(out, tuple):
+            return tuple(p.view(B, T, *p.shape[1:]) for p in out)
+        return out.view(B, T, *out.shape[1:])

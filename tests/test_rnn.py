@@ -285,7 +285,7 @@ def test_bad_shapes_nan_and_methods_raise_clear_errors():
     with pytest.raises(ValueError, match="NaN or Inf at time step 6"):
         ffsolve.backprop_through(model.step, h0, bad.transpose(0, 1), batch_first=False)
     with pytest.raises(ValueError, match="valid methods"):
-        ffsolve.backprop_through(model.step, h0, xs, "newton")
+        ffsolve.backprop_through(model.step, h0, xs, "newton_raphson")
     with pytest.raises(TypeError, match="does not take window"):
         ffsolve.backprop_through(model.step, h0, xs, "jacobi", window=3)
     with pytest.raises(ValueError, match="max_iters must be >= 1"):

@@ -189,3 +189,57 @@ def test_nan_in_an_iterate_names_iteration_and_time_step():
             ffsolve.solve(problem, method=method, fallback=False) if method != "jacobi" else (
                 ffsolve.solve(problem, method=method)
             )
+
+
+@pytest.mark.parametrize("kind", ["rnn", "gru", "lstm"])
+def test_closed_form_cell_jacobians_equal_autograd(kind):
+    from ffsolve.problems.recurrence import _cell_jacobians, torch_cell_jacobian
+
+    cell, h0 = _cell(kind, B=4)
+    problem = RecurrenceForward(cell, h0, torch.randn(4, 3, 2, dtype=D64))
+    h = torch.randn(4, problem.shape[2], dtype=D64)
+    x = torch.randn(4, 2, dtype=D64)
+    ref = _cell_jacobians(problem.cell, h, x, False)  # (4, F, F) by autograd
+    jac = torch_cell_jacobian(cell)
+    torch.testing.assert_close(jac(h, x, False), ref, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(
+        jac(h, x, True), ref.diagonal(dim1=1, dim2=2), rtol=1e-12, atol=1e-14
+    )
+
+
+def test_generic_jacobians_of_a_first_order_function_problem():
+    """The Problem default (batched VJPs of evaluate) on a plain function declared first-order."""
+    W = torch.randn(3, 3, dtype=D64) / 2
+
+    def fn(x):  # x (B, T, 3): f_t = tanh(W x_{t-1}) + 1
+        prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], 1)
+        return torch.tanh(prev @ W.T) + 1
+
+    problem = ffsolve.FunctionProblem(fn, torch.zeros(2, 9, 3, dtype=D64))
+    problem.first_order = True
+    seq = ffsolve.solve(problem, method="sequential").value
+    for method in ("newton", "quasi_newton"):
+        sol = ffsolve.solve(problem, method=method, chunk=4)
+        assert sol.all_converged and sol.num_iters <= 9
+        torch.testing.assert_close(sol.value, seq, rtol=0, atol=1e-15)
+    x = torch.randn(2, 9, 3, dtype=D64)
+    J = problem.jacobians(x, 2, 6)  # (2, 4, 3, 3)
+    ref = (1 - torch.tanh(x[:, 1:5] @ W.T) ** 2)[..., None] * W
+    torch.testing.assert_close(J, ref)
+
+
+def test_scan_backprop_of_a_plain_function_cell():
+    """backprop_through by scan with a cell that is not torch's (generic Jacobians)."""
+    from ffsolve.models.rnn import VanillaRNN, VanillaRNNConfig
+
+    m = VanillaRNN(VanillaRNNConfig(input_size=2, hidden=6, init_std=0.4)).to(D64)
+    xs = torch.randn(2, 11, 2, dtype=D64)
+    grads = {}
+    for method in ("sequential", "scan", "quasi_newton"):
+        m.zero_grad()
+        hs, info = ffsolve.backprop_through(m.step, m.initial_state(2), xs, method=method)
+        (m.readout(hs) ** 2).sum().backward()
+        grads[method] = torch.cat([p.grad.flatten() for p in m.parameters()])
+        assert info.converged
+    torch.testing.assert_close(grads["scan"], grads["sequential"], rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(grads["quasi_newton"], grads["sequential"], rtol=1e-12, atol=1e-13)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from ffsolve.problems.recurrence import RecurrenceAdjoint
+from ffsolve.problems.recurrence import RecurrenceAdjoint, torch_cell_jacobian
 from ffsolve.problems.recurrence import StateLayout as _Layout
 from ffsolve.solvers import NonFiniteError, Solution, Solver, get_solver
 from ffsolve.solvers.base import check_stopping
@@ -106,6 +106,7 @@ class _Plan:
         self.solve_kwargs = solve_kwargs
         self.info = info
         self.keep_chain = solver.name == "sequential"
+        self.jacobian: Callable[[Tensor, Tensor, bool], Tensor] | None = None  # closed form
 
     def cell(self, h: Tensor, x: Tensor) -> Tensor:
         """The cell on flat states: (N, F), (N, *D) -> (N, F)."""
@@ -156,7 +157,7 @@ class _BPTTFunction(torch.autograd.Function):
         h_prev = torch.cat([h0.detach()[:, None], hs[:, :-1]], dim=1)  # (B, T, F): h_0..h_{T-1}
         xs_grad = bool(needs[2])
         problem = RecurrenceAdjoint(
-            plan.cell, h_prev, xs, grad_hs, xs_grad=xs_grad, chain=ctx.chain
+            plan.cell, h_prev, xs, grad_hs, xs_grad=xs_grad, chain=ctx.chain, jacobian=plan.jacobian
         )
         sol = plan.solver.solve(problem, **plan.solve_kwargs)
         plan.info.solution = sol
@@ -283,7 +284,10 @@ def backprop_through(
         h0: the initial state, (B, *S) or a tuple of such tensors.
         xs: inputs (B, T, *D), or (T, B, *D) with `batch_first=False`; integer (token) inputs
             may be (B, T).
-        method: "sequential" (ordinary BPTT), "jacobi", "jacobi_gs", "gs_jacobi" or a Solver.
+        method: "sequential" (ordinary BPTT), "jacobi", "jacobi_gs", "gs_jacobi", "scan" (the
+            adjoint recurrence solved exactly by an associative scan over the cell Jacobians,
+            closed form for torch's cells, else batched vector-Jacobian products), "newton",
+            "quasi_newton", or a Solver.
         params: the tensors the cell is differentiated with respect to. Default: the
             parameters of `cell` when it is an nn.Module or a bound method of one. A cell that
             uses other tensors requiring grad raises ValueError (their gradient would be lost).
@@ -354,6 +358,7 @@ def backprop_through(
         ),
         info,
     )
+    plan.jacobian = torch_cell_jacobian(cell)  # torch's RNN/GRU/LSTM cells: closed form
     h0_flat = layout.flatten(parts)  # (B, F)
     if torch.is_grad_enabled():
         # one step with a graph: checks the cell's output and finds tensors it uses that

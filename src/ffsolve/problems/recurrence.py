@@ -33,10 +33,17 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.functional import linear as F_linear
 
 from ffsolve.problems.base import LinearRecurrence, Problem, _rows_by_vjp
 
-__all__ = ["RecurrenceAdjoint", "RecurrenceForward", "StateLayout"]
+__all__ = [
+    "RecurrenceAdjoint",
+    "RecurrenceForward",
+    "StateLayout",
+    "flat_cell",
+    "torch_cell_jacobian",
+]
 
 #: A recurrent state: one tensor (B, *shape) or a tuple of them (e.g. an LSTM's (h, c)).
 State = Tensor | tuple[Tensor, ...]
@@ -124,6 +131,9 @@ class RecurrenceAdjoint(Problem):
             forward pass (h_t computed from h_{t-1}); the sequential method back-propagates
             through it in one pass of autograd's engine, the ordinary BPTT. Recomputed from
             h_prev[:, 0] and xs when omitted.
+        jacobian: optional closed-form `jacobian(h, x, diagonal)` of the flat cell (see
+            `RecurrenceForward`), used by the scan and Newton methods; default: F batched
+            vector-Jacobian products.
 
     Example:
         >>> problem = RecurrenceAdjoint(cell, h_prev, xs, grad_h)
@@ -140,6 +150,7 @@ class RecurrenceAdjoint(Problem):
         *,
         xs_grad: bool = False,
         chain: Sequence[Tensor] | None = None,
+        jacobian: Callable[[Tensor, Tensor, bool], Tensor] | None = None,
     ) -> None:
         if h_prev.dim() != 3 or grad_h.shape != h_prev.shape:
             raise ValueError(
@@ -164,6 +175,7 @@ class RecurrenceAdjoint(Problem):
         self._g = grad_h.flip(1)  # (B, T, F), reversed time: row s holds g_{T-s}
         self._chain = list(chain) if chain is not None else None
         self._xs_grad = xs_grad
+        self._jacobian = jacobian
         with torch.enable_grad():
             # the graph of every step at once, in reversed time: row b*T + s holds step T-s,
             # whose input state is h_{T-s-1} and output h_{T-s}
@@ -215,8 +227,13 @@ class RecurrenceAdjoint(Problem):
         if n > 0:
             hp = self._hp.detach().view(B, T, F)[:, lo - 1 : stop - 1].reshape(B * n, F)
             xr = self._xr.detach().view(B, T, *self._xs.shape[2:])[:, lo - 1 : stop - 1]
-            A = _cell_jacobians(self.cell, hp, xr.reshape(B * n, *xr.shape[2:]), True)
-            parts.append(A.view(B, n, F, F))
+            xr = xr.reshape(B * n, *xr.shape[2:])
+            if self._jacobian is not None:
+                with torch.no_grad():
+                    A = self._jacobian(hp, xr, False).transpose(1, 2)  # (B*n, F, F)
+            else:
+                A = _cell_jacobians(self.cell, hp, xr, True)
+            parts.append(A.reshape(B, n, F, F))
         A = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (B, stop - start, F, F)
         return A.diagonal(dim1=2, dim2=3) if diagonal else A
 
@@ -320,7 +337,8 @@ class RecurrenceForward(Problem):
         h0: (B, *S) or a tuple of them, the initial state.
         xs: (B, T, *D) the inputs x_1..x_T.
         jacobian: optional `jacobian(h, x, diagonal) -> (N, F, F)` or `(N, F)`, d cell / d h
-            on flat states (N, F); the default forms it by F batched vector-Jacobian products.
+            on flat states (N, F). Default: the closed form for torch's RNN/GRU/LSTM cells
+            (`torch_cell_jacobian`), else F batched vector-Jacobian products of the cell.
 
     Example:
         >>> problem = RecurrenceForward(torch.nn.GRUCell(2, 16), torch.zeros(8, 16), xs)
@@ -352,7 +370,7 @@ class RecurrenceForward(Problem):
             raise ValueError(f"h0 and xs disagree on the batch size ({parts[0].shape[0]} vs {B})")
         self.layout = StateLayout(parts, is_tuple)
         self.cell = flat_cell(cell, self.layout)
-        self._jacobian = jacobian
+        self._jacobian = jacobian if jacobian is not None else torch_cell_jacobian(cell)
         self.h0 = self.layout.flatten([p.detach() for p in parts])  # (B, F)
         self.xs = xs.detach()
         self.length, self.dim = T, 1
@@ -408,3 +426,75 @@ class RecurrenceForward(Problem):
         if isinstance(out, tuple):
             return tuple(p.view(B, T, *p.shape[1:]) for p in out)
         return out.view(B, T, *out.shape[1:])
+
+
+def torch_cell_jacobian(cell: Any) -> Callable[[Tensor, Tensor, bool], Tensor] | None:
+    """Closed-form d h_next / d h of torch's `RNNCell`, `GRUCell` and `LSTMCell` on flat states
+    (an LSTM's (h, c) as [h, c]), or None for any other cell.
+
+    Returns:
+        `jacobian(h, x, diagonal)`: h (N, F), x (N, D) -> (N, F, F), or (N, F) when diagonal
+        (only the diagonal is formed then: O(N F) memory, what quasi-Newton needs).
+    """
+    if isinstance(cell, nn.LSTMCell):
+        return lambda h, x, diagonal: _lstm_jacobian(cell, h, x, diagonal)
+    if isinstance(cell, nn.GRUCell):
+        return lambda h, x, diagonal: _gru_jacobian(cell, h, x, diagonal)
+    if isinstance(cell, nn.RNNCell):
+        return lambda h, x, diagonal: _rnn_jacobian(cell, h, x, diagonal)
+    return None
+
+
+def _scaled(a: Tensor, W: Tensor, diagonal: bool) -> Tensor:
+    """diag(a) W per row: a (N, H), W (H, H) -> (N, H, H), or its diagonal a * diag(W)."""
+    return a * W.diagonal() if diagonal else a[:, :, None] * W
+
+
+def _rnn_jacobian(cell: nn.RNNCell, h: Tensor, x: Tensor, diagonal: bool) -> Tensor:
+    pre = F_linear(x, cell.weight_ih, cell.bias_ih) + F_linear(h, cell.weight_hh, cell.bias_hh)
+    act = 1 - torch.tanh(pre) ** 2 if cell.nonlinearity == "tanh" else (pre > 0).to(pre.dtype)
+    return _scaled(act, cell.weight_hh, diagonal)
+
+
+def _gru_jacobian(cell: nn.GRUCell, h: Tensor, x: Tensor, diagonal: bool) -> Tensor:
+    # torch's GRU: r, z = sigmoid(.), n = tanh(W_in x + b_in + r * (W_hn h + b_hn)),
+    # h' = (1 - z) n + z h
+    gi = F_linear(x, cell.weight_ih, cell.bias_ih).chunk(3, 1)  # each (N, H)
+    gh = F_linear(h, cell.weight_hh, cell.bias_hh).chunk(3, 1)
+    r = torch.sigmoid(gi[0] + gh[0])
+    z = torch.sigmoid(gi[1] + gh[1])
+    n = torch.tanh(gi[2] + r * gh[2])
+    W_hr, W_hz, W_hn = cell.weight_hh.chunk(3, 0)  # each (H, H)
+    dn = 1 - n * n
+    J = (
+        _scaled((1 - z) * dn * r, W_hn, diagonal)
+        + _scaled((1 - z) * dn * gh[2] * r * (1 - r), W_hr, diagonal)
+        + _scaled((h - n) * z * (1 - z), W_hz, diagonal)
+    )
+    return J + z if diagonal else J + torch.diag_embed(z)
+
+
+def _lstm_jacobian(cell: nn.LSTMCell, hc: Tensor, x: Tensor, diagonal: bool) -> Tensor:
+    # gates i, f, g, o; c' = f c + i g, h' = o tanh(c'); the flat state is [h, c]
+    H = cell.hidden_size
+    h, c = hc[:, :H], hc[:, H:]
+    gates = F_linear(x, cell.weight_ih, cell.bias_ih) + F_linear(h, cell.weight_hh, cell.bias_hh)
+    gi, gf, gg, go = gates.chunk(4, 1)
+    i, f, g, o = torch.sigmoid(gi), torch.sigmoid(gf), torch.tanh(gg), torch.sigmoid(go)
+    c2 = f * c + i * g
+    tc = torch.tanh(c2)
+    W_i, W_f, W_g, W_o = cell.weight_hh.chunk(4, 0)  # each (H, H)
+    dc_dh = (
+        _scaled(c * f * (1 - f), W_f, diagonal)
+        + _scaled(g * i * (1 - i), W_i, diagonal)
+        + _scaled(i * (1 - g * g), W_g, diagonal)
+    )
+    do = o * (1 - tc * tc)  # d h' / d c'
+    dh_dh = _scaled(o * (1 - o) * tc, W_o, diagonal) + (
+        do * dc_dh if diagonal else do[:, :, None] * dc_dh
+    )
+    if diagonal:
+        return torch.cat([dh_dh, f], dim=1)  # (N, 2H)
+    top = torch.cat([dh_dh, torch.diag_embed(do * f)], dim=2)  # (N, H, 2H)
+    bottom = torch.cat([dc_dh, torch.diag_embed(f)], dim=2)
+    return torch.cat([top, bottom], dim=1)  # (N, 2H, 2H)

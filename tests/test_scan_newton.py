@@ -243,3 +243,28 @@ def test_scan_backprop_of_a_plain_function_cell():
         assert info.converged
     torch.testing.assert_close(grads["scan"], grads["sequential"], rtol=1e-12, atol=1e-13)
     torch.testing.assert_close(grads["quasi_newton"], grads["sequential"], rtol=1e-12, atol=1e-13)
+
+
+def test_cli_runs_rnn_forward(tmp_path, capsys):
+    import json
+
+    from ffsolve.cli import main
+
+    sets = ["hidden=[3]", "lengths=[1,9]", "batches=[2]", "loop_max_length=5", "repeats=1"]
+    sets += ["warmup=0", "dtype=float64", "atol=0.0"]
+    argv = ["run", "rnn-forward", "--device", "cpu", "--out", str(tmp_path)]
+    assert main(argv + [a for s in sets for a in ("--set", s)]) == 0
+    (run_dir,) = (tmp_path / "rnn-forward").iterdir()
+    rows = json.loads((run_dir / "records.json").read_text())["rows"]
+    assert {r["method"] for r in rows} == {
+        "cudnn",
+        "sequential",
+        "jacobi",
+        "newton",
+        "quasi_newton",
+    }
+    for r in rows:
+        if r["method"] in ("jacobi", "newton", "quasi_newton"):
+            assert r["converged"] and r["iters"] <= r["length"] and r["max_diff"] < 1e-14
+    assert not any(r["method"] == "sequential" and r["length"] == 9 for r in rows)  # > loop max
+    assert "quasi_newton" in capsys.readouterr().out

@@ -42,7 +42,7 @@ from ffsolve.experiments import Experiment, RunContext, register_experiment
 from ffsolve.experiments.causal import dtype_of
 from ffsolve.models.rnn import VanillaRNN, VanillaRNNConfig
 from ffsolve.plots import plt
-from ffsolve.solvers import ConvergenceWarning
+from ffsolve.solvers import METHODS, ConvergenceWarning
 
 __all__ = [
     "RNNBackpropConfig",
@@ -70,6 +70,8 @@ class RNNBackpropConfig:
         error_sequences: test sequences for the gradient-error measurements.
         ema: decay of the exponential moving average of the loss in figures and summary.
         autograd_row: also train with torch.autograd through the unrolled loop (reference).
+        extra_methods: more exact solvers of the adjoints, one row each, default budget and
+            zero tolerance (e.g. "scan": the adjoint recurrence by an associative scan).
         warmup: untimed steps on a throwaway copy before each timed run.
         threads: torch CPU threads (0 leaves torch's default).
         dtype: float32 or float64.
@@ -90,6 +92,7 @@ class RNNBackpropConfig:
     error_sequences: int = 10
     ema: float = 0.9
     autograd_row: bool = True
+    extra_methods: tuple[str, ...] = ("scan",)
     warmup: int = 3
     threads: int = 0
     dtype: str = "float32"
@@ -113,6 +116,7 @@ def _methods(cfg: RNNBackpropConfig) -> list[_Method]:
         for k in cfg.budgets
     ]
     methods.append(_Method("jacobi-tol", "jacobi", {"atol": cfg.tol_atol, "rtol": cfg.tol_rtol}))
+    methods += [_Method(name, name, {}) for name in cfg.extra_methods]
     if cfg.autograd_row:
         methods.append(_Method("autograd", None, {}))
     return methods
@@ -132,6 +136,12 @@ def _check(cfg: RNNBackpropConfig) -> None:
         raise ConfigError(f"ema must be in [0, 1), got {cfg.ema}")
     if cfg.tol_atol < 0 or cfg.tol_rtol < 0 or cfg.tol_atol + cfg.tol_rtol == 0:
         raise ConfigError("jacobi-tol needs a positive tolerance (tol_atol or tol_rtol)")
+    bad = [m for m in cfg.extra_methods if m not in METHODS or m in ("sequential", "jacobi")]
+    if bad or len(set(cfg.extra_methods)) != len(cfg.extra_methods):
+        raise ConfigError(
+            f"extra_methods must be distinct names from {', '.join(METHODS)} other than "
+            f"sequential and jacobi (rows of their own), got {list(cfg.extra_methods)}"
+        )
     if cfg.lr <= 0 or cfg.warmup < 0 or cfg.threads < 0:
         raise ConfigError("lr must be > 0, warmup and threads >= 0")
 

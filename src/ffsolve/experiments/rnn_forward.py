@@ -19,6 +19,7 @@ how a method scales, not what a trained model needs.
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,8 +53,10 @@ class RNNForwardConfig(Config):
         atol: stopping tolerance of the parallel methods (max-abs change of an iterate).
         weight_scale: factor on the recurrent weights (> 1: slower mixing, more iterations).
         loop_max_length: longest T at which the sequential loop is timed.
-        newton_max_hidden: largest hidden size for dense `newton` (B T F^2 Jacobian entries
-            per iteration); larger rows are recorded as skipped.
+        newton_max_entries: largest B*T*F^2 (Jacobian entries per iteration, F the flat
+            state: 2H for an LSTM) for dense `newton`; larger rows are recorded as skipped.
+        time_budget_s: no new shape is started after this many seconds (0: no limit); the
+            shapes not run are recorded as skipped. Shapes run by increasing T.
         max_iters: iteration cap of the parallel methods (0: T, the exactness bound).
         repeats, warmup: timing (median of repeats after warmup calls).
         dtype: float32 or float64.
@@ -69,7 +72,8 @@ class RNNForwardConfig(Config):
     atol: float = spec(1e-6, ge=0.0)
     weight_scale: float = spec(1.0, gt=0.0)
     loop_max_length: int = spec(10000, ge=1)
-    newton_max_hidden: int = spec(64, ge=1)
+    newton_max_entries: int = spec(2**31, ge=1)
+    time_budget_s: float = spec(0.0, ge=0.0)
     max_iters: int = spec(0, ge=0)
     repeats: int = spec(3, ge=1)
     warmup: int = spec(1, ge=0)
@@ -103,12 +107,12 @@ def _reset_peak(device: torch.device) -> None:
 
 
 def _timed(fn, device: torch.device, cfg: RNNForwardConfig) -> tuple[float, Any, int | None]:
-    """Median seconds, the last result, and the peak memory of one call beyond the inputs."""
-    t, _, out = time_call(fn, device, warmup=cfg.warmup, repeats=cfg.repeats)
+    """Median seconds, the last result, and the peak memory of the calls beyond what was
+    allocated before them (CUDA only)."""
+    synchronize(device)
     _reset_peak(device)
     base = _peak(device)
-    out = fn()
-    synchronize(device)
+    t, _, out = time_call(fn, device, warmup=cfg.warmup, repeats=cfg.repeats)
     peak = _peak(device)
     return t, out, None if peak is None or base is None else peak - base
 
@@ -160,9 +164,9 @@ def _shape_rows(cfg, kind, H, T, B, ctx) -> list[dict[str, Any]]:
                 }
             )
             continue
-        dense_too_big = cfg.newton_max_hidden < H
-        if method == "newton" and dense_too_big:
-            rows.append({**row, "skipped": f"hidden {H} > newton_max_hidden"})
+        entries = B * T * problem.shape[2] ** 2
+        if method == "newton" and entries > cfg.newton_max_entries:
+            rows.append({**row, "skipped": f"B*T*F^2 = {entries:.1e} > newton_max_entries"})
             continue
         solver = get_solver(method)
         kw = dict(atol=cfg.atol, record=False, max_iters=cfg.max_iters or None)
@@ -199,34 +203,34 @@ def run(cfg: RNNForwardConfig, ctx: RunContext) -> dict[str, Any]:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     rows = []
+    start = time.perf_counter()
+    shapes = [
+        (kind, H, T, B)
+        for T in sorted(cfg.lengths)
+        for H in cfg.hidden
+        for kind in cfg.cells
+        for B in cfg.batches
+    ]
     with torch.no_grad():
-        for kind in cfg.cells:
-            for H in cfg.hidden:
-                for T in cfg.lengths:
-                    for B in cfg.batches:
-                        ctx.log(f"  {kind} hidden={H} T={T} batch={B}")
-                        try:
-                            new = _shape_rows(cfg, kind, H, T, B, ctx)
-                        except RuntimeError as e:  # e.g. out of memory for the reference
-                            msg = str(e).splitlines()[0][:200]
-                            ctx.log(f"    failed: {msg}")
-                            new = [
-                                {
-                                    "cell": kind,
-                                    "hidden": H,
-                                    "length": T,
-                                    "batch": B,
-                                    "method": "all",
-                                    "error": msg,
-                                }
-                            ]
-                        for r in new:
-                            if "time_s" in r:
-                                ctx.log(
-                                    f"    {r['method']:<13} {r['time_s'] * 1e3:10.2f} ms  "
-                                    f"iters {r['iters']:<7} diff {r.get('max_diff', 0.0):.1e}"
-                                )
-                        rows.extend(new)
+        for kind, H, T, B in shapes:
+            shape = {"cell": kind, "hidden": H, "length": T, "batch": B}
+            if cfg.time_budget_s and time.perf_counter() - start > cfg.time_budget_s:
+                rows.append({**shape, "method": "all", "skipped": "time budget spent"})
+                continue
+            ctx.log(f"  {kind} hidden={H} T={T} batch={B}")
+            try:
+                new = _shape_rows(cfg, kind, H, T, B, ctx)
+            except RuntimeError as e:  # e.g. out of memory for the reference
+                msg = str(e).splitlines()[0][:200]
+                ctx.log(f"    failed: {msg}")
+                new = [{**shape, "method": "all", "error": msg}]
+            for r in new:
+                if "time_s" in r:
+                    ctx.log(
+                        f"    {r['method']:<13} {r['time_s'] * 1e3:10.2f} ms  "
+                        f"iters {r['iters']:<7} diff {r.get('max_diff', 0.0):.1e}"
+                    )
+            rows.extend(new)
     _speedups(rows)
     return {"rows": rows}
 

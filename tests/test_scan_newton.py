@@ -268,3 +268,22 @@ def test_cli_runs_rnn_forward(tmp_path, capsys):
             assert r["converged"] and r["iters"] <= r["length"] and r["max_diff"] < 1e-14
     assert not any(r["method"] == "sequential" and r["length"] == 9 for r in rows)  # > loop max
     assert "quasi_newton" in capsys.readouterr().out
+
+
+def test_cell_provided_jacobian_in_backprop_and_the_model():
+    from ffsolve.models.rnn import VanillaRNN, VanillaRNNConfig
+    from ffsolve.problems.recurrence import _cell_jacobians
+
+    m = VanillaRNN(VanillaRNNConfig(input_size=2, hidden=5, init_std=0.4)).to(D64)
+    h, x = torch.randn(3, 5, dtype=D64), torch.randn(3, 2, dtype=D64)
+    ref = _cell_jacobians(m.step, h, x, False)
+    torch.testing.assert_close(m.step_jacobian(h, x), ref)
+    torch.testing.assert_close(m.step_jacobian(h, x, True), ref.diagonal(dim1=1, dim2=2))
+    xs = torch.randn(2, 9, 2, dtype=D64)
+    grads = []
+    for jac in (None, m.step_jacobian):
+        m.zero_grad()
+        hs, _ = ffsolve.backprop_through(m.step, m.initial_state(2), xs, "scan", jacobian=jac)
+        (m.readout(hs) ** 2).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-13, atol=1e-14)

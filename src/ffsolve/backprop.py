@@ -264,6 +264,7 @@ def backprop_through(
     record: bool = True,
     check_every: int = 1,
     raise_on_failure: bool = False,
+    jacobian: Callable[[Tensor, Tensor, bool], Tensor] | None = None,
     **options: Any,
 ) -> tuple[State, BackpropInfo]:
     """Run h_t = cell(h_{t-1}, x_t) for t = 1..T sequentially; back-propagate by `method`.
@@ -296,7 +297,10 @@ def backprop_through(
         batch_first: layout of xs and of the returned states.
         record: keep the solve's residual traces (`info.residuals`); off for timing.
         check_every, raise_on_failure, **options: passed to the solver (`block_size`,
-            `window`); see `ffsolve.solve`.
+            `window`, `chunk`); see `ffsolve.solve`.
+        jacobian: optional `jacobian(h, x, diagonal)`, d cell(h, x) / d h on flat states
+            (N, F) -> (N, F, F) (or (N, F) when diagonal), for the scan and Newton methods;
+            default: closed form for torch's cells, else batched vector-Jacobian products.
 
     Returns:
         (hs, info): the states h_1..h_T, (B, T, *S) (a tuple for a tuple state; time-major
@@ -358,7 +362,8 @@ def backprop_through(
         ),
         info,
     )
-    plan.jacobian = torch_cell_jacobian(cell)  # torch's RNN/GRU/LSTM cells: closed form
+    # cell-provided, else closed form for torch's RNN/GRU/LSTM cells, else None (autograd)
+    plan.jacobian = jacobian if jacobian is not None else torch_cell_jacobian(cell)
     h0_flat = layout.flatten(parts)  # (B, F)
     if torch.is_grad_enabled():
         # one step with a graph: checks the cell's output and finds tensors it uses that

@@ -231,6 +231,7 @@ def _loss_backward(
             u,
             method.solver,
             record=record,
+            jacobian=model.step_jacobian,  # closed form, for scan and Newton rows
             **method.options,
         )
         loss = ((model.readout(hs) - x) ** 2).mean()

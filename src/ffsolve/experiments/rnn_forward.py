@@ -83,11 +83,12 @@ class RNNForwardConfig(Config):
 
 def _build(kind: str, D: int, H: int, scale: float, seed: int, device, dtype):
     """A torch cell and the cuDNN module with the same weights."""
-    torch.manual_seed(seed)
-    cell = (nn.GRUCell if kind == "gru" else nn.LSTMCell)(D, H)
+    with torch.random.fork_rng(devices=[]):  # torch's default init, seeded, global RNG untouched
+        torch.manual_seed(seed)
+        cell = (nn.GRUCell if kind == "gru" else nn.LSTMCell)(D, H)
+        rnn = (nn.GRU if kind == "gru" else nn.LSTM)(D, H, batch_first=True)
     with torch.no_grad():
         cell.weight_hh.mul_(scale)
-    rnn = (nn.GRU if kind == "gru" else nn.LSTM)(D, H, batch_first=True)
     with torch.no_grad():
         for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
             getattr(rnn, f"{name}_l0").copy_(getattr(cell, name))

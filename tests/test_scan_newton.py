@@ -287,3 +287,30 @@ def test_cell_provided_jacobian_in_backprop_and_the_model():
         (m.readout(hs) ** 2).sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-13, atol=1e-14)
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_parallel_forward_and_parallel_backward_give_autograds_gradients(kind):
+    cell, h0 = _cell(kind, B=2)
+    xs = torch.randn(2, 15, 2, dtype=D64, generator=torch.Generator().manual_seed(8))
+    grads = {}
+    for label, kw in (
+        ("autograd", None),
+        ("newton+scan", {"forward_method": "newton"}),
+        ("quasi+jacobi", {"forward_method": "quasi_newton", "forward_options": {"chunk": 4}}),
+    ):
+        cell.zero_grad()
+        if kw is None:
+            hh = _unroll(cell, h0, xs)
+        else:
+            method = "scan" if label.endswith("scan") else "jacobi"
+            hs, info = ffsolve.backprop_through(cell, h0, xs, method, **kw)
+            hh = torch.cat(hs, -1) if isinstance(hs, tuple) else hs
+            assert info.forward_solution.all_converged
+            assert info.forward_solution.num_iters <= 15
+        (hh.cos() * torch.linspace(0, 1, 15, dtype=D64)[:, None]).sum().backward()
+        grads[label] = torch.cat([p.grad.flatten() for p in cell.parameters()])
+    for label in ("newton+scan", "quasi+jacobi"):
+        torch.testing.assert_close(grads[label], grads["autograd"], rtol=1e-12, atol=1e-12)
+    with pytest.raises(TypeError, match="without forward_method"):
+        ffsolve.backprop_through(cell, h0, xs, "scan", forward_options={"atol": 1e-3})

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from ffsolve.problems.recurrence import RecurrenceAdjoint, torch_cell_jacobian
+from ffsolve.problems.recurrence import RecurrenceAdjoint, RecurrenceForward, torch_cell_jacobian
 from ffsolve.problems.recurrence import StateLayout as _Layout
 from ffsolve.solvers import NonFiniteError, Solution, Solver, get_solver
 from ffsolve.solvers.base import check_stopping
@@ -47,6 +47,7 @@ class BackpropInfo:
     batch: int
     solution: Solution | None = None
     backward_calls: int = 0
+    forward_solution: Solution | None = None  # the last parallel forward's (forward_method)
 
     @property
     def num_iters(self) -> int | None:
@@ -107,6 +108,7 @@ class _Plan:
         self.info = info
         self.keep_chain = solver.name == "sequential"
         self.jacobian: Callable[[Tensor, Tensor, bool], Tensor] | None = None  # closed form
+        self.forward: tuple[Solver, dict[str, Any]] | None = None  # a parallel forward
 
     def cell(self, h: Tensor, x: Tensor) -> Tensor:
         """The cell on flat states: (N, F), (N, *D) -> (N, F)."""
@@ -127,7 +129,13 @@ class _BPTTFunction(torch.autograd.Function):
         B, T = xs.shape[:2]
         h, xd = h0.detach(), xs.detach()
         chain = None
-        if plan.keep_chain and any(ctx.needs_input_grad[1:]):
+        if plan.forward is not None:  # the states by a parallel solve (e.g. newton)
+            solver, kwargs = plan.forward
+            problem = RecurrenceForward(plan.cell, h, xd, jacobian=plan.jacobian)
+            sol = solver.solve(problem, **kwargs)
+            plan.info.forward_solution = sol
+            hs = sol.value  # (B, T, F); a sequential backward rebuilds its chain from h0
+        elif plan.keep_chain and any(ctx.needs_input_grad[1:]):
             # keep the step-by-step graph: the sequential method back-propagates through it
             with torch.enable_grad():
                 h = h.requires_grad_()
@@ -265,6 +273,8 @@ def backprop_through(
     check_every: int = 1,
     raise_on_failure: bool = False,
     jacobian: Callable[[Tensor, Tensor, bool], Tensor] | None = None,
+    forward_method: str | Solver | None = None,
+    forward_options: dict[str, Any] | None = None,
     **options: Any,
 ) -> tuple[State, BackpropInfo]:
     """Run h_t = cell(h_{t-1}, x_t) for t = 1..T sequentially; back-propagate by `method`.
@@ -301,6 +311,12 @@ def backprop_through(
         jacobian: optional `jacobian(h, x, diagonal)`, d cell(h, x) / d h on flat states
             (N, F) -> (N, F, F) (or (N, F) when diagonal), for the scan and Newton methods;
             default: closed form for torch's cells, else batched vector-Jacobian products.
+        forward_method: compute the hidden states by this method instead of the sequential
+            loop (e.g. "newton", "quasi_newton", "jacobi": a parallel forward and a parallel
+            backward in one training step); `info.forward_solution` holds its Solution.
+        forward_options: stopping options (`atol`, `rtol`, `max_iters`, `check_every`,
+            `raise_on_failure`, `record`) and solver options of the forward solve. With a
+            tolerance the states, hence the gradients, are those of an inexact forward.
 
     Returns:
         (hs, info): the states h_1..h_T, (B, T, *S) (a tuple for a tuple state; time-major
@@ -362,6 +378,20 @@ def backprop_through(
         ),
         info,
     )
+    if forward_method is not None:
+        fwd = dict(forward_options or {})
+        stop_keys = ("atol", "rtol", "max_iters", "check_every", "raise_on_failure", "record")
+        fwd_kw = {k: fwd.pop(k) for k in stop_keys if k in fwd}
+        fwd_kw.setdefault("record", record)
+        check_stopping(
+            fwd_kw.get("atol", 0.0),
+            fwd_kw.get("rtol", 0.0),
+            fwd_kw.get("max_iters"),
+            fwd_kw.get("check_every", 1),
+        )
+        plan.forward = (get_solver(forward_method, **fwd), fwd_kw)
+    elif forward_options:
+        raise TypeError("forward_options given without forward_method")
     # cell-provided, else closed form for torch's RNN/GRU/LSTM cells, else None (autograd)
     plan.jacobian = jacobian if jacobian is not None else torch_cell_jacobian(cell)
     h0_flat = layout.flatten(parts)  # (B, F)

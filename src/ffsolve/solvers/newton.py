@@ -22,7 +22,7 @@ Safeguards (always counted in `Solution.stats`; a `DivergenceWarning` when any N
 not finite or an item fell back on more than a quarter of its sweeps): a batch item whose
 residual max|F(x) - x| did not decrease since the previous sweep takes a Jacobi step instead;
 an item whose Newton step is not finite takes the Jacobi step too. Once the residual is
-rounding noise (64 ulps of the states), Jacobi steps finish the certificate (`polish`). With
+rounding noise (8 ulps of the states), Jacobi steps finish the certificate (`polish`). With
 `fallback=False` neither happens, and a non-finite step raises `NonFiniteError` naming the
 iteration and position.
 """
@@ -88,6 +88,8 @@ class Newton(Solver):
         chunk: time steps per chunk of Jacobians (None: about 2^25 coefficients per chunk).
         fallback: take a Jacobi step where a Newton step did not reduce the residual or was
             not finite (counted in `stats`, warned about).
+        polish: take Jacobi steps once the residual is rounding noise (8 ulps of the states),
+            where a Newton correction is noise too.
 
     Example:
         >>> sol = ffsolve.solve(RecurrenceForward(cell, h0, xs), method="newton")
@@ -140,7 +142,7 @@ class Newton(Solver):
         # below a few ulps of the states the residual is rounding noise: no Newton step can
         # reduce it reliably, and Jacobi steps then certify what is left (not counted)
         eps = torch.finfo(fx.dtype).eps
-        noise = res <= 64 * eps * fx.abs().amax(dim=(1, 2)).clamp_min(1.0)  # (B,)
+        noise = res <= 8 * eps * fx.abs().amax(dim=(1, 2)).clamp_min(1.0)  # (B,)
         worse = torch.zeros_like(finite)
         if track.prev is not None:
             worse = (res >= track.prev) & ~noise

@@ -135,27 +135,28 @@ class Newton(Solver):
         d = affine_scan(LinearRecurrence(r, coeffs, kind), chunk=self.chunk, transform=transform)
         new = fx + (d - r)  # = F(x) bitwise wherever the residual prefix is zero
         track = problem if isinstance(problem, _Tracked) else None
-        if track is None or not self.fallback:
+        if track is None:  # called outside `solve` (no per-solve record): plain Newton
             return new
         res = r.abs().amax(dim=(1, 2))  # (B,)
-        finite = torch.isfinite(new).all(2).all(1)  # (B,)
         # below a few ulps of the states the residual is rounding noise: no Newton step can
         # reduce it reliably, and Jacobi steps then certify what is left (not counted)
         eps = torch.finfo(fx.dtype).eps
         noise = res <= 8 * eps * fx.abs().amax(dim=(1, 2)).clamp_min(1.0)  # (B,)
-        worse = torch.zeros_like(finite)
-        if track.prev is not None:
-            worse = (res >= track.prev) & ~noise
-        jacobi = worse | ~finite | (noise & bool(self.polish))  # (B,) take the Jacobi step
-        new = torch.where(jacobi[:, None, None], fx, new)
-        zero = torch.zeros_like(res, dtype=torch.long)
-        track.fallbacks = (zero if track.fallbacks is None else track.fallbacks) + worse.long()
-        track.nonfinite = (zero if track.nonfinite is None else track.nonfinite) + (
-            ~finite & torch.isfinite(fx).all(2).all(1)
-        ).long()
+        jacobi = noise & bool(self.polish)  # (B,) items that take the Jacobi step
+        if self.fallback:
+            finite = torch.isfinite(new).all(2).all(1)  # (B,)
+            worse = torch.zeros_like(finite)
+            if track.prev is not None:
+                worse = (res >= track.prev) & ~noise
+            jacobi = jacobi | worse | ~finite
+            zero = torch.zeros_like(res, dtype=torch.long)
+            track.fallbacks = (zero if track.fallbacks is None else track.fallbacks) + worse.long()
+            track.nonfinite = (zero if track.nonfinite is None else track.nonfinite) + (
+                ~finite & torch.isfinite(fx).all(2).all(1)
+            ).long()
         track.prev = res
         track.residual.append(res)
-        return new
+        return torch.where(jacobi[:, None, None], fx, new)
 
     def solve(self, problem: Problem, **kwargs: Any) -> Solution:  # type: ignore[override]
         """The shared loop (`Solver.solve`, same arguments), plus the safeguards' record in

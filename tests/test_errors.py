@@ -7,7 +7,7 @@ from systems import chain, dense
 
 def test_unknown_method_lists_valid():
     with pytest.raises(ValueError, match="sequential, jacobi, jacobi_gs, gs_jacobi"):
-        ffsolve.solve(chain, torch.zeros(1, 5), method="newton")
+        ffsolve.solve(chain, torch.zeros(1, 5), method="newton_raphson")
 
 
 def test_unknown_option_is_type_error():

@@ -285,7 +285,7 @@ def test_bad_shapes_nan_and_methods_raise_clear_errors():
     with pytest.raises(ValueError, match="NaN or Inf at time step 6"):
         ffsolve.backprop_through(model.step, h0, bad.transpose(0, 1), batch_first=False)
     with pytest.raises(ValueError, match="valid methods"):
-        ffsolve.backprop_through(model.step, h0, xs, "newton")
+        ffsolve.backprop_through(model.step, h0, xs, "newton_raphson")
     with pytest.raises(TypeError, match="does not take window"):
         ffsolve.backprop_through(model.step, h0, xs, "jacobi", window=3)
     with pytest.raises(ValueError, match="max_iters must be >= 1"):
@@ -385,7 +385,7 @@ def test_cli_runs_rnn_backprop_and_plot_redraws(tmp_path, capsys):
     rec = json.loads((run_dir / "records.json").read_text())
     assert rec["experiment"] == "rnn-backprop" and rec["length"] == 16
     methods = {m["method"]: m for m in rec["methods"]}
-    assert list(methods) == ["bptt", "jacobi-2", "jacobi-5", "jacobi-tol", "autograd"]
+    assert list(methods) == ["bptt", "jacobi-2", "jacobi-5", "jacobi-tol", "scan", "autograd"]
     for m in methods.values():
         assert len(m["runs"]) == 2
         for r in m["runs"]:
@@ -396,6 +396,7 @@ def test_cli_runs_rnn_backprop_and_plot_redraws(tmp_path, capsys):
     assert methods["jacobi-2"]["converged_fraction"] == 0
     assert methods["jacobi-tol"]["converged_fraction"] == 1
     assert methods["bptt"]["max_grad_error"] == 0.0
+    assert methods["scan"]["mean_iters_per_step"] == 1 and methods["scan"]["max_grad_error"] < 1e-12
     assert methods["jacobi-2"]["max_grad_error"] > methods["jacobi-5"]["max_grad_error"]
     assert rec["hand_written_vs_autograd_max_abs"] < 1e-12
     assert rec["hand_written_vs_autograd_max_abs_float64"] < 1e-12

@@ -5,15 +5,23 @@ hs, info = ffsolve.backprop_through(cell, h0, xs, method="jacobi")   # BPTT by J
 """
 
 from ffsolve.backprop import BackpropInfo, backprop_through
-from ffsolve.problems import FunctionProblem, Problem, RecurrenceAdjoint
+from ffsolve.problems import (
+    FunctionProblem,
+    LinearRecurrenceProblem,
+    Problem,
+    RecurrenceAdjoint,
+    RecurrenceForward,
+)
 from ffsolve.solvers import (
     METHODS,
     ConvergenceError,
     ConvergenceWarning,
+    DivergenceWarning,
     NonFiniteError,
     Solution,
     Solver,
     get_solver,
+    linear_scan,
     solve,
 )
 
@@ -24,13 +32,17 @@ __all__ = [
     "BackpropInfo",
     "ConvergenceError",
     "ConvergenceWarning",
+    "DivergenceWarning",
     "FunctionProblem",
+    "LinearRecurrenceProblem",
     "NonFiniteError",
     "Problem",
     "RecurrenceAdjoint",
+    "RecurrenceForward",
     "Solution",
     "Solver",
     "backprop_through",
     "get_solver",
+    "linear_scan",
     "solve",
 ]

@@ -9,7 +9,6 @@ parameters, h_0 and xs exactly like autograd would.
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +17,8 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from ffsolve.problems.recurrence import RecurrenceAdjoint
+from ffsolve.problems.recurrence import RecurrenceAdjoint, RecurrenceForward, torch_cell_jacobian
+from ffsolve.problems.recurrence import StateLayout as _Layout
 from ffsolve.solvers import NonFiniteError, Solution, Solver, get_solver
 from ffsolve.solvers.base import check_stopping
 
@@ -47,6 +47,7 @@ class BackpropInfo:
     batch: int
     solution: Solution | None = None
     backward_calls: int = 0
+    forward_solution: Solution | None = None  # the last parallel forward's (forward_method)
 
     @property
     def num_iters(self) -> int | None:
@@ -89,54 +90,6 @@ class BackpropInfo:
         }
 
 
-class _Layout:
-    """How a state (a tensor or a tuple of tensors, each (B, *shape)) maps to one (B, F)."""
-
-    def __init__(self, parts: Sequence[Tensor], is_tuple: bool) -> None:
-        self.shapes = [tuple(p.shape[1:]) for p in parts]
-        self.sizes = [math.prod(s) for s in self.shapes]
-        self.is_tuple = is_tuple
-        self.dtype = parts[0].dtype
-        self.features = sum(self.sizes)
-        self.plain = not is_tuple and len(self.shapes[0]) == 1  # the state is already (B, F)
-
-    def flatten(self, parts: Sequence[Tensor]) -> Tensor:
-        n = parts[0].shape[0]
-        flat = [p.reshape(n, -1) for p in parts]  # each (N, size_i)
-        return flat[0] if len(flat) == 1 else torch.cat(flat, dim=1)  # (N, F)
-
-    def unflatten(self, flat: Tensor) -> State:
-        n = flat.shape[0]
-        if not self.is_tuple:
-            return flat.view(n, *self.shapes[0])  # (N, *shape)
-        chunks = flat.split(self.sizes, dim=1)
-        return tuple(c.reshape(n, *s) for c, s in zip(chunks, self.shapes, strict=True))
-
-    def parts_of(self, out: Any, n: int) -> list[Tensor]:
-        """The cell's output as a list of parts, checked against the state's structure."""
-        if self.is_tuple:
-            if not isinstance(out, tuple | list) or len(out) != len(self.shapes):
-                raise TypeError(
-                    f"the cell must return a tuple of {len(self.shapes)} tensors like h0, "
-                    f"got {type(out).__name__}"
-                )
-            parts = list(out)
-        else:
-            if not isinstance(out, Tensor):
-                raise TypeError(f"the cell must return a tensor like h0, got {type(out).__name__}")
-            parts = [out]
-        for i, (p, s) in enumerate(zip(parts, self.shapes, strict=True)):
-            if not isinstance(p, Tensor) or tuple(p.shape) != (n, *s):
-                got = tuple(p.shape) if isinstance(p, Tensor) else type(p).__name__
-                where = f" part {i}" if self.is_tuple else ""
-                raise ValueError(
-                    f"the cell changed the state's shape{where}: got {got}, expected {(n, *s)}"
-                )
-            if p.dtype != self.dtype:
-                raise ValueError(f"the cell changed the state's dtype: {p.dtype} != {self.dtype}")
-        return parts
-
-
 class _Plan:
     """Everything the autograd function needs besides tensors."""
 
@@ -154,6 +107,8 @@ class _Plan:
         self.solve_kwargs = solve_kwargs
         self.info = info
         self.keep_chain = solver.name == "sequential"
+        self.jacobian: Callable[[Tensor, Tensor, bool], Tensor] | None = None  # closed form
+        self.forward: tuple[Solver, dict[str, Any]] | None = None  # a parallel forward
 
     def cell(self, h: Tensor, x: Tensor) -> Tensor:
         """The cell on flat states: (N, F), (N, *D) -> (N, F)."""
@@ -174,7 +129,13 @@ class _BPTTFunction(torch.autograd.Function):
         B, T = xs.shape[:2]
         h, xd = h0.detach(), xs.detach()
         chain = None
-        if plan.keep_chain and any(ctx.needs_input_grad[1:]):
+        if plan.forward is not None:  # the states by a parallel solve (e.g. newton)
+            solver, kwargs = plan.forward
+            problem = RecurrenceForward(plan.cell, h, xd, jacobian=plan.jacobian)
+            sol = solver.solve(problem, **kwargs)
+            plan.info.forward_solution = sol
+            hs = sol.value  # (B, T, F); a sequential backward rebuilds its chain from h0
+        elif plan.keep_chain and any(ctx.needs_input_grad[1:]):
             # keep the step-by-step graph: the sequential method back-propagates through it
             with torch.enable_grad():
                 h = h.requires_grad_()
@@ -204,7 +165,7 @@ class _BPTTFunction(torch.autograd.Function):
         h_prev = torch.cat([h0.detach()[:, None], hs[:, :-1]], dim=1)  # (B, T, F): h_0..h_{T-1}
         xs_grad = bool(needs[2])
         problem = RecurrenceAdjoint(
-            plan.cell, h_prev, xs, grad_hs, xs_grad=xs_grad, chain=ctx.chain
+            plan.cell, h_prev, xs, grad_hs, xs_grad=xs_grad, chain=ctx.chain, jacobian=plan.jacobian
         )
         sol = plan.solver.solve(problem, **plan.solve_kwargs)
         plan.info.solution = sol
@@ -311,6 +272,9 @@ def backprop_through(
     record: bool = True,
     check_every: int = 1,
     raise_on_failure: bool = False,
+    jacobian: Callable[[Tensor, Tensor, bool], Tensor] | None = None,
+    forward_method: str | Solver | None = None,
+    forward_options: dict[str, Any] | None = None,
     **options: Any,
 ) -> tuple[State, BackpropInfo]:
     """Run h_t = cell(h_{t-1}, x_t) for t = 1..T sequentially; back-propagate by `method`.
@@ -331,7 +295,10 @@ def backprop_through(
         h0: the initial state, (B, *S) or a tuple of such tensors.
         xs: inputs (B, T, *D), or (T, B, *D) with `batch_first=False`; integer (token) inputs
             may be (B, T).
-        method: "sequential" (ordinary BPTT), "jacobi", "jacobi_gs", "gs_jacobi" or a Solver.
+        method: "sequential" (ordinary BPTT), "jacobi", "jacobi_gs", "gs_jacobi", "scan" (the
+            adjoint recurrence solved exactly by an associative scan over the cell Jacobians,
+            closed form for torch's cells, else batched vector-Jacobian products), "newton",
+            "quasi_newton", or a Solver.
         params: the tensors the cell is differentiated with respect to. Default: the
             parameters of `cell` when it is an nn.Module or a bound method of one. A cell that
             uses other tensors requiring grad raises ValueError (their gradient would be lost).
@@ -340,7 +307,16 @@ def backprop_through(
         batch_first: layout of xs and of the returned states.
         record: keep the solve's residual traces (`info.residuals`); off for timing.
         check_every, raise_on_failure, **options: passed to the solver (`block_size`,
-            `window`); see `ffsolve.solve`.
+            `window`, `chunk`); see `ffsolve.solve`.
+        jacobian: optional `jacobian(h, x, diagonal)`, d cell(h, x) / d h on flat states
+            (N, F) -> (N, F, F) (or (N, F) when diagonal), for the scan and Newton methods;
+            default: closed form for torch's cells, else batched vector-Jacobian products.
+        forward_method: compute the hidden states by this method instead of the sequential
+            loop (e.g. "newton", "quasi_newton", "jacobi": a parallel forward and a parallel
+            backward in one training step); `info.forward_solution` holds its Solution.
+        forward_options: stopping options (`atol`, `rtol`, `max_iters`, `check_every`,
+            `raise_on_failure`, `record`) and solver options of the forward solve. With a
+            tolerance the states, hence the gradients, are those of an inexact forward.
 
     Returns:
         (hs, info): the states h_1..h_T, (B, T, *S) (a tuple for a tuple state; time-major
@@ -402,6 +378,22 @@ def backprop_through(
         ),
         info,
     )
+    if forward_method is not None:
+        fwd = dict(forward_options or {})
+        stop_keys = ("atol", "rtol", "max_iters", "check_every", "raise_on_failure", "record")
+        fwd_kw = {k: fwd.pop(k) for k in stop_keys if k in fwd}
+        fwd_kw.setdefault("record", record)
+        check_stopping(
+            fwd_kw.get("atol", 0.0),
+            fwd_kw.get("rtol", 0.0),
+            fwd_kw.get("max_iters"),
+            fwd_kw.get("check_every", 1),
+        )
+        plan.forward = (get_solver(forward_method, **fwd), fwd_kw)
+    elif forward_options:
+        raise TypeError("forward_options given without forward_method")
+    # cell-provided, else closed form for torch's RNN/GRU/LSTM cells, else None (autograd)
+    plan.jacobian = jacobian if jacobian is not None else torch_cell_jacobian(cell)
     h0_flat = layout.flatten(parts)  # (B, F)
     if torch.is_grad_enabled():
         # one step with a graph: checks the cell's output and finds tensors it uses that

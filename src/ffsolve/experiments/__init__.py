@@ -74,6 +74,7 @@ _MODULES = [
     "ffsolve.experiments.pixelcnn_sampling",
     "ffsolve.experiments.densenet_train",
     "ffsolve.experiments.densenet_jacobi",
+    "ffsolve.experiments.rnn_forward",
 ]
 
 #: What `ffsolve demo` / `make demo` runs: an experiment name and config overrides.

@@ -44,7 +44,7 @@ from ffsolve.experiments.causal import dtype_of
 from ffsolve.models.rnn import VanillaRNN, VanillaRNNConfig
 from ffsolve.plots import plt
 from ffsolve.progress import track
-from ffsolve.solvers import ConvergenceWarning
+from ffsolve.solvers import METHODS, ConvergenceWarning
 
 __all__ = [
     "RNNBackpropConfig",
@@ -72,6 +72,8 @@ class RNNBackpropConfig(Config):
         error_sequences: test sequences for the gradient-error measurements.
         ema: decay of the exponential moving average of the loss in figures and summary.
         autograd_row: also train with torch.autograd through the unrolled loop (reference).
+        extra_methods: more exact solvers of the adjoints, one row each, default budget and
+            zero tolerance (e.g. "scan": the adjoint recurrence by an associative scan).
         warmup: untimed steps on a throwaway copy before each timed run.
         threads: torch CPU threads (0 leaves torch's default).
         dtype: float32 or float64.
@@ -92,6 +94,7 @@ class RNNBackpropConfig(Config):
     error_sequences: int = spec(10, ge=1)
     ema: float = spec(0.9, ge=0.0, lt=1.0)
     autograd_row: bool = True
+    extra_methods: tuple[str, ...] = ("scan",)  # names checked against METHODS in _check
     warmup: int = spec(3, ge=0)
     threads: int = spec(0, ge=0)
     dtype: str = spec("float32", choices=("float32", "float64"))
@@ -115,6 +118,7 @@ def _methods(cfg: RNNBackpropConfig) -> list[_Method]:
         for k in cfg.budgets
     ]
     methods.append(_Method("jacobi-tol", "jacobi", {"atol": cfg.tol_atol, "rtol": cfg.tol_rtol}))
+    methods += [_Method(name, name, {}) for name in cfg.extra_methods]
     if cfg.autograd_row:
         methods.append(_Method("autograd", None, {}))
     return methods
@@ -126,6 +130,12 @@ def _check(cfg: RNNBackpropConfig) -> None:
         raise ConfigError(f"budgets must be distinct positive ints, got {list(cfg.budgets)}")
     if cfg.tol_atol + cfg.tol_rtol == 0:
         raise ConfigError("jacobi-tol needs a positive tolerance (tol_atol or tol_rtol)")
+    bad = [m for m in cfg.extra_methods if m not in METHODS or m in ("sequential", "jacobi")]
+    if bad or len(set(cfg.extra_methods)) != len(cfg.extra_methods):
+        raise ConfigError(
+            f"extra_methods must be distinct names from {', '.join(METHODS)} other than "
+            f"sequential and jacobi (rows of their own), got {list(cfg.extra_methods)}"
+        )
 
 
 # --- data --------------------------------------------------------------------------------
@@ -213,6 +223,7 @@ def _loss_backward(
             u,
             method.solver,
             record=record,
+            jacobian=model.step_jacobian,  # closed form, for scan and Newton rows
             **method.options,
         )
         loss = ((model.readout(hs) - x) ** 2).mean()

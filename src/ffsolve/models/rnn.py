@@ -73,6 +73,12 @@ class VanillaRNN(nn.Module):
         """One transition: h (N, hidden), x (N, input_size) -> h_next (N, hidden)."""
         return F.softplus(F.linear(h, self.W_h) + F.linear(x, self.W_x, self.b_h))
 
+    def step_jacobian(self, h: Tensor, x: Tensor, diagonal: bool = False) -> Tensor:
+        """d step(h, x) / d h = diag(sigmoid(pre)) W_h: (N, hidden, hidden), or its diagonal
+        (N, hidden) (softplus' = sigmoid)."""
+        s = torch.sigmoid(F.linear(h, self.W_h) + F.linear(x, self.W_x, self.b_h))  # (N, H)
+        return s * self.W_h.diagonal() if diagonal else s[:, :, None] * self.W_h
+
     def readout(self, h: Tensor) -> Tensor:
         """o = W_o h + b_o for hidden states (..., hidden) -> (..., output_size)."""
         return F.linear(h, self.W_o, self.b_o)

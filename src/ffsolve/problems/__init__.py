@@ -3,7 +3,19 @@
 This package is the only bridge between `ffsolve.models` and `ffsolve.solvers`.
 """
 
-from ffsolve.problems.base import FunctionProblem, Problem
-from ffsolve.problems.recurrence import RecurrenceAdjoint
+from ffsolve.problems.base import (
+    FunctionProblem,
+    LinearRecurrence,
+    LinearRecurrenceProblem,
+    Problem,
+)
+from ffsolve.problems.recurrence import RecurrenceAdjoint, RecurrenceForward
 
-__all__ = ["FunctionProblem", "Problem", "RecurrenceAdjoint"]
+__all__ = [
+    "FunctionProblem",
+    "LinearRecurrence",
+    "LinearRecurrenceProblem",
+    "Problem",
+    "RecurrenceAdjoint",
+    "RecurrenceForward",
+]

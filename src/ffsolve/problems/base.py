@@ -9,11 +9,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-__all__ = ["Problem", "FunctionProblem", "canonical_shape"]
+__all__ = [
+    "FunctionProblem",
+    "LinearRecurrence",
+    "LinearRecurrenceProblem",
+    "Problem",
+    "canonical_shape",
+]
 
 
 def canonical_shape(shape: torch.Size, dim: int) -> tuple[int, int, int]:
@@ -70,6 +78,145 @@ class Problem:
     def num_evals_per_step(self) -> int:
         """Model calls counted for one `evaluate` (overridable for problems that batch calls)."""
         return 1
+
+    # --- optional hooks of the scan and Newton methods ----------------------------------
+    #: True when position t reads position t - 1 only (x_t = f_t(x_{t-1})), which the Newton
+    #: methods need; a problem declares it, solvers never guess it.
+    first_order: bool = False
+
+    def linear_recurrence(self) -> LinearRecurrence:
+        """The system as x_t = A_t x_{t-1} + b_t, for the `scan` method. Only linear problems
+        provide it."""
+        raise TypeError(
+            f"{type(self).__name__} is not a linear recurrence (it has no linear_recurrence()); "
+            "the 'scan' method needs one: use 'newton' or 'jacobi' for nonlinear systems"
+        )
+
+    def jacobians(self, x: Tensor, start: int, stop: int, diagonal: bool = False) -> Tensor:
+        """J_t = d f_t / d x_{t-1} for t in [start, stop) at the iterate x (J_0 = 0).
+
+        The generic default (for `first_order` problems) takes F batched vector-Jacobian
+        products of `evaluate(x, start, stop)`: row i of every J_t at once, since f_t reads
+        x_{t-1} only. Problems with a cheaper or cell-provided Jacobian override it.
+
+        Args:
+            x: the iterate, shaped like `initial()`.
+            start, stop: the positions whose Jacobians are formed.
+            diagonal: return only the diagonals.
+
+        Returns:
+            (B, n, F, F), or (B, n, F) when `diagonal`, with n = stop - start.
+        """
+        if not self.first_order:
+            raise TypeError(
+                f"{type(self).__name__} is not declared first-order (x_t = f_t(x_{{t-1}})); "
+                "the Newton methods need that (set first_order = True if it is)"
+            )
+        B, T, F = canonical_shape(x.shape, self.dim)
+        lo = max(start - 1, 0)
+        with torch.enable_grad():
+            xw = x.detach().narrow(self.dim, lo, stop - lo).clone().requires_grad_()
+            full = torch.cat(
+                [
+                    x.detach().narrow(self.dim, 0, lo),
+                    xw,
+                    x.detach().narrow(self.dim, stop, T - stop),
+                ],
+                dim=self.dim,
+            )
+            out = self.evaluate(full, start, stop).reshape(B, stop - start, F)
+        g = _rows_by_vjp(out, xw, F)  # (F, *xw.shape): grad of sum_t f_t[i] w.r.t. x_{t-1}
+        g = g.reshape(F, B, -1, F)[:, :, : stop - start]  # row i of J_t sits at x_{t-1}
+        J = g.permute(1, 2, 0, 3)  # (B, n', F, F): J[b, k, i, j] = d f[i] / d x[j]
+        if start == 0:  # J_0 = 0: position 0 has no predecessor
+            J = torch.cat([torch.zeros_like(J[:, :1]), J[:, : stop - start - 1]], dim=1)
+        return J.diagonal(dim1=2, dim2=3) if diagonal else J
+
+
+def _rows_by_vjp(out: Tensor, inp: Tensor, F: int) -> Tensor:
+    """grad of out[..., i].sum() w.r.t. inp for every i: (F, *inp.shape). Batched over i
+    (`is_grads_batched`) when the graph allows it, one backward pass per i otherwise."""
+    if not out.requires_grad:
+        return inp.new_zeros(F, *inp.shape)
+    eye = torch.eye(F, dtype=out.dtype, device=out.device)  # (F, F)
+    seeds = eye.view(F, *([1] * (out.dim() - 1)), F).expand(F, *out.shape)  # (F, *out.shape)
+    try:
+        (g,) = torch.autograd.grad(out, inp, seeds, is_grads_batched=True, allow_unused=True)
+    except RuntimeError:  # an op without a batching rule: one VJP per row
+        rows = []
+        for i in range(F):
+            (gi,) = torch.autograd.grad(out, inp, seeds[i], retain_graph=True, allow_unused=True)
+            rows.append(torch.zeros_like(inp) if gi is None else gi)
+        return torch.stack(rows)
+    return inp.new_zeros(F, *inp.shape) if g is None else g
+
+
+@dataclass(frozen=True)
+class LinearRecurrence:
+    """x_t = A_t x_{t-1} + b_t for t = 0..T-1 with x_{-1} = 0 (A_0 is never used).
+
+    Attributes:
+        b: (B, T, F) the offsets.
+        coeffs: `coeffs(start, stop)` gives A_t for t in [start, stop): (B, n, F, F) when
+            `kind` is "dense", (B, n, F) when "diagonal", or a function v (B, n, F) ->
+            A_t v_t (B, n, F) when "matvec". Asked one chunk at a time, so a problem can form
+            its matrices lazily and memory stays one chunk of matrices.
+        kind: "dense", "diagonal" or "matvec".
+    """
+
+    b: Tensor
+    coeffs: Callable[[int, int], Tensor | Callable[[Tensor], Tensor]]
+    kind: Literal["dense", "diagonal", "matvec"] = "dense"
+
+
+class LinearRecurrenceProblem(Problem):
+    """A linear recurrence x_t = A_t x_{t-1} + b_t (x_{-1} = 0) as a triangular system.
+
+    Args:
+        A: (B, T, F, F) dense or (B, T, F) diagonal coefficients (A[:, 0] is unused).
+        b: (B, T, F) offsets.
+
+    Example:
+        >>> problem = LinearRecurrenceProblem(A, b)
+        >>> ffsolve.solve(problem, method="scan").value      # (B, T, F)
+    """
+
+    first_order = True
+
+    def __init__(self, A: Tensor, b: Tensor) -> None:
+        if b.dim() != 3 or A.dim() not in (3, 4) or A.shape[:3] != b.shape:
+            raise ValueError(
+                f"b must be (B, T, F) and A (B, T, F, F) or (B, T, F); got A {tuple(A.shape)}, "
+                f"b {tuple(b.shape)}"
+            )
+        if A.dim() == 4 and A.shape[3] != A.shape[2]:
+            raise ValueError(f"dense A must be (B, T, F, F), got {tuple(A.shape)}")
+        if b.shape[1] == 0:
+            raise ValueError("the recurrence is empty (T = 0)")
+        self.A, self.b = A, b
+        self.diagonal = A.dim() == 3
+        self.length, self.dim = b.shape[1], 1
+
+    def initial(self) -> Tensor:
+        return torch.zeros_like(self.b)
+
+    def evaluate(self, x: Tensor, start: int, stop: int) -> Tensor:
+        prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)[:, start:stop]
+        A = self.A[:, start:stop]
+        ax = A * prev if self.diagonal else (A @ prev[..., None])[..., 0]  # (B, n, F)
+        return ax + self.b[:, start:stop]
+
+    def linear_recurrence(self) -> LinearRecurrence:
+        kind = "diagonal" if self.diagonal else "dense"
+        return LinearRecurrence(self.b, lambda s, e: self.A[:, s:e], kind)
+
+    def jacobians(self, x: Tensor, start: int, stop: int, diagonal: bool = False) -> Tensor:
+        A = self.A[:, start:stop]
+        if diagonal and not self.diagonal:
+            return A.diagonal(dim1=2, dim2=3)
+        if not diagonal and self.diagonal:
+            return torch.diag_embed(A)
+        return A
 
 
 class FunctionProblem(Problem):

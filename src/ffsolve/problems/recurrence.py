@@ -27,17 +27,90 @@ others decays like rho^k.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.functional import linear as F_linear
 
-from ffsolve.problems.base import Problem
+from ffsolve.problems.base import LinearRecurrence, Problem, _rows_by_vjp
 
-__all__ = ["RecurrenceAdjoint"]
+__all__ = [
+    "RecurrenceAdjoint",
+    "RecurrenceForward",
+    "StateLayout",
+    "flat_cell",
+    "torch_cell_jacobian",
+]
+
+#: A recurrent state: one tensor (B, *shape) or a tuple of them (e.g. an LSTM's (h, c)).
+State = Tensor | tuple[Tensor, ...]
 
 #: A flat cell: (N, F) states and (N, *D) inputs -> (N, F) next states.
 FlatCell = Callable[[Tensor, Tensor], Tensor]
+
+
+class StateLayout:
+    """How a state (a tensor or a tuple of tensors, each (B, *shape)) maps to one (B, F).
+
+    Shared by `backprop_through` and `RecurrenceForward`: an LSTM's (h, c) is flattened to
+    one (B, 2H) state, h then c."""
+
+    def __init__(self, parts: Sequence[Tensor], is_tuple: bool) -> None:
+        self.shapes = [tuple(p.shape[1:]) for p in parts]
+        self.sizes = [math.prod(s) for s in self.shapes]
+        self.is_tuple = is_tuple
+        self.dtype = parts[0].dtype
+        self.features = sum(self.sizes)
+        self.plain = not is_tuple and len(self.shapes[0]) == 1  # the state is already (B, F)
+
+    def flatten(self, parts: Sequence[Tensor]) -> Tensor:
+        n = parts[0].shape[0]
+        flat = [p.reshape(n, -1) for p in parts]  # each (N, size_i)
+        return flat[0] if len(flat) == 1 else torch.cat(flat, dim=1)  # (N, F)
+
+    def unflatten(self, flat: Tensor) -> State:
+        n = flat.shape[0]
+        if not self.is_tuple:
+            return flat.view(n, *self.shapes[0])  # (N, *shape)
+        chunks = flat.split(self.sizes, dim=1)
+        return tuple(c.reshape(n, *s) for c, s in zip(chunks, self.shapes, strict=True))
+
+    def parts_of(self, out: Any, n: int) -> list[Tensor]:
+        """The cell's output as a list of parts, checked against the state's structure."""
+        if self.is_tuple:
+            if not isinstance(out, tuple | list) or len(out) != len(self.shapes):
+                raise TypeError(
+                    f"the cell must return a tuple of {len(self.shapes)} tensors like h0, "
+                    f"got {type(out).__name__}"
+                )
+            parts = list(out)
+        else:
+            if not isinstance(out, Tensor):
+                raise TypeError(f"the cell must return a tensor like h0, got {type(out).__name__}")
+            parts = [out]
+        for i, (p, s) in enumerate(zip(parts, self.shapes, strict=True)):
+            if not isinstance(p, Tensor) or tuple(p.shape) != (n, *s):
+                got = tuple(p.shape) if isinstance(p, Tensor) else type(p).__name__
+                where = f" part {i}" if self.is_tuple else ""
+                raise ValueError(
+                    f"the cell changed the state's shape{where}: got {got}, expected {(n, *s)}"
+                )
+            if p.dtype != self.dtype:
+                raise ValueError(f"the cell changed the state's dtype: {p.dtype} != {self.dtype}")
+        return parts
+
+
+def _cell_jacobians(cell: FlatCell, hp: Tensor, xr: Tensor, transpose: bool) -> Tensor:
+    """d cell(h, x) / d h for every row: hp (N, F), xr (N, *D) -> (N, F, F) (transposed on
+    request), by F batched vector-Jacobian products of one call on all rows."""
+    with torch.enable_grad():
+        h = hp.detach().requires_grad_()
+        out = cell(h, xr.detach())  # (N, F)
+    g = _rows_by_vjp(out, h, h.shape[1])  # (F, N, F): g[i, n, j] = d out[n, i] / d h[n, j]
+    return g.permute(1, 2, 0) if transpose else g.permute(1, 0, 2)
 
 
 class RecurrenceAdjoint(Problem):
@@ -58,6 +131,9 @@ class RecurrenceAdjoint(Problem):
             forward pass (h_t computed from h_{t-1}); the sequential method back-propagates
             through it in one pass of autograd's engine, the ordinary BPTT. Recomputed from
             h_prev[:, 0] and xs when omitted.
+        jacobian: optional closed-form `jacobian(h, x, diagonal)` of the flat cell (see
+            `RecurrenceForward`), used by the scan and Newton methods; default: F batched
+            vector-Jacobian products.
 
     Example:
         >>> problem = RecurrenceAdjoint(cell, h_prev, xs, grad_h)
@@ -74,6 +150,7 @@ class RecurrenceAdjoint(Problem):
         *,
         xs_grad: bool = False,
         chain: Sequence[Tensor] | None = None,
+        jacobian: Callable[[Tensor, Tensor, bool], Tensor] | None = None,
     ) -> None:
         if h_prev.dim() != 3 or grad_h.shape != h_prev.shape:
             raise ValueError(
@@ -98,6 +175,7 @@ class RecurrenceAdjoint(Problem):
         self._g = grad_h.flip(1)  # (B, T, F), reversed time: row s holds g_{T-s}
         self._chain = list(chain) if chain is not None else None
         self._xs_grad = xs_grad
+        self._jacobian = jacobian
         with torch.enable_grad():
             # the graph of every step at once, in reversed time: row b*T + s holds step T-s,
             # whose input state is h_{T-s-1} and output h_{T-s}
@@ -131,6 +209,37 @@ class RecurrenceAdjoint(Problem):
         lo = max(start, 1)
         out[:, lo - start :] += u[:, lo - 1 : stop - 1]
         return out
+
+    first_order = True  # position s reads position s - 1 only
+
+    def jacobians(self, x: Tensor, start: int, stop: int, diagonal: bool = False) -> Tensor:
+        """A_s = J_{T-s+1}^T for s in [start, stop) (A_0 = 0): (B, n, F, F), or the diagonals.
+
+        Formed from F batched vector-Jacobian products of the cell on the chunk's rows (row
+        s - 1 of the reversed-time graph is step T - s + 1), so one chunk of matrices at a time.
+        """
+        B, T, F = self.shape
+        lo = max(start, 1)
+        n = stop - lo
+        parts = []
+        if start == 0:
+            parts.append(x.new_zeros(B, 1, F, F))
+        if n > 0:
+            hp = self._hp.detach().view(B, T, F)[:, lo - 1 : stop - 1].reshape(B * n, F)
+            xr = self._xr.detach().view(B, T, *self._xs.shape[2:])[:, lo - 1 : stop - 1]
+            xr = xr.reshape(B * n, *xr.shape[2:])
+            if self._jacobian is not None:
+                with torch.no_grad():
+                    A = self._jacobian(hp, xr, False).transpose(1, 2)  # (B*n, F, F)
+            else:
+                A = _cell_jacobians(self.cell, hp, xr, True)
+            parts.append(A.reshape(B, n, F, F))
+        A = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (B, stop - start, F, F)
+        return A.diagonal(dim1=2, dim2=3) if diagonal else A
+
+    def linear_recurrence(self) -> LinearRecurrence:
+        """a_{T-s} = J_{T-s+1}^T a_{T-s+1} + g_{T-s}: position s reads s - 1 linearly."""
+        return LinearRecurrence(self._g, lambda s, e: self.jacobians(self._g, s, e), "dense")
 
     def stepper(self, x: Tensor) -> Callable[[int], Tensor]:
         # Ordinary BPTT: autograd's engine walks the sequential chain once, step after step,
@@ -195,3 +304,197 @@ class RecurrenceAdjoint(Problem):
             d = grads[1]
             dxs = torch.zeros_like(self._xs) if d is None else d.view(self._xs.shape).flip(1)
         return dh0, dxs, list(grads[1 + int(self._xs_grad) :])
+
+
+def flat_cell(cell: Callable[[State, Tensor], State], layout: StateLayout) -> FlatCell:
+    """The cell on flat states, (N, F), (N, *D) -> (N, F), checked against the layout. A torch
+    `RNNCell`, `GRUCell` or `LSTMCell` (which take (input, hidden)) is accepted as is."""
+    user = (lambda h, x: cell(x, h)) if isinstance(cell, nn.RNNCellBase) else cell
+
+    def call(h: Tensor, x: Tensor) -> Tensor:
+        if layout.plain:
+            out = user(h, x)
+            if isinstance(out, Tensor) and out.shape == h.shape and out.dtype == h.dtype:
+                return out
+            layout.parts_of(out, h.shape[0])  # raises the precise error
+        out = user(layout.unflatten(h), x)
+        return layout.flatten(layout.parts_of(out, h.shape[0]))
+
+    return call
+
+
+class RecurrenceForward(Problem):
+    """The hidden states of h_t = cell(h_{t-1}, x_t), t = 1..T, as a triangular system.
+
+    Position t - 1 of the (B, T, F) state holds h_t (F: the state's features, an LSTM's h then
+    c). f_t reads position t - 1 only (`first_order`), so every method applies: sequential,
+    jacobi (one cell call on all B*T rows per sweep), newton and quasi_newton (DEER).
+
+    Args:
+        cell: `cell(h, x) -> h_next` with h (N, *S) or a tuple of such tensors, x (N, *D);
+            rows must be independent (it is called on B*T rows at once). torch's `RNNCell`,
+            `GRUCell`, `LSTMCell` are accepted as is.
+        h0: (B, *S) or a tuple of them, the initial state.
+        xs: (B, T, *D) the inputs x_1..x_T.
+        jacobian: optional `jacobian(h, x, diagonal) -> (N, F, F)` or `(N, F)`, d cell / d h
+            on flat states (N, F). Default: the closed form for torch's RNN/GRU/LSTM cells
+            (`torch_cell_jacobian`), else F batched vector-Jacobian products of the cell.
+
+    Example:
+        >>> problem = RecurrenceForward(torch.nn.GRUCell(2, 16), torch.zeros(8, 16), xs)
+        >>> hs = problem.states(ffsolve.solve(problem, method="newton").value)  # (8, T, 16)
+    """
+
+    first_order = True
+
+    def __init__(
+        self,
+        cell: Callable[[State, Tensor], State],
+        h0: State,
+        xs: Tensor,
+        *,
+        jacobian: Callable[[Tensor, Tensor, bool], Tensor] | None = None,
+    ) -> None:
+        if not callable(cell):
+            raise TypeError(f"cell must be callable, got {type(cell).__name__}")
+        is_tuple = not isinstance(h0, Tensor)
+        parts = list(h0) if is_tuple else [h0]
+        if not parts or not all(isinstance(p, Tensor) for p in parts):
+            raise TypeError("h0 must be a tensor or a tuple of tensors")
+        if not isinstance(xs, Tensor) or xs.dim() < 2:
+            raise ValueError("xs must be a tensor (B, T, *D)")
+        B, T = xs.shape[:2]
+        if T == 0:
+            raise ValueError("xs has no time steps (T = 0)")
+        if any(p.shape[0] != B for p in parts):
+            raise ValueError(f"h0 and xs disagree on the batch size ({parts[0].shape[0]} vs {B})")
+        self.layout = StateLayout(parts, is_tuple)
+        self.cell = flat_cell(cell, self.layout)
+        self._jacobian = jacobian if jacobian is not None else torch_cell_jacobian(cell)
+        self.h0 = self.layout.flatten([p.detach() for p in parts])  # (B, F)
+        self.xs = xs.detach()
+        self.length, self.dim = T, 1
+        self.shape = (B, T, self.layout.features)
+
+    def initial(self) -> Tensor:
+        """h_0 repeated at every position: (B, T, F)."""
+        return self.h0[:, None].expand(self.shape).clone()
+
+    def _prev(self, x: Tensor, start: int, stop: int) -> Tensor:
+        """h_{t-1} for positions [start, stop): (B, n, F)."""
+        if start == 0:
+            return torch.cat([self.h0[:, None], x[:, : stop - 1]], dim=1)
+        return x[:, start - 1 : stop - 1]
+
+    def _rows(self, start: int, stop: int) -> Tensor:
+        xs = self.xs[:, start:stop]  # (B, n, *D)
+        return xs.reshape(-1, *xs.shape[2:])  # (B*n, *D)
+
+    def evaluate(self, x: Tensor, start: int, stop: int) -> Tensor:
+        B, _, F = self.shape
+        hp = self._prev(x, start, stop).reshape(-1, F)  # (B*n, F)
+        return self.cell(hp, self._rows(start, stop)).view(B, stop - start, F)
+
+    def stepper(self, x: Tensor) -> Callable[[int], Tensor]:
+        def step(t: int) -> Tensor:
+            h = self.h0 if t == 0 else x[:, t - 1]  # (B, F)
+            return self.cell(h, self.xs[:, t])[:, None]  # (B, 1, F)
+
+        return step
+
+    def jacobians(self, x: Tensor, start: int, stop: int, diagonal: bool = False) -> Tensor:
+        B, _, F = self.shape
+        n = stop - start
+        hp = self._prev(x, start, stop).reshape(B * n, F)
+        rows = self._rows(start, stop)
+        if self._jacobian is not None:
+            J = self._jacobian(hp, rows, diagonal)
+        else:
+            J = _cell_jacobians(self.cell, hp, rows, False)  # (B*n, F, F)
+            if diagonal:
+                J = J.diagonal(dim1=1, dim2=2)
+        J = J.reshape(B, n, *J.shape[1:])
+        if start == 0:  # h_0 is fixed: position 0 has no predecessor in the system
+            J = torch.cat([torch.zeros_like(J[:, :1]), J[:, 1:]], dim=1)
+        return J
+
+    def states(self, value: Tensor) -> State:
+        """A solution's value (B, T, F) as hidden states (B, T, *S), a tuple for a tuple
+        state (an LSTM's (h, c))."""
+        B, T, F = self.shape
+        out: Any = self.layout.unflatten(value.reshape(B * T, F))
+        if isinstance(out, tuple):
+            return tuple(p.view(B, T, *p.shape[1:]) for p in out)
+        return out.view(B, T, *out.shape[1:])
+
+
+def torch_cell_jacobian(cell: Any) -> Callable[[Tensor, Tensor, bool], Tensor] | None:
+    """Closed-form d h_next / d h of torch's `RNNCell`, `GRUCell` and `LSTMCell` on flat states
+    (an LSTM's (h, c) as [h, c]), or None for any other cell.
+
+    Returns:
+        `jacobian(h, x, diagonal)`: h (N, F), x (N, D) -> (N, F, F), or (N, F) when diagonal
+        (only the diagonal is formed then: O(N F) memory, what quasi-Newton needs).
+    """
+    if isinstance(cell, nn.LSTMCell):
+        return lambda h, x, diagonal: _lstm_jacobian(cell, h, x, diagonal)
+    if isinstance(cell, nn.GRUCell):
+        return lambda h, x, diagonal: _gru_jacobian(cell, h, x, diagonal)
+    if isinstance(cell, nn.RNNCell):
+        return lambda h, x, diagonal: _rnn_jacobian(cell, h, x, diagonal)
+    return None
+
+
+def _scaled(a: Tensor, W: Tensor, diagonal: bool) -> Tensor:
+    """diag(a) W per row: a (N, H), W (H, H) -> (N, H, H), or its diagonal a * diag(W)."""
+    return a * W.diagonal() if diagonal else a[:, :, None] * W
+
+
+def _rnn_jacobian(cell: nn.RNNCell, h: Tensor, x: Tensor, diagonal: bool) -> Tensor:
+    pre = F_linear(x, cell.weight_ih, cell.bias_ih) + F_linear(h, cell.weight_hh, cell.bias_hh)
+    act = 1 - torch.tanh(pre) ** 2 if cell.nonlinearity == "tanh" else (pre > 0).to(pre.dtype)
+    return _scaled(act, cell.weight_hh, diagonal)
+
+
+def _gru_jacobian(cell: nn.GRUCell, h: Tensor, x: Tensor, diagonal: bool) -> Tensor:
+    # torch's GRU: r, z = sigmoid(.), n = tanh(W_in x + b_in + r * (W_hn h + b_hn)),
+    # h' = (1 - z) n + z h
+    gi = F_linear(x, cell.weight_ih, cell.bias_ih).chunk(3, 1)  # each (N, H)
+    gh = F_linear(h, cell.weight_hh, cell.bias_hh).chunk(3, 1)
+    r = torch.sigmoid(gi[0] + gh[0])
+    z = torch.sigmoid(gi[1] + gh[1])
+    n = torch.tanh(gi[2] + r * gh[2])
+    W_hr, W_hz, W_hn = cell.weight_hh.chunk(3, 0)  # each (H, H)
+    dn = 1 - n * n
+    J = (
+        _scaled((1 - z) * dn * r, W_hn, diagonal)
+        + _scaled((1 - z) * dn * gh[2] * r * (1 - r), W_hr, diagonal)
+        + _scaled((h - n) * z * (1 - z), W_hz, diagonal)
+    )
+    return J + z if diagonal else J + torch.diag_embed(z)
+
+
+def _lstm_jacobian(cell: nn.LSTMCell, hc: Tensor, x: Tensor, diagonal: bool) -> Tensor:
+    # gates i, f, g, o; c' = f c + i g, h' = o tanh(c'); the flat state is [h, c]
+    H = cell.hidden_size
+    h, c = hc[:, :H], hc[:, H:]
+    gates = F_linear(x, cell.weight_ih, cell.bias_ih) + F_linear(h, cell.weight_hh, cell.bias_hh)
+    gi, gf, gg, go = gates.chunk(4, 1)
+    i, f, g, o = torch.sigmoid(gi), torch.sigmoid(gf), torch.tanh(gg), torch.sigmoid(go)
+    c2 = f * c + i * g
+    tc = torch.tanh(c2)
+    W_i, W_f, W_g, W_o = cell.weight_hh.chunk(4, 0)  # each (H, H)
+    dc_dh = (
+        _scaled(c * f * (1 - f), W_f, diagonal)
+        + _scaled(g * i * (1 - i), W_i, diagonal)
+        + _scaled(i * (1 - g * g), W_g, diagonal)
+    )
+    do = o * (1 - tc * tc)  # d h' / d c'
+    dh_dh = _scaled(o * (1 - o) * tc, W_o, diagonal) + (
+        do * dc_dh if diagonal else do[:, :, None] * dc_dh
+    )
+    if diagonal:
+        return torch.cat([dh_dh, f], dim=1)  # (N, 2H)
+    top = torch.cat([dh_dh, torch.diag_embed(do * f)], dim=2)  # (N, H, 2H)
+    bottom = torch.cat([dc_dh, torch.diag_embed(f)], dim=2)
+    return torch.cat([top, bottom], dim=1)  # (N, 2H, 2H)

@@ -18,22 +18,26 @@ from ffsolve.solvers.base import (
 from ffsolve.solvers.gs_jacobi import GSJacobi
 from ffsolve.solvers.jacobi import Jacobi
 from ffsolve.solvers.jacobi_gs import JacobiGS
+from ffsolve.solvers.newton import DivergenceWarning, Newton, QuasiNewton
+from ffsolve.solvers.scan import Scan, linear_scan
 from ffsolve.solvers.sequential import Sequential
 
 __all__ = [
     "METHODS",
     "ConvergenceError",
     "ConvergenceWarning",
+    "DivergenceWarning",
     "NonFiniteError",
     "Solution",
     "Solver",
     "get_solver",
+    "linear_scan",
     "solve",
 ]
 
 #: The method table: name -> solver class. A new solver is one file plus one entry here.
 METHODS: dict[str, type[Solver]] = {
-    cls.name: cls for cls in (Sequential, Jacobi, JacobiGS, GSJacobi)
+    cls.name: cls for cls in (Sequential, Jacobi, JacobiGS, GSJacobi, Scan, Newton, QuasiNewton)
 }
 
 

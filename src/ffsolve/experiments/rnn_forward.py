@@ -1,0 +1,315 @@
+"""The forward pass of an RNN by every method, against cuDNN: h_t = cell(h_{t-1}, x_t).
+
+For each cell (GRU, LSTM), hidden size, length T and batch B, one random cell (torch's
+default initialisation, recurrent weights scaled by `weight_scale`, seeded) and random
+inputs x ~ N(0, 1) give one `RecurrenceForward` problem; every method computes h_1..h_T:
+
+- `cudnn`: `nn.GRU` / `nn.LSTM` with the same weights (cuDNN on CUDA; ATen's kernel on
+  the CPU). A refusal (cuDNN declines very long sequences) is caught and recorded.
+- `sequential`: the plain loop of the cell (ffsolve's `sequential`), timed up to
+  `loop_max_length`; longer sequences use it once, untimed, as the reference.
+- `jacobi`, `newton`, `quasi_newton`: stopped online at max-abs change <= `atol`.
+
+Per row: median time (`ffsolve.bench.time_call`), iterations, peak device memory (CUDA
+only), and the max-abs difference from the sequential states (h only for the LSTM, since
+cuDNN returns no c). Random weights: untrained cells mix fast, so iteration counts here say
+how a method scales, not what a trained model needs.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ffsolve.bench import synchronize, time_call
+from ffsolve.config import Config, spec
+from ffsolve.experiments import Experiment, RunContext, register_experiment
+from ffsolve.experiments.causal import dtype_of
+from ffsolve.plots import plt
+from ffsolve.problems import RecurrenceForward
+from ffsolve.solvers import ConvergenceWarning, get_solver
+
+__all__ = ["RNNForwardConfig", "plot", "run", "summary"]
+
+_METHODS = ("cudnn", "sequential", "jacobi", "newton", "quasi_newton")
+
+
+@dataclass(frozen=True)
+class RNNForwardConfig(Config):
+    """Shapes, methods and budgets of the rnn-forward comparison.
+
+    Attributes:
+        cells: "gru" and/or "lstm".
+        hidden, lengths, batches: the grid of hidden sizes, sequence lengths T and batches.
+        input_size: features of x_t.
+        methods: rows to run (see the module doc).
+        atol: stopping tolerance of the parallel methods (max-abs change of an iterate).
+        weight_scale: factor on the recurrent weights (> 1: slower mixing, more iterations).
+        loop_max_length: longest T at which the sequential loop is timed.
+        newton_max_entries: largest B*T*F^2 (Jacobian entries per iteration, F the flat
+            state: 2H for an LSTM) for dense `newton`; larger rows are recorded as skipped.
+        time_budget_s: no new shape is started after this many seconds (0: no limit); the
+            shapes not run are recorded as skipped. Shapes run by increasing T.
+        max_iters: iteration cap of the parallel methods (0: T, the exactness bound).
+        repeats, warmup: timing (median of repeats after warmup calls).
+        dtype: float32 or float64.
+        seed: weights and inputs.
+    """
+
+    cells: tuple[str, ...] = spec(("gru", "lstm"), choices=("gru", "lstm"))
+    hidden: tuple[int, ...] = spec((4, 64, 256), ge=1)
+    lengths: tuple[int, ...] = spec((1000, 10000, 100000), ge=1)
+    batches: tuple[int, ...] = spec((16,), ge=1)
+    input_size: int = spec(2, ge=1)
+    methods: tuple[str, ...] = spec(_METHODS, choices=_METHODS)
+    atol: float = spec(1e-6, ge=0.0)
+    weight_scale: float = spec(1.0, gt=0.0)
+    loop_max_length: int = spec(10000, ge=1)
+    newton_max_entries: int = spec(2**31, ge=1)
+    time_budget_s: float = spec(0.0, ge=0.0)
+    max_iters: int = spec(0, ge=0)
+    repeats: int = spec(3, ge=1)
+    warmup: int = spec(1, ge=0)
+    dtype: str = spec("float32", choices=("float32", "float64"))
+    seed: int = spec(0)
+
+
+def _build(kind: str, D: int, H: int, scale: float, seed: int, device, dtype):
+    """A torch cell and the cuDNN module with the same weights."""
+    with torch.random.fork_rng(devices=[]):  # torch's default init, seeded, global RNG untouched
+        torch.manual_seed(seed)
+        cell = (nn.GRUCell if kind == "gru" else nn.LSTMCell)(D, H)
+        rnn = (nn.GRU if kind == "gru" else nn.LSTM)(D, H, batch_first=True)
+    with torch.no_grad():
+        cell.weight_hh.mul_(scale)
+    with torch.no_grad():
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            getattr(rnn, f"{name}_l0").copy_(getattr(cell, name))
+    cell = cell.to(device=device, dtype=dtype).requires_grad_(False)
+    rnn = rnn.to(device=device, dtype=dtype).requires_grad_(False)
+    return cell, rnn
+
+
+def _peak(device: torch.device) -> int | None:
+    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _timed(fn, device: torch.device, cfg: RNNForwardConfig) -> tuple[float, Any, int | None]:
+    """Median seconds, the last result, and the peak memory of the calls beyond what was
+    allocated before them (CUDA only)."""
+    synchronize(device)
+    _reset_peak(device)
+    base = _peak(device)
+    t, _, out = time_call(fn, device, warmup=cfg.warmup, repeats=cfg.repeats)
+    peak = _peak(device)
+    return t, out, None if peak is None or base is None else peak - base
+
+
+def _shape_rows(cfg, kind, H, T, B, ctx) -> list[dict[str, Any]]:
+    device, dtype = ctx.device, dtype_of(cfg.dtype)
+    seed = cfg.seed + 1000 * H + T + 7 * B
+    cell, rnn = _build(kind, cfg.input_size, H, cfg.weight_scale, seed, device, dtype)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    xs = torch.randn(B, T, cfg.input_size, generator=g).to(device=device, dtype=dtype)
+    h0 = torch.zeros(B, H, device=device, dtype=dtype)
+    h0s = h0 if kind == "gru" else (h0, h0.clone())
+    problem = RecurrenceForward(cell, h0s, xs)
+    base = {"cell": kind, "hidden": H, "length": T, "batch": B}
+    rows = []
+    seq = get_solver("sequential")
+    ref = None
+    loop_timed = "sequential" in cfg.methods and not cfg.loop_max_length < T
+    if not loop_timed:
+        ref = seq.solve(problem, record=False).value  # untimed reference
+    if loop_timed:
+        t, sol, mem = _timed(lambda: seq.solve(problem, record=False), device, cfg)
+        ref = sol.value
+        rows.append({**base, "method": "sequential", "time_s": t, "iters": T, "peak_bytes": mem})
+    hidden_ref = ref[..., :H]  # (B, T, H): h of an LSTM's [h, c]
+
+    for method in cfg.methods:
+        row: dict[str, Any] = {**base, "method": method}
+        if method == "sequential":
+            continue
+        if method == "cudnn":
+            hx = h0[None] if kind == "gru" else (h0[None], h0[None].clone())
+            try:
+                t, out, mem = _timed(lambda hx=hx: rnn(xs, hx)[0], device, cfg)
+            except RuntimeError as e:  # cuDNN refuses some long sequences
+                rows.append({**row, "refused": str(e).splitlines()[0][:200]})
+                ctx.log(f"    cudnn refused: {str(e).splitlines()[0][:120]}")
+                continue
+            diff = float((out.double() - hidden_ref.double()).abs().max())
+            backend = "cudnn" if device.type == "cuda" and torch.backends.cudnn.enabled else "aten"
+            rows.append(
+                {
+                    **row,
+                    "time_s": t,
+                    "iters": T,
+                    "peak_bytes": mem,
+                    "max_diff": diff,
+                    "backend": backend,
+                }
+            )
+            continue
+        entries = B * T * problem.shape[2] ** 2
+        if method == "newton" and entries > cfg.newton_max_entries:
+            rows.append({**row, "skipped": f"B*T*F^2 = {entries:.1e} > newton_max_entries"})
+            continue
+        solver = get_solver(method)
+        kw = dict(atol=cfg.atol, record=False, max_iters=cfg.max_iters or None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)  # recorded as `converged`
+            try:
+                t, sol, mem = _timed(lambda s=solver, kw=kw: s.solve(problem, **kw), device, cfg)
+            except (RuntimeError, FloatingPointError) as e:  # out of memory, divergence
+                rows.append({**row, "error": str(e).splitlines()[0][:200]})
+                ctx.log(f"    {method} failed: {str(e).splitlines()[0][:120]}")
+                continue
+        diff = float((sol.value.double() - ref.double()).abs().max())
+        extra = {
+            k: sol.stats[k] for k in ("newton_fallbacks", "newton_nonfinite") if k in sol.stats
+        }
+        extra = {k: int(sum(v)) for k, v in extra.items()}
+        rows.append(
+            {
+                **row,
+                "time_s": t,
+                "iters": sol.num_iters,
+                "converged": sol.all_converged,
+                "peak_bytes": mem,
+                "max_diff": diff,
+                **extra,
+            }
+        )
+    return rows
+
+
+def run(cfg: RNNForwardConfig, ctx: RunContext) -> dict[str, Any]:
+    """Every method on every shape of the grid; see the module doc."""
+    if ctx.device.type == "cuda":  # equality is checked: no TF32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    rows = []
+    start = time.perf_counter()
+    shapes = [
+        (kind, H, T, B)
+        for T in sorted(cfg.lengths)
+        for H in cfg.hidden
+        for kind in cfg.cells
+        for B in cfg.batches
+    ]
+    with torch.no_grad():
+        for kind, H, T, B in shapes:
+            shape = {"cell": kind, "hidden": H, "length": T, "batch": B}
+            if cfg.time_budget_s and time.perf_counter() - start > cfg.time_budget_s:
+                rows.append({**shape, "method": "all", "skipped": "time budget spent"})
+                continue
+            ctx.log(f"  {kind} hidden={H} T={T} batch={B}")
+            try:
+                new = _shape_rows(cfg, kind, H, T, B, ctx)
+            except RuntimeError as e:  # e.g. out of memory for the reference
+                msg = str(e).splitlines()[0][:200]
+                ctx.log(f"    failed: {msg}")
+                new = [{**shape, "method": "all", "error": msg}]
+            for r in new:
+                if "time_s" in r:
+                    ctx.log(
+                        f"    {r['method']:<13} {r['time_s'] * 1e3:10.2f} ms  "
+                        f"iters {r['iters']:<7} diff {r.get('max_diff', 0.0):.1e}"
+                    )
+            rows.extend(new)
+    _speedups(rows)
+    return {"rows": rows}
+
+
+def _speedups(rows: list[dict[str, Any]]) -> None:
+    """vs_cudnn = cuDNN time / method time, per shape (None where cuDNN has no time)."""
+    key = lambda r: (r["cell"], r["hidden"], r["length"], r["batch"])  # noqa: E731
+    cudnn = {key(r): r["time_s"] for r in rows if r["method"] == "cudnn" and "time_s" in r}
+    for r in rows:
+        t = cudnn.get(key(r))
+        r["vs_cudnn"] = t / r["time_s"] if t is not None and "time_s" in r else None
+
+
+def plot(records: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Time against T per method, one panel per (cell, hidden), first batch size."""
+    rows = [r for r in records["rows"] if "time_s" in r]
+    if not rows:
+        return []
+    B = min(r["batch"] for r in rows)
+    panels = sorted({(r["cell"], r["hidden"]) for r in rows})
+    n = len(panels)
+    cols = min(3, n)
+    fig, axes = plt.subplots(
+        math.ceil(n / cols), cols, figsize=(4 * cols, 3.2 * math.ceil(n / cols)), squeeze=False
+    )
+    for ax, (cell, H) in zip(axes.flat, panels, strict=False):
+        for m in _METHODS:
+            sel = sorted(
+                (
+                    r
+                    for r in rows
+                    if (r["cell"], r["hidden"], r["batch"], r["method"]) == (cell, H, B, m)
+                ),
+                key=lambda r: r["length"],
+            )
+            if sel:
+                ax.loglog([r["length"] for r in sel], [r["time_s"] for r in sel], "o-", label=m)
+        ax.set_title(f"{cell} hidden {H}, batch {B}")
+        ax.set_xlabel("T")
+        ax.set_ylabel("seconds")
+    axes.flat[0].legend(fontsize=7)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.suptitle(f"rnn-forward on {records['env']['device_name']} (random weights)")
+    fig.tight_layout()
+    path = out_dir / "rnn_forward.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def summary(records: dict[str, Any]) -> str:
+    lines = [
+        f"{'cell':<5} {'H':>4} {'T':>8} {'B':>3} {'method':<13} {'ms':>10} {'iters':>7} "
+        f"{'vs cuDNN':>8} {'max diff':>9}  note"
+    ]
+    for r in records["rows"]:
+        note = r.get("refused") or r.get("skipped") or r.get("error") or ""
+        if note:
+            note = ("refused: " if "refused" in r else "") + note[:60]
+        ms = f"{r['time_s'] * 1e3:10.2f}" if "time_s" in r else f"{'-':>10}"
+        vs = f"{r['vs_cudnn']:8.2f}" if r.get("vs_cudnn") is not None else f"{'-':>8}"
+        diff = f"{r['max_diff']:9.1e}" if "max_diff" in r else f"{'-':>9}"
+        its = str(r.get("iters", "-"))
+        lines.append(
+            f"{r['cell']:<5} {r['hidden']:>4} {r['length']:>8} {r['batch']:>3} {r['method']:<13} "
+            f"{ms} {its:>7} {vs} {diff}  {note}"
+        )
+    return "\n".join(lines)
+
+
+register_experiment(
+    Experiment(
+        name="rnn-forward",
+        description="GRU/LSTM hidden states by sequential, Jacobi, Newton, quasi-Newton vs cuDNN",
+        config=RNNForwardConfig,
+        run=run,
+        plot=plot,
+        summary=summary,
+    )
+)

@@ -1,0 +1,201 @@
+"""newton and quasi_newton: Newton's method over the whole sequence (DEER, Lim et al. 2024;
+quasi-DEER, Gonzalez et al. 2024), each linear step solved by the associative scan.
+
+For a first-order system x_t = f_t(x_{t-1}), let F(x)_t = f_t(x_{t-1}) (one Jacobi sweep),
+r = F(x) - x and J_t = d f_t / d x_{t-1} at the iterate. Linearising f around x, the Newton
+correction d = x_new - x solves the linear recurrence
+
+    d_t = J_t d_{t-1} + r_t,    d_{-1} = 0,
+
+and the update is written x_new_t = F(x)_t + (d_t - r_t) (= F(x)_t + J_t d_{t-1}).
+
+Why this form keeps the shared certificate valid (and bounds Newton by T iterations like
+Jacobi): if r_s = 0 for every s < t, then d_s is exactly zero for s < t (the scan only adds
+products with a zero factor) and x_new_t = F(x)_t + (r_t - r_t) = F(x)_t bitwise. So on an
+unchanged prefix, and at the first changed position, a Newton step IS a Jacobi step, and the
+loop's certificate (unchanged prefix plus the first changed position are final) holds as for
+Jacobi. `quasi_newton` keeps only diag(J_t) (O(B T F) memory); `damping` scales J by
+(1 - damping), moving from Newton (0) to Jacobi (1): a simple stand-in for ELK's trust region,
+not ELK's Kalman smoother.
+
+Safeguards (always counted in `Solution.stats`; a `DivergenceWarning` when any Newton step was
+not finite or an item fell back on more than a quarter of its sweeps): a batch item whose
+residual max|F(x) - x| did not decrease since the previous sweep takes a Jacobi step instead;
+an item whose Newton step is not finite takes the Jacobi step too. Once the residual is
+rounding noise (8 ulps of the states), Jacobi steps finish the certificate (`polish`). With
+`fallback=False` neither happens, and a non-finite step raises `NonFiniteError` naming the
+iteration and position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from ffsolve.problems.base import LinearRecurrence, Problem
+from ffsolve.solvers.base import ConvergenceWarning, Solution, Solver, _Canonical
+from ffsolve.solvers.scan import affine_scan
+
+__all__ = ["DivergenceWarning", "Newton", "QuasiNewton"]
+
+
+class DivergenceWarning(ConvergenceWarning):
+    """Newton steps were replaced by Jacobi steps (residual not reduced, or not finite)."""
+
+
+class _Tracked(Problem):
+    """The problem, plus the per-solve record of the Newton safeguards (the solver object is
+    frozen and may be shared, so per-solve state lives here)."""
+
+    def __init__(self, inner: Problem) -> None:
+        self.inner = inner
+        self.length, self.dim = inner.length, inner.dim
+        self.first_order = inner.first_order
+        self.prev: Tensor | None = None  # (B,) residual of the previous sweep's iterate
+        self.fallbacks: Tensor | None = None  # (B,) Jacobi steps taken (residual not reduced)
+        self.nonfinite: Tensor | None = None  # (B,) Newton steps that were not finite
+        self.residual: list[Tensor] = []  # per sweep, (B,) max|F(x) - x| of the iterate
+
+    def initial(self) -> Tensor:
+        return self.inner.initial()
+
+    def evaluate(self, x: Tensor, start: int, stop: int) -> Tensor:
+        return self.inner.evaluate(x, start, stop)
+
+    def jacobians(self, x: Tensor, start: int, stop: int, diagonal: bool = False) -> Tensor:
+        return self.inner.jacobians(x, start, stop, diagonal)
+
+    @property
+    def num_evals_per_step(self) -> int:
+        return self.inner.num_evals_per_step
+
+
+@dataclass(frozen=True)
+class Newton(Solver):
+    """DEER: x_new = F(x) + (d - r), d_t = J_t d_{t-1} + r_t solved by the scan (module doc).
+
+    Needs a first-order problem (`Problem.first_order`, `Problem.jacobians`), e.g.
+    `RecurrenceForward`. At most T iterations, like Jacobi; exact with zero tolerances.
+
+    Attributes:
+        damping: in [0, 1]; J is scaled by (1 - damping) (1 gives Jacobi).
+        chunk: time steps per chunk of Jacobians (None: about 2^25 coefficients per chunk).
+        fallback: take a Jacobi step where a Newton step did not reduce the residual or was
+            not finite (counted in `stats`, warned about).
+        polish: take Jacobi steps once the residual is rounding noise (8 ulps of the states),
+            where a Newton correction is noise too.
+
+    Example:
+        >>> sol = ffsolve.solve(RecurrenceForward(cell, h0, xs), method="newton")
+        >>> sol.num_iters, sol.stats["newton_fallbacks"]
+    """
+
+    name: ClassVar[str] = "newton"
+    diagonal: ClassVar[bool] = False
+    damping: float = 0.0
+    chunk: int | None = None
+    fallback: bool = True
+    polish: bool = True
+
+    def validate(self, length: int) -> None:
+        if not 0.0 <= self.damping <= 1.0:
+            raise ValueError(f"damping must be in [0, 1], got {self.damping}")
+        if self.chunk is not None and (isinstance(self.chunk, bool) or self.chunk < 1):
+            raise ValueError(f"chunk must be a positive int, got {self.chunk}")
+
+    def evals_per_sweep(self, problem: Problem, start: int, stop: int) -> int:
+        # one call for F(x), one for the Jacobians (F batched VJPs of it, or a formula)
+        return 2 * problem.num_evals_per_step
+
+    def sweep(self, problem: Problem, state: _Canonical, start: int, stop: int) -> Tensor:
+        if not problem.first_order:
+            raise TypeError(
+                f"{self.name} needs a first-order problem (x_t = f_t(x_{{t-1}})); "
+                f"{type(getattr(problem, 'inner', problem)).__name__} is not declared one"
+            )
+        T = state.T
+        x = state.v  # (B, T, F)
+        fx = state.flat(problem.evaluate(state.x, 0, T))  # (B, T, F): one Jacobi sweep
+        r = fx - x  # (B, T, F)
+        kind = "diagonal" if self.diagonal else "dense"
+
+        def coeffs(s: int, e: int) -> Tensor:
+            return problem.jacobians(state.x, s, e, self.diagonal)
+
+        scale = 1.0 - self.damping
+        transform: Callable[[Tensor], Tensor] | None = (
+            None if self.damping == 0 else (lambda A: A * scale)
+        )
+        d = affine_scan(LinearRecurrence(r, coeffs, kind), chunk=self.chunk, transform=transform)
+        new = fx + (d - r)  # = F(x) bitwise wherever the residual prefix is zero
+        track = problem if isinstance(problem, _Tracked) else None
+        if track is None:  # called outside `solve` (no per-solve record): plain Newton
+            return new
+        res = r.abs().amax(dim=(1, 2))  # (B,)
+        # below a few ulps of the states the residual is rounding noise: no Newton step can
+        # reduce it reliably, and Jacobi steps then certify what is left (not counted)
+        eps = torch.finfo(fx.dtype).eps
+        noise = res <= 8 * eps * fx.abs().amax(dim=(1, 2)).clamp_min(1.0)  # (B,)
+        jacobi = noise & bool(self.polish)  # (B,) items that take the Jacobi step
+        if self.fallback:
+            finite = torch.isfinite(new).all(2).all(1)  # (B,)
+            worse = torch.zeros_like(finite)
+            if track.prev is not None:
+                worse = (res >= track.prev) & ~noise
+            jacobi = jacobi | worse | ~finite
+            zero = torch.zeros_like(res, dtype=torch.long)
+            track.fallbacks = (zero if track.fallbacks is None else track.fallbacks) + worse.long()
+            track.nonfinite = (zero if track.nonfinite is None else track.nonfinite) + (
+                ~finite & torch.isfinite(fx).all(2).all(1)
+            ).long()
+        track.prev = res
+        track.residual.append(res)
+        return torch.where(jacobi[:, None, None], fx, new)
+
+    def solve(self, problem: Problem, **kwargs: Any) -> Solution:  # type: ignore[override]
+        """The shared loop (`Solver.solve`, same arguments), plus the safeguards' record in
+        `stats`: `newton_fallbacks` and `newton_nonfinite` per item, `newton_residual` (per
+        sweep, max over items of max|F(x) - x|)."""
+        track = _Tracked(problem)
+        sol = super().solve(track, **kwargs)
+        B = sol.converged.numel()
+        fb = track.fallbacks.tolist() if track.fallbacks is not None else [0] * B
+        nf = track.nonfinite.tolist() if track.nonfinite is not None else [0] * B
+        res = torch.stack(track.residual).amax(1).tolist() if track.residual else []
+        stats = {
+            **sol.stats,
+            "newton_fallbacks": fb,
+            "newton_nonfinite": nf,
+            "newton_residual": res,
+        }
+        # an occasional fallback is routine (the max-norm residual of a converging Newton
+        # iteration may grow for a step); a non-finite step, or fallbacks on more than a
+        # quarter of an item's sweeps, mean Newton is diverging there: said loudly
+        its = sol.stats["iters_per_item"]
+        if sum(nf) or any(f >= 2 and 4 * f > k for f, k in zip(fb, its, strict=True)):
+            warnings.warn(
+                f"{self.name}: {sum(fb)} Newton step(s) did not reduce the residual and "
+                f"{sum(nf)} were not finite; Jacobi steps were taken instead (the result is "
+                "still exact when converged; see stats['newton_fallbacks'])",
+                DivergenceWarning,
+                stacklevel=2,
+            )
+        return dataclasses.replace(sol, stats=stats)
+
+
+@dataclass(frozen=True)
+class QuasiNewton(Newton):
+    """quasi-DEER: Newton with diag(J_t) only, O(B T F) memory for the linear step.
+
+    Example:
+        >>> sol = ffsolve.solve(RecurrenceForward(cell, h0, xs), method="quasi_newton")
+    """
+
+    name: ClassVar[str] = "quasi_newton"
+    diagonal: ClassVar[bool] = True

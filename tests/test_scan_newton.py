@@ -1,0 +1,316 @@
+"""scan on linear recurrences, Newton and quasi-Newton on RNN/GRU/LSTM cells, scan gradients
+through backprop_through, and the safeguards (divergence reported, NaN located)."""
+
+import warnings
+
+import pytest
+import torch
+
+import ffsolve
+from ffsolve.problems import LinearRecurrenceProblem, RecurrenceForward
+
+D64 = torch.float64
+
+
+def _loop(A, b, h0=None):
+    """The plain sequential loop x_t = A_t x_{t-1} + b_t (the reference)."""
+    x = torch.zeros_like(b[:, 0]) if h0 is None else h0
+    out = []
+    for t in range(b.shape[1]):
+        x = (A[:, t] * x if A.dim() == 3 else (A[:, t] @ x[..., None])[..., 0]) + b[:, t]
+        out.append(x)
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("dense", [True, False])
+@pytest.mark.parametrize("B,T,F", [(1, 1, 3), (2, 7, 4), (3, 37, 2)])
+@pytest.mark.parametrize("chunk", [None, 1, 5])
+def test_scan_equals_the_sequential_loop(dense, B, T, F, chunk):
+    g = torch.Generator().manual_seed(T * 10 + F)
+    A = (
+        torch.randn(B, T, F, F, dtype=D64, generator=g) / F**0.5
+        if dense
+        else torch.rand(B, T, F, dtype=D64, generator=g) * 1.5
+    )
+    b = torch.randn(B, T, F, dtype=D64, generator=g)
+    h0 = torch.randn(B, F, dtype=D64, generator=g)
+    ref = _loop(A, b, h0)
+    torch.testing.assert_close(
+        ffsolve.linear_scan(A, b, h0, chunk=chunk), ref, rtol=1e-12, atol=1e-12
+    )
+    problem = LinearRecurrenceProblem(A, b)
+    seq = ffsolve.solve(problem, method="sequential").value
+    torch.testing.assert_close(seq, _loop(A, b))
+    sol = ffsolve.solve(problem, method="scan", chunk=chunk)
+    torch.testing.assert_close(sol.value, seq, rtol=1e-12, atol=1e-12)
+    assert sol.num_iters == 1 and sol.all_converged
+
+
+def test_scan_matvec_kind_and_errors():
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(2, 9, 3, 3, dtype=D64, generator=g) / 2
+    b = torch.randn(2, 9, 3, dtype=D64, generator=g)
+    rec = ffsolve.problems.LinearRecurrence(
+        b, lambda s, e: lambda v: (A[:, s:e] @ v[..., None])[..., 0], "matvec"
+    )
+    from ffsolve.solvers.scan import affine_scan
+
+    torch.testing.assert_close(affine_scan(rec, chunk=4), _loop(A, b))
+    fn = ffsolve.FunctionProblem(lambda x: x.cumsum(1), torch.zeros(1, 4, 1))
+    with pytest.raises(TypeError, match="not a linear recurrence"):
+        ffsolve.solve(fn, method="scan")
+    with pytest.raises(TypeError, match="first-order"):
+        ffsolve.solve(fn, method="newton")
+    with pytest.raises(ValueError, match="damping"):
+        ffsolve.solve(LinearRecurrenceProblem(A, b), method="newton", damping=2.0)
+    with pytest.raises(ValueError, match="b must be"):
+        ffsolve.linear_scan(A[:, :, 0], b[:, :3])
+
+
+def _cell(kind, B=3):
+    g = torch.Generator().manual_seed(1)
+    if kind == "rnn":
+        return torch.nn.RNNCell(2, 6).to(D64), torch.randn(B, 6, dtype=D64, generator=g)
+    if kind == "gru":
+        return torch.nn.GRUCell(2, 6).to(D64), torch.randn(B, 6, dtype=D64, generator=g)
+    h0 = (torch.randn(B, 5, dtype=D64, generator=g), torch.randn(B, 5, dtype=D64, generator=g))
+    return torch.nn.LSTMCell(2, 5).to(D64), h0
+
+
+def _unroll(cell, h0, xs):
+    h, out = h0, []
+    for t in range(xs.shape[1]):
+        h = cell(xs[:, t], h)
+        out.append(torch.cat(h, -1) if isinstance(h, tuple) else h)
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("kind", ["rnn", "gru", "lstm"])
+@pytest.mark.parametrize("method", ["newton", "quasi_newton"])
+def test_newton_converges_to_the_sequential_states_within_T(kind, method):
+    cell, h0 = _cell(kind)
+    T = 23
+    xs = torch.randn(3, T, 2, dtype=D64, generator=torch.Generator().manual_seed(2))
+    problem = RecurrenceForward(cell, h0, xs)
+    seq = ffsolve.solve(problem, method="sequential").value
+    with torch.no_grad():
+        torch.testing.assert_close(seq, _unroll(cell, h0, xs), rtol=0, atol=1e-15)
+    jac = ffsolve.solve(problem, method="jacobi")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning on a well-behaved cell
+        sol = ffsolve.solve(problem, method=method, chunk=7)
+    assert sol.all_converged and sol.num_iters <= T
+    # the bitwise fixed point of the batched cell, the same as Jacobi's: exact, not close
+    assert torch.equal(sol.value, jac.value)
+    torch.testing.assert_close(sol.value, seq, rtol=0, atol=1e-14)
+    if kind == "rnn":  # one row at a time or all at once: the same bits for this cell
+        assert torch.equal(sol.value, seq)
+    hs = problem.states(sol.value)
+    assert isinstance(hs, tuple) == (kind == "lstm")
+    assert sol.residuals.shape == (sol.num_iters, 3) and sol.num_evals == 2 * sol.num_iters
+
+
+@pytest.mark.parametrize("method", ["newton", "quasi_newton"])
+def test_newton_never_certifies_a_wrong_prefix(method):
+    """Every iterate's certified prefix equals the sequential states exactly."""
+    cell, h0 = _cell("rnn", B=2)
+    xs = torch.randn(2, 19, 2, dtype=D64, generator=torch.Generator().manual_seed(3))
+    problem = RecurrenceForward(cell, h0, xs)
+    seq = ffsolve.solve(problem, method="sequential").value
+    iterates = []
+    sol = ffsolve.solve(
+        problem, method=method, damping=0.3, callback=lambda k, x: iterates.append(x.clone())
+    )
+    assert len(iterates) == sol.num_iters <= 19
+    for x, cert in zip(iterates, sol.certified, strict=True):
+        for b in range(2):
+            c = int(cert[b])
+            assert c >= 1 and torch.equal(x[b, :c], seq[b, :c])
+
+
+def test_newton_on_a_linear_recurrence_is_one_scan_then_polish():
+    g = torch.Generator().manual_seed(4)
+    A = torch.randn(2, 30, 3, 3, dtype=D64, generator=g) / 3
+    b = torch.randn(2, 30, 3, dtype=D64, generator=g)
+    sol = ffsolve.solve(LinearRecurrenceProblem(A, b), method="newton", record=True)
+    assert sol.stats["newton_residual"][1] < 1e-12  # exact after one Newton step
+    seq = ffsolve.solve(LinearRecurrenceProblem(A, b), method="sequential").value
+    assert torch.equal(sol.value, seq)
+
+
+def test_scan_gradients_equal_autograd():
+    for kind in ("rnn", "gru", "lstm"):
+        cell, h0 = _cell(kind, B=2)
+        xs = torch.randn(2, 13, 2, dtype=D64, generator=torch.Generator().manual_seed(5))
+        xs.requires_grad_()
+        grads = {}
+        for method, opts in (("sequential", {}), ("scan", {"chunk": 5})):
+            cell.zero_grad()
+            xs.grad = None
+            hs, info = ffsolve.backprop_through(cell, h0, xs, method=method, **opts)
+            hh = torch.cat(hs, -1) if isinstance(hs, tuple) else hs
+            (hh.sin() * torch.arange(13, dtype=D64)[:, None]).sum().backward()
+            grads[method] = torch.cat(
+                [p.grad.flatten() for p in cell.parameters()] + [xs.grad.flatten()]
+            )
+        assert info.num_iters == 1 and info.converged
+        torch.testing.assert_close(grads["scan"], grads["sequential"], rtol=1e-12, atol=1e-12)
+
+
+def _expanding(h, x):
+    return 4.0 * torch.sin(3.0 * h) + x  # |J| up to 12: Newton's linear steps blow up
+
+
+def test_diverging_newton_is_reported():
+    h0 = torch.zeros(1, 1)
+    xs = torch.randn(1, 60, 1, generator=torch.Generator().manual_seed(6))
+    problem = RecurrenceForward(_expanding, h0, xs)
+    seq = ffsolve.solve(problem, method="sequential").value
+    with pytest.warns(ffsolve.DivergenceWarning, match="Jacobi steps were taken"):
+        sol = ffsolve.solve(problem, method="newton")
+    assert sum(sol.stats["newton_fallbacks"]) + sum(sol.stats["newton_nonfinite"]) > 0
+    assert sol.all_converged and torch.equal(
+        sol.value, ffsolve.solve(problem, method="jacobi").value
+    )
+    torch.testing.assert_close(sol.value, seq)
+    with pytest.raises(ffsolve.NonFiniteError, match=r"iteration \d+, position \d+"):
+        ffsolve.solve(problem, method="newton", fallback=False)
+
+
+def test_nan_in_an_iterate_names_iteration_and_time_step():
+    def cell(h, x):
+        return torch.where(x > 0.5, torch.full_like(h, float("nan")), torch.tanh(h + x))
+
+    xs = torch.zeros(1, 12, 1)
+    xs[0, 7] = 1.0
+    problem = RecurrenceForward(cell, torch.zeros(1, 1), xs)
+    for method in ("newton", "quasi_newton", "jacobi"):
+        with pytest.raises(ffsolve.NonFiniteError, match="iteration 1, position 7"):
+            ffsolve.solve(problem, method=method, fallback=False) if method != "jacobi" else (
+                ffsolve.solve(problem, method=method)
+            )
+
+
+@pytest.mark.parametrize("kind", ["rnn", "gru", "lstm"])
+def test_closed_form_cell_jacobians_equal_autograd(kind):
+    from ffsolve.problems.recurrence import _cell_jacobians, torch_cell_jacobian
+
+    cell, h0 = _cell(kind, B=4)
+    problem = RecurrenceForward(cell, h0, torch.randn(4, 3, 2, dtype=D64))
+    h = torch.randn(4, problem.shape[2], dtype=D64)
+    x = torch.randn(4, 2, dtype=D64)
+    ref = _cell_jacobians(problem.cell, h, x, False)  # (4, F, F) by autograd
+    jac = torch_cell_jacobian(cell)
+    torch.testing.assert_close(jac(h, x, False), ref, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(
+        jac(h, x, True), ref.diagonal(dim1=1, dim2=2), rtol=1e-12, atol=1e-14
+    )
+
+
+def test_generic_jacobians_of_a_first_order_function_problem():
+    """The Problem default (batched VJPs of evaluate) on a plain function declared first-order."""
+    W = torch.randn(3, 3, dtype=D64) / 2
+
+    def fn(x):  # x (B, T, 3): f_t = tanh(W x_{t-1}) + 1
+        prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], 1)
+        return torch.tanh(prev @ W.T) + 1
+
+    problem = ffsolve.FunctionProblem(fn, torch.zeros(2, 9, 3, dtype=D64))
+    problem.first_order = True
+    seq = ffsolve.solve(problem, method="sequential").value
+    for method in ("newton", "quasi_newton"):
+        sol = ffsolve.solve(problem, method=method, chunk=4)
+        assert sol.all_converged and sol.num_iters <= 9
+        torch.testing.assert_close(sol.value, seq, rtol=0, atol=1e-15)
+    x = torch.randn(2, 9, 3, dtype=D64)
+    J = problem.jacobians(x, 2, 6)  # (2, 4, 3, 3)
+    ref = (1 - torch.tanh(x[:, 1:5] @ W.T) ** 2)[..., None] * W
+    torch.testing.assert_close(J, ref)
+
+
+def test_scan_backprop_of_a_plain_function_cell():
+    """backprop_through by scan with a cell that is not torch's (generic Jacobians)."""
+    from ffsolve.models.rnn import VanillaRNN, VanillaRNNConfig
+
+    m = VanillaRNN(VanillaRNNConfig(input_size=2, hidden=6, init_std=0.4)).to(D64)
+    xs = torch.randn(2, 11, 2, dtype=D64)
+    grads = {}
+    for method in ("sequential", "scan", "quasi_newton"):
+        m.zero_grad()
+        hs, info = ffsolve.backprop_through(m.step, m.initial_state(2), xs, method=method)
+        (m.readout(hs) ** 2).sum().backward()
+        grads[method] = torch.cat([p.grad.flatten() for p in m.parameters()])
+        assert info.converged
+    torch.testing.assert_close(grads["scan"], grads["sequential"], rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(grads["quasi_newton"], grads["sequential"], rtol=1e-12, atol=1e-13)
+
+
+def test_cli_runs_rnn_forward(tmp_path, capsys):
+    import json
+
+    from ffsolve.cli import main
+
+    sets = ["hidden=[3]", "lengths=[1,9]", "batches=[2]", "loop_max_length=5", "repeats=1"]
+    sets += ["warmup=0", "dtype=float64", "atol=0.0"]
+    argv = ["run", "rnn-forward", "--device", "cpu", "--out", str(tmp_path)]
+    assert main(argv + [a for s in sets for a in ("--set", s)]) == 0
+    (run_dir,) = (tmp_path / "rnn-forward").iterdir()
+    rows = json.loads((run_dir / "records.json").read_text())["rows"]
+    assert {r["method"] for r in rows} == {
+        "cudnn",
+        "sequential",
+        "jacobi",
+        "newton",
+        "quasi_newton",
+    }
+    for r in rows:
+        if r["method"] in ("jacobi", "newton", "quasi_newton"):
+            assert r["converged"] and r["iters"] <= r["length"] and r["max_diff"] < 1e-14
+    assert not any(r["method"] == "sequential" and r["length"] == 9 for r in rows)  # > loop max
+    assert "quasi_newton" in capsys.readouterr().out
+
+
+def test_cell_provided_jacobian_in_backprop_and_the_model():
+    from ffsolve.models.rnn import VanillaRNN, VanillaRNNConfig
+    from ffsolve.problems.recurrence import _cell_jacobians
+
+    m = VanillaRNN(VanillaRNNConfig(input_size=2, hidden=5, init_std=0.4)).to(D64)
+    h, x = torch.randn(3, 5, dtype=D64), torch.randn(3, 2, dtype=D64)
+    ref = _cell_jacobians(m.step, h, x, False)
+    torch.testing.assert_close(m.step_jacobian(h, x), ref)
+    torch.testing.assert_close(m.step_jacobian(h, x, True), ref.diagonal(dim1=1, dim2=2))
+    xs = torch.randn(2, 9, 2, dtype=D64)
+    grads = []
+    for jac in (None, m.step_jacobian):
+        m.zero_grad()
+        hs, _ = ffsolve.backprop_through(m.step, m.initial_state(2), xs, "scan", jacobian=jac)
+        (m.readout(hs) ** 2).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-13, atol=1e-14)
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_parallel_forward_and_parallel_backward_give_autograds_gradients(kind):
+    cell, h0 = _cell(kind, B=2)
+    xs = torch.randn(2, 15, 2, dtype=D64, generator=torch.Generator().manual_seed(8))
+    grads = {}
+    for label, kw in (
+        ("autograd", None),
+        ("newton+scan", {"forward_method": "newton"}),
+        ("quasi+jacobi", {"forward_method": "quasi_newton", "forward_options": {"chunk": 4}}),
+    ):
+        cell.zero_grad()
+        if kw is None:
+            hh = _unroll(cell, h0, xs)
+        else:
+            method = "scan" if label.endswith("scan") else "jacobi"
+            hs, info = ffsolve.backprop_through(cell, h0, xs, method, **kw)
+            hh = torch.cat(hs, -1) if isinstance(hs, tuple) else hs
+            assert info.forward_solution.all_converged
+            assert info.forward_solution.num_iters <= 15
+        (hh.cos() * torch.linspace(0, 1, 15, dtype=D64)[:, None]).sum().backward()
+        grads[label] = torch.cat([p.grad.flatten() for p in cell.parameters()])
+    for label in ("newton+scan", "quasi+jacobi"):
+        torch.testing.assert_close(grads[label], grads["autograd"], rtol=1e-12, atol=1e-12)
+    with pytest.raises(TypeError, match="without forward_method"):
+        ffsolve.backprop_through(cell, h0, xs, "scan", forward_options={"atol": 1e-3})

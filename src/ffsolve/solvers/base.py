@@ -144,7 +144,7 @@ class Solver:
             f"{self.name}: NaN or Inf in the iterate at iteration {iteration}, {where}"
         )
 
-    # --- the one loop ------------------------------------------------------------------
+    # --- the one loop: a device step and a host driver ------------------------------------
     def solve(
         self,
         problem: Problem,
@@ -153,90 +153,232 @@ class Solver:
         rtol: float = 0.0,
         max_iters: int | None = None,
         record: bool = True,
-        check_every: int = 1,
+        check_every: int | None = None,
         raise_on_failure: bool = False,
         callback: Callable[[int, Tensor], None] | None = None,
+        capture: bool | str = "auto",
     ) -> Solution:
-        """Iterate until every position of every batch item is certified, or `max_iters`."""
+        """Iterate until every position of every batch item is certified, or `max_iters`.
+
+        The work is split in two (STYLE.md, "One loop, also when it is captured"): a device
+        step (`_Loop.step`: sweep, compare, certify, count, trace, NaN flag; static shapes, no
+        host read, no Python branch on a tensor value) and this host driver, which runs the
+        step `check_every` times per chunk, eagerly or as one replay of a CUDA graph, then
+        reads one small tensor (NaN flag, certified minimum, iteration count).
+        """
         T = problem.length
         self.validate(T)
+        init = problem.initial()
+        mode = _capture_mode(capture, self, problem, init.device, callback)
+        if check_every is None:
+            check_every = DEFAULT_CHUNK if mode == "graph" else 1
         check_stopping(atol, rtol, max_iters, check_every)
         if max_iters is None:
             max_iters = self.default_max_iters(T)
-
-        s = _Canonical(problem.initial(), problem.dim)
-        if not bool(torch.isfinite(s.v).all()):
+        if not bool(torch.isfinite(init).all()):
             raise NonFiniteError(f"{self.name}: the initial iterate holds NaN or Inf")
-        device = s.x.device
-        B = s.B
-        cert = torch.zeros(B, dtype=torch.long, device=device)  # certified prefix per item
-        conv_iter = torch.full((B,), -1, dtype=torch.long, device=device)
-        # Per iteration, the max-abs change of each item, (B,): the residual trace, and the
-        # NaN/Inf detector (a non-finite value makes its item's entry non-finite).
-        residuals: list[Tensor] = []
-        checked = 0  # residuals[:checked] are known to be finite
-        certified: list[Tensor] = []
+        problem.prepare()
+
+        loop = _Loop.build(self, problem, init, atol, rtol, max_iters, record, mode, check_every)
+        s = loop.state
+        static = self.static_region()
+        chunk = min(check_every, max_iters) if static and callback is None else 1
+        k_host = 0  # the device count, as last read (exact: frozen steps do not count)
+        sweeps = 0  # steps run, frozen ones included (model calls really made)
         num_evals = 0
-        cert_min = 0  # host copy, refreshed when the region depends on it
-        k = 0
-        all_done = False
-        while k < max_iters:
-            k += 1
-            start, stop = self.region(cert_min, T)
-            new = s.flat(self.sweep(problem, s, start, stop))  # (B, n, F)
-            num_evals += self.evals_per_sweep(problem, start, stop)
-            old = s.v[:, start:stop]  # (B, n, F)
-
-            diff = (new - old).abs()  # (B, n, F)
-            residuals.append(diff.amax(dim=(1, 2)))  # (B,)
-            if atol == 0 and rtol == 0:
-                same = (diff == 0).all(2)  # bitwise equality, the exact certificate
+        while True:
+            if static:
+                loop.run(chunk, callback, sweeps)
+                sweeps += chunk
+                num_evals += chunk * loop.evals
             else:
-                same = (diff <= atol + rtol * new.abs()).all(2)  # (B, n)
-            prefix = same.long().cumprod(1).sum(1)  # (B,) unchanged prefix of the window
-            # the first changed position is final too: its inputs are all certified
-            reach = torch.clamp(prefix + 1, max=stop - start) + start
-            grown = torch.maximum(self.guaranteed(cert, T), reach)
-            # only where the window's inputs are certified (always, for a window from 0)
-            cert = grown if start == 0 else torch.where(cert >= start, grown, cert)
-            done = cert >= T
-            conv_iter = torch.where(done & (conv_iter < 0), k, conv_iter)
-            s.v[:, start:stop] = new
-            if record:
-                certified.append(cert)  # a new tensor each iteration, never written in place
-            if callback is not None:
-                callback(k, s.x)
-
-            if not self.static_region() or k % check_every == 0 or k == max_iters:
-                recent = torch.stack(residuals[checked:])  # (m, B)
-                finite = torch.isfinite(recent).all(1)  # (m,)
-                ok, cert_min = torch.stack([finite.all().long(), cert.min()]).tolist()  # 1 sync
-                if not ok:
-                    self._raise_nonfinite(s, checked + int(finite.int().argmin()) + 1, k)
-                checked = len(residuals)
-                if not record:
-                    residuals.clear()
-                    checked = 0
-                if cert_min >= T:
-                    all_done = True
-                    break
-
+                start, stop = self.region(loop.cert_min, T)
+                loop.step(start, stop)
+                sweeps += 1
+                num_evals += self.evals_per_sweep(problem, start, stop)
+                if callback is not None:
+                    callback(sweeps, s.x)
+            bad, cert_min, k_host = torch.stack([loop.bad, loop.cert.min(), loop.k]).tolist()
+            loop.cert_min = cert_min
+            if bad:  # the step froze at the first non-finite iterate: its number is exact
+                self._raise_nonfinite(s, bad, bad)
+            if cert_min >= T or k_host >= max_iters:
+                break
+        all_done = cert_min >= T
+        cert = loop.cert.clone()
+        conv_iter = loop.conv_iter
         converged = cert >= T
-        num_iters = int(conv_iter.max()) if all_done else k
+        num_iters = int(conv_iter.max()) if all_done else k_host
         stats: dict[str, Any] = {
-            "iters_per_item": torch.where(conv_iter >= 0, conv_iter, k).tolist(),
+            "iters_per_item": torch.where(conv_iter >= 0, conv_iter, k_host).tolist(),
             "certified_final": cert.tolist(),
             **self.options(),
         }
         if check_every > 1:
             stats["check_every"] = check_every
-            stats["sweeps_run"] = k
-        res = torch.stack(residuals)[:num_iters] if record else None  # (num_iters, B)
-        cer = torch.stack(certified)[:num_iters] if record else None
-        sol = Solution(s.x, converged, num_iters, num_evals, res, cer, stats)
+            stats["sweeps_run"] = sweeps
+        if mode == "graph":
+            stats["captured"] = True
+        res = loop.res_buf[:num_iters].clone() if record else None  # (num_iters, B)
+        cer = loop.cer_buf[:num_iters].clone() if record else None
+        value = s.x.clone() if mode == "graph" else s.x  # graph buffers are reused by replays
+        sol = Solution(value, converged, num_iters, num_evals, res, cer, stats)
         if not all_done:
             _report_failure(self.name, sol, max_iters, raise_on_failure)
         return sol
+
+
+#: Sweeps per host read (and per CUDA-graph replay) when the loop is captured.
+DEFAULT_CHUNK = 16
+
+
+def _capture_mode(
+    capture: bool | str, solver: Solver, problem: Problem, device: torch.device, callback: Any
+) -> str:
+    """'graph' or 'eager' for `capture` = "auto" | True | False (see `ffsolve.solve`)."""
+    if capture not in ("auto", True, False):
+        raise ValueError(f"capture must be 'auto', True or False, got {capture!r}")
+    if capture is False:
+        return "eager"
+    reasons = []
+    if device.type != "cuda":
+        reasons.append(f"the state is on {device.type}, CUDA graphs need a CUDA device")
+    if not solver.static_region():
+        reasons.append(f"{solver.name}'s window moves with the certified prefix (a host read)")
+    if callback is not None:
+        reasons.append("a callback reads every iterate on the host")
+    if capture == "auto":
+        return "graph" if not reasons and problem.capturable else "eager"
+    if reasons:
+        raise ValueError(f"capture=True is impossible here: {'; '.join(reasons)}")
+    return "graph"  # True: the caller vouches for the problem's sweep
+
+
+def _canon(init: Tensor, problem: Problem) -> _Canonical:
+    return _Canonical(init, problem.dim)
+
+
+class _Loop:
+    """The persistent buffers of one solve, its device step and how the step is replayed.
+
+    Every tensor the step reads or writes lives here and is updated in place, so the same
+    `step` runs eagerly or inside a CUDA graph. A captured loop is cached on the problem and
+    replayed by later solves with the same settings (buffers reset, graph kept).
+    """
+
+    def __init__(self, solver, problem, atol, rtol, max_iters, record, state) -> None:
+        self.solver, self.problem = solver, problem
+        self.atol, self.rtol, self.max_iters, self.record = atol, rtol, max_iters, record
+        self.state = s = state
+        self.T = problem.length
+        dev = s.x.device
+        self.cert = torch.zeros(s.B, dtype=torch.long, device=dev)  # certified prefix per item
+        self.conv_iter = torch.full((s.B,), -1, dtype=torch.long, device=dev)
+        self.k = torch.zeros((), dtype=torch.long, device=dev)  # iterations made (exact)
+        self.bad = torch.zeros((), dtype=torch.long, device=dev)  # first non-finite iteration
+        # traces; row max_iters is a scratch row written by frozen steps
+        n = max_iters + 1 if record else 0
+        self.res_buf = torch.zeros(n, s.B, dtype=s.x.dtype, device=dev)  # (max_iters + 1, B)
+        self.cer_buf = torch.zeros(n, s.B, dtype=torch.long, device=dev)
+        self.start, self.stop = solver.region(0, self.T)
+        self.evals = solver.evals_per_sweep(problem, self.start, self.stop)
+        self.cert_min = 0
+        self.mode = "eager"
+        self.graph: Any = None
+
+    @classmethod
+    def build(cls, solver, problem, init, atol, rtol, max_iters, record, mode, check_every):
+        """A fresh loop, or in graph mode the cached one of the same settings, reset."""
+        if mode == "graph":
+            key = (solver, float(atol), float(rtol), max_iters, record, check_every)
+            cache = problem.__dict__.setdefault("_ffsolve_graphs", {})
+            loop = cache.get(key)
+            if loop is None:
+                loop = cls(solver, problem, atol, rtol, max_iters, record, _canon(init, problem))
+                loop.mode = "graph"
+                cache[key] = loop
+            else:
+                loop.reset(init)
+            return loop
+        return cls(solver, problem, atol, rtol, max_iters, record, _canon(init, problem))
+
+    def reset(self, init: Tensor) -> None:
+        self.state.x.copy_(init)
+        self.cert.zero_()
+        self.conv_iter.fill_(-1)
+        self.k.zero_()
+        self.bad.zero_()
+        self.cert_min = 0
+
+    def step(self, start: int, stop: int) -> None:
+        """One iteration on the device: (state, certificate) -> (state, certificate).
+
+        Static shapes, no host read, no Python branch on a tensor value. Once every item is
+        certified, the budget is spent or a non-finite iterate appeared, the step is frozen
+        (state, certificate, count and traces unchanged), so a chunk may run past the end and
+        the result is exactly that of stopping right there.
+        """
+        solver, s, T = self.solver, self.state, self.T
+        cert, k = self.cert, self.k
+        active = (cert.min() < T) & (k < self.max_iters) & (self.bad == 0)  # () bool
+        kn = k + active.long()  # the number of this iteration, if it counts
+        new = s.flat(solver.sweep(self.problem, s, start, stop))  # (B, n, F)
+        old = s.v[:, start:stop]  # (B, n, F)
+        diff = (new - old).abs()  # (B, n, F)
+        res = diff.amax(dim=(1, 2))  # (B,): residual trace and NaN/Inf detector
+        if self.atol == 0 and self.rtol == 0:
+            same = (diff == 0).all(2)  # bitwise equality, the exact certificate
+        else:
+            same = (diff <= self.atol + self.rtol * new.abs()).all(2)  # (B, n)
+        prefix = same.long().cumprod(1).sum(1)  # (B,) unchanged prefix of the window
+        # the first changed position is final too: its inputs are all certified
+        reach = torch.clamp(prefix + 1, max=stop - start) + start
+        grown = torch.maximum(solver.guaranteed(cert, T), reach)
+        if start != 0:  # only where the window's inputs are certified
+            grown = torch.where(cert >= start, grown, cert)
+        cert_new = torch.where(active, grown, cert)
+        done = cert_new >= T
+        self.conv_iter.copy_(torch.where(done & (self.conv_iter < 0), kn, self.conv_iter))
+        nonfinite = active & ~torch.isfinite(res).all()
+        self.bad.copy_(torch.where(nonfinite & (self.bad == 0), kn, self.bad))
+        s.v[:, start:stop] = torch.where(active, new, old)
+        if self.record:
+            row = torch.where(active, kn - 1, self.max_iters).reshape(1)  # (1,)
+            self.res_buf.index_copy_(0, row, res[None].to(self.res_buf.dtype))
+            self.cer_buf.index_copy_(0, row, cert_new[None])
+        cert.copy_(cert_new)
+        k.copy_(kn)
+
+    def run(self, n: int, callback: Any, base: int) -> None:
+        """`n` steps of the static region: eagerly, or one replay of a captured chunk."""
+        if self.mode == "eager":
+            for i in range(n):
+                self.step(self.start, self.stop)
+                if callback is not None:
+                    callback(base + i + 1, self.state.x)
+            return
+        with torch.no_grad():
+            if self.graph is None:
+                self.graph = _capture(lambda: self.step(self.start, self.stop), n)
+            else:
+                self.graph.replay()
+
+
+def _capture(body: Callable[[], None], n: int) -> Any:
+    """Run `body` n times for real on a side stream (warm-up: cuBLAS handles, allocator),
+    then capture n calls of it in a CUDA graph and return the graph (not yet replayed: the
+    warm-up already did this chunk's work)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(n):
+            body()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(n):
+            body()
+    return graph
 
 
 def check_stopping(atol: float, rtol: float, max_iters: int | None, check_every: int) -> None:

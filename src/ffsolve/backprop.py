@@ -154,6 +154,8 @@ class _Plan:
         self.solve_kwargs = solve_kwargs
         self.info = info
         self.keep_chain = solver.name == "sequential"
+        self.structure: Any = None  # the cell as given (its structure may give a fast VJP)
+        self.fast = True
 
     def cell(self, h: Tensor, x: Tensor) -> Tensor:
         """The cell on flat states: (N, F), (N, *D) -> (N, F)."""
@@ -204,7 +206,14 @@ class _BPTTFunction(torch.autograd.Function):
         h_prev = torch.cat([h0.detach()[:, None], hs[:, :-1]], dim=1)  # (B, T, F): h_0..h_{T-1}
         xs_grad = bool(needs[2])
         problem = RecurrenceAdjoint(
-            plan.cell, h_prev, xs, grad_hs, xs_grad=xs_grad, chain=ctx.chain
+            plan.cell,
+            h_prev,
+            xs,
+            grad_hs,
+            xs_grad=xs_grad,
+            chain=ctx.chain,
+            structure=plan.structure,
+            fast=plan.fast,
         )
         sol = plan.solver.solve(problem, **plan.solve_kwargs)
         plan.info.solution = sol
@@ -309,8 +318,10 @@ def backprop_through(
     max_iters: int | None = None,
     batch_first: bool = True,
     record: bool = True,
-    check_every: int = 1,
+    check_every: int | None = None,
     raise_on_failure: bool = False,
+    capture: bool | str = False,
+    fast_vjp: bool = True,
     **options: Any,
 ) -> tuple[State, BackpropInfo]:
     """Run h_t = cell(h_{t-1}, x_t) for t = 1..T sequentially; back-propagate by `method`.
@@ -339,8 +350,13 @@ def backprop_through(
         max_iters: iteration budget (default: the method's exactness bound, T for Jacobi).
         batch_first: layout of xs and of the returned states.
         record: keep the solve's residual traces (`info.residuals`); off for timing.
-        check_every, raise_on_failure, **options: passed to the solver (`block_size`,
-            `window`); see `ffsolve.solve`.
+        check_every, raise_on_failure, capture, **options: passed to the solver
+            (`block_size`, `window`); see `ffsolve.solve`. `capture` defaults to False here:
+            the adjoint system is rebuilt at every backward, so a graph would be captured
+            anew each time (True captures anyway, on CUDA).
+        fast_vjp: for a `VanillaRNN.step` or a torch `RNNCell`/`GRUCell`/`LSTMCell`, sweep with
+            J^T a formed from operands computed once (`ffsolve.problems.cells`: elementwise
+            products and one matmul, no autograd call per sweep); False: autograd per sweep.
 
     Returns:
         (hs, info): the states h_1..h_T, (B, T, *S) (a tuple for a tuple state; time-major
@@ -361,7 +377,8 @@ def backprop_through(
     if not callable(cell):
         raise TypeError(f"cell must be callable, got {type(cell).__name__}")
     solver = get_solver(method, **options)
-    check_stopping(atol, rtol, max_iters, check_every)  # fail now, not inside backward
+    # fail now, not inside backward
+    check_stopping(atol, rtol, max_iters, 1 if check_every is None else check_every)
     parts, is_tuple = _as_parts(h0)
     _check_inputs(parts, xs, batch_first)
     user_cell = cell
@@ -399,9 +416,12 @@ def backprop_through(
             record=record,
             check_every=check_every,
             raise_on_failure=raise_on_failure,
+            capture=capture,
         ),
         info,
     )
+    plan.structure = cell
+    plan.fast = fast_vjp
     h0_flat = layout.flatten(parts)  # (B, F)
     if torch.is_grad_enabled():
         # one step with a graph: checks the cell's output and finds tensors it uses that

@@ -28,11 +28,13 @@ others decays like rho^k.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ffsolve.problems.base import Problem
+from ffsolve.problems.cells import vjp_operands
 
 __all__ = ["RecurrenceAdjoint"]
 
@@ -58,6 +60,10 @@ class RecurrenceAdjoint(Problem):
             forward pass (h_t computed from h_{t-1}); the sequential method back-propagates
             through it in one pass of autograd's engine, the ordinary BPTT. Recomputed from
             h_prev[:, 0] and xs when omitted.
+        structure: the cell as the user gave it (e.g. `rnn.step` or an `nn.GRUCell`), when
+            `cell` wraps it; default `cell`. A cell whose structure `ffsolve.problems.cells`
+            knows gets a sweep with no autograd call (operands formed once; capturable).
+        fast: use that structured sweep when available (False: always autograd).
 
     Example:
         >>> problem = RecurrenceAdjoint(cell, h_prev, xs, grad_h)
@@ -74,6 +80,8 @@ class RecurrenceAdjoint(Problem):
         *,
         xs_grad: bool = False,
         chain: Sequence[Tensor] | None = None,
+        structure: Any = None,
+        fast: bool = True,
     ) -> None:
         if h_prev.dim() != 3 or grad_h.shape != h_prev.shape:
             raise ValueError(
@@ -107,6 +115,9 @@ class RecurrenceAdjoint(Problem):
             if xs_grad:
                 self._xr.requires_grad_()
             self._out = cell(self._hp, self._xr)  # (B*T, F)
+        # J^T a for every row by elementwise products and one matmul, when the cell is known
+        self._fast = vjp_operands(structure or cell, self._hp, self._xr) if fast else None
+        self.capturable = self._fast is not None
 
     def initial(self) -> Tensor:
         return torch.zeros_like(self._g)
@@ -114,6 +125,9 @@ class RecurrenceAdjoint(Problem):
     def _vjp(self, adj: Tensor) -> Tensor:
         """Every J_t^T a_t at once: adj (B, T, F) reversed -> (B, T, F) whose row s is
         J_{T-s}^T a_{T-s} (one backward pass through the stored all-steps graph)."""
+        if self._fast is not None:
+            B, T, F = self.shape
+            return self._fast(adj.reshape(B * T, F)).view(B, T, F)
         if not self._out.requires_grad:  # the cell ignores its state: no coupling in time
             return torch.zeros_like(adj)
         (u,) = torch.autograd.grad(

@@ -57,7 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
     _common(t)
     d = sub.add_parser("demo", help="the main job on the shipped default")
     _common(d)
-    b = sub.add_parser("bench", help="will parallel pay here? sweep vs sequential cost per size")
+    b = sub.add_parser(
+        "bench",
+        help="every method vs the naive and the strongest sequential baseline; "
+        "writes runs/bench/<timestamp>/",
+    )
+    b.add_argument(
+        "cases",
+        nargs="*",
+        help="made-mnist, made-rgb, made-batch, rnn-backprop, breakeven (default: all)",
+    )
     _common(b)
     return p
 
@@ -130,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
             name, overrides = DEMO
             _execute("run", name, get_experiment(name), args, overrides)
         elif args.command == "bench":
-            _execute("run", "breakeven", get_experiment("breakeven"), args)
+            cases = [f"cases=[{', '.join(args.cases)}]"] if args.cases else []
+            _execute("run", "bench", get_experiment("bench"), args, cases)
     except (FFSolveError, ValueError, TypeError, FileNotFoundError) as e:
         if args.traceback:
             traceback.print_exc()

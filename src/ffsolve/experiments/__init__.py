@@ -66,6 +66,7 @@ _MODULES = [
     "ffsolve.experiments.made_train",
     "ffsolve.experiments.made_sampling",
     "ffsolve.experiments.rnn_backprop",
+    "ffsolve.experiments.bench_suite",
 ]
 
 #: What `ffsolve demo` / `make demo` runs: an experiment name and config overrides.

@@ -198,20 +198,21 @@ class Solver:
                 num_evals += self.evals_per_sweep(problem, start, stop)
                 if callback is not None:
                     callback(sweeps, s.x)
-            bad, cert_min, k_host = torch.stack([loop.bad, loop.cert.min(), loop.k]).tolist()
+            flags = torch.stack([loop.nan.long(), loop.cert.min(), loop.k])
+            nan, cert_min, k_host = flags.tolist()  # the one host read of a chunk
             loop.cert_min = cert_min
-            if bad:  # the step froze at the first non-finite iterate: its number is exact
-                self._raise_nonfinite(s, bad, bad)
+            if nan:  # the step froze at the first non-finite iterate: k is its number
+                self._raise_nonfinite(s, k_host, k_host)
             if cert_min >= T or k_host >= max_iters:
                 break
         all_done = cert_min >= T
-        cert = loop.cert.clone()
-        conv_iter = loop.conv_iter
-        converged = cert >= T
-        num_iters = int(conv_iter.max()) if all_done else k_host
+        converged = loop.cert >= T  # (B,)
+        per_item = torch.cat([loop.conv_iter(), loop.cert]).tolist()  # one more host read
+        conv_iter, cert_final = per_item[: s.B], per_item[s.B :]
+        num_iters = max(conv_iter) if all_done else k_host
         stats: dict[str, Any] = {
-            "iters_per_item": torch.where(conv_iter >= 0, conv_iter, k_host).tolist(),
-            "certified_final": cert.tolist(),
+            "iters_per_item": [c if c >= 0 else k_host for c in conv_iter],
+            "certified_final": cert_final,
             **self.options(),
         }
         if check_every > 1:
@@ -269,13 +270,16 @@ class _Loop:
     def __init__(self, solver, problem, atol, rtol, max_iters, record, state) -> None:
         self.solver, self.problem = solver, problem
         self.atol, self.rtol, self.max_iters, self.record = atol, rtol, max_iters, record
+        self.exact = atol == 0 and rtol == 0
         self.state = s = state
         self.T = problem.length
         dev = s.x.device
         self.cert = torch.zeros(s.B, dtype=torch.long, device=dev)  # certified prefix per item
-        self.conv_iter = torch.full((s.B,), -1, dtype=torch.long, device=dev)
+        # iterations after which an item was still uncertified: it converged at not_done + 1
+        self.not_done = torch.zeros(s.B, dtype=torch.long, device=dev)
         self.k = torch.zeros((), dtype=torch.long, device=dev)  # iterations made (exact)
-        self.bad = torch.zeros((), dtype=torch.long, device=dev)  # first non-finite iteration
+        self.live = torch.ones((), dtype=torch.bool, device=dev)  # the next step counts
+        self.nan = torch.zeros((), dtype=torch.bool, device=dev)  # a non-finite iterate seen
         # traces; row max_iters is a scratch row written by frozen steps
         n = max_iters + 1 if record else 0
         self.res_buf = torch.zeros(n, s.B, dtype=s.x.dtype, device=dev)  # (max_iters + 1, B)
@@ -305,49 +309,50 @@ class _Loop:
     def reset(self, init: Tensor) -> None:
         self.state.x.copy_(init)
         self.cert.zero_()
-        self.conv_iter.fill_(-1)
+        self.not_done.zero_()
         self.k.zero_()
-        self.bad.zero_()
+        self.live.fill_(True)
+        self.nan.zero_()
         self.cert_min = 0
+
+    def conv_iter(self) -> Tensor:
+        """(B,) the iteration at which each item became certified, -1 if it did not."""
+        return torch.where(self.cert >= self.T, self.not_done + 1, -1)
 
     def step(self, start: int, stop: int) -> None:
         """One iteration on the device: (state, certificate) -> (state, certificate).
 
-        Static shapes, no host read, no Python branch on a tensor value. Once every item is
-        certified, the budget is spent or a non-finite iterate appeared, the step is frozen
-        (state, certificate, count and traces unchanged), so a chunk may run past the end and
-        the result is exactly that of stopping right there.
+        Static shapes, no host read, no Python branch on a tensor value, few kernels (each
+        costs as much as a small model's layer). Once every item is certified, the budget is
+        spent or a non-finite iterate appeared, `live` turns off and the step is frozen
+        (state, certificate, count and traces unchanged), so a chunk may run past the end
+        and the result is exactly that of stopping right there.
         """
-        solver, s, T = self.solver, self.state, self.T
-        cert, k = self.cert, self.k
-        active = (cert.min() < T) & (k < self.max_iters) & (self.bad == 0)  # () bool
-        kn = k + active.long()  # the number of this iteration, if it counts
+        solver, s, T, live, cert = self.solver, self.state, self.T, self.live, self.cert
+        self.k.add_(live)  # the number of this iteration, if it counts
         new = s.flat(solver.sweep(self.problem, s, start, stop))  # (B, n, F)
         old = s.v[:, start:stop]  # (B, n, F)
-        diff = (new - old).abs()  # (B, n, F)
-        res = diff.amax(dim=(1, 2))  # (B,): residual trace and NaN/Inf detector
-        if self.atol == 0 and self.rtol == 0:
-            same = (diff == 0).all(2)  # bitwise equality, the exact certificate
+        if self.exact:
+            same = (new == old).all(2)  # (B, n) bitwise equality, the exact certificate
         else:
-            same = (diff <= self.atol + self.rtol * new.abs()).all(2)  # (B, n)
-        prefix = same.long().cumprod(1).sum(1)  # (B,) unchanged prefix of the window
+            same = ((new - old).abs() <= self.atol + self.rtol * new.abs()).all(2)
+        prefix = same.cumprod(1, dtype=torch.long).sum(1)  # (B,) unchanged prefix of the window
         # the first changed position is final too: its inputs are all certified
-        reach = torch.clamp(prefix + 1, max=stop - start) + start
+        reach = (prefix + (start + 1)).clamp_(max=stop)
         grown = torch.maximum(solver.guaranteed(cert, T), reach)
         if start != 0:  # only where the window's inputs are certified
             grown = torch.where(cert >= start, grown, cert)
-        cert_new = torch.where(active, grown, cert)
-        done = cert_new >= T
-        self.conv_iter.copy_(torch.where(done & (self.conv_iter < 0), kn, self.conv_iter))
-        nonfinite = active & ~torch.isfinite(res).all()
-        self.bad.copy_(torch.where(nonfinite & (self.bad == 0), kn, self.bad))
-        s.v[:, start:stop] = torch.where(active, new, old)
         if self.record:
-            row = torch.where(active, kn - 1, self.max_iters).reshape(1)  # (1,)
+            res = (new - old).abs().amax(dim=(1, 2))  # (B,) residual trace
+            row = torch.where(live, self.k - 1, self.max_iters).reshape(1)  # (1,)
             self.res_buf.index_copy_(0, row, res[None].to(self.res_buf.dtype))
-            self.cer_buf.index_copy_(0, row, cert_new[None])
-        cert.copy_(cert_new)
-        k.copy_(kn)
+            self.cer_buf.index_copy_(0, row, torch.where(live, grown, cert)[None])
+        finite = torch.isfinite(new).all()  # NaN/Inf detector
+        old.copy_(torch.where(live, new, old))  # the state takes the new values if live
+        cert.copy_(torch.where(live, grown, cert))
+        self.not_done.add_((cert < T) & live)
+        self.nan.logical_or_(live & ~finite)
+        live.logical_and_((cert.min() < T) & (self.k < self.max_iters) & finite)
 
     def run(self, n: int, callback: Any, base: int) -> None:
         """`n` steps of the static region: eagerly, or one replay of a captured chunk."""

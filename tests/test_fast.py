@@ -210,3 +210,46 @@ def test_backprop_fast_vjp_equals_autograd_sweeps(method):
         assert info.converged
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13)
+
+
+def test_bench_cli_tiny_cases(tmp_path, capsys):
+    from ffsolve.cli import main
+    from ffsolve.models.made import save_made
+
+    ckpt = tmp_path / "made_tiny"
+    made = MADE(MADEConfig(dims=12, hidden=(16, 16), seed=0))
+    save_made(ckpt, made, {"data": {"lam": 1e-6, "shape": [1, 3, 4]}})
+    sets = [
+        f"checkpoint={ckpt}",
+        f"rgb_checkpoint={tmp_path / 'absent'}",
+        "batch=2",
+        "batches=[1, 2]",
+        "mnist_block=3",
+        "rnn_lengths=[6]",
+        "rnn_hidden=4",
+        "rnn_budget=3",
+        "repeats=1",
+        "warmup=0",
+    ]
+    argv = ["bench", "made-mnist", "made-rgb", "made-batch", "rnn-backprop", "--device", "cpu"]
+    argv += ["--out", str(tmp_path / "runs")]
+    for s in sets:
+        argv += ["--set", s]
+    assert main(argv) == 0
+    (run_dir,) = (tmp_path / "runs" / "bench").iterdir()
+    rec = __import__("json").loads((run_dir / "records.json").read_text())
+    cases = rec["cases"]
+    assert "skipped" in cases["made-rgb"]
+    rows = {r["method"]: r for r in cases["made-mnist"]["rows"]}
+    assert not any("error" in r for r in rows.values())
+    for label in ("jacobi", "sequential naive graph", "jacobi_gs(block=3)"):
+        assert rows[label]["equal_to_sequential"], label  # same kernels as the naive loop
+    assert rows["jacobi"]["strongest_baseline"].startswith("sequential")
+    assert {"median_s", "min_s", "max_s", "peak_mem_mb"} <= set(rows["jacobi"])
+    (entry,) = cases["rnn-backprop"]["lengths"]
+    rnn = {r["method"]: r for r in entry["rows"]}
+    assert rnn["autograd BPTT"]["relative_grad_error"] == 0.0
+    assert rnn["jacobi rtol=1e-6"]["relative_grad_error"] < 1e-5
+    assert len(cases["made-batch"]["batches"]) == 2
+    assert any(t["status"] == "pass" for t in rec["targets"])
+    assert "issue-10 targets" in capsys.readouterr().out

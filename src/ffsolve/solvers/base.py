@@ -198,8 +198,10 @@ class Solver:
                 num_evals += self.evals_per_sweep(problem, start, stop)
                 if callback is not None:
                     callback(sweeps, s.x)
-            flags = torch.stack([loop.nan.long(), loop.cert.min(), loop.k])
-            nan, cert_min, k_host = flags.tolist()  # the one host read of a chunk
+            finite = torch.isfinite(s.v).all().long()
+            flags = torch.stack([finite, loop.cert.min(), loop.k])
+            finite, cert_min, k_host = flags.tolist()  # the one host read of a chunk
+            nan = not finite
             loop.cert_min = cert_min
             if nan:  # the step froze at the first non-finite iterate: k is its number
                 self._raise_nonfinite(s, k_host, k_host)
@@ -279,7 +281,6 @@ class _Loop:
         self.not_done = torch.zeros(s.B, dtype=torch.long, device=dev)
         self.k = torch.zeros((), dtype=torch.long, device=dev)  # iterations made (exact)
         self.live = torch.ones((), dtype=torch.bool, device=dev)  # the next step counts
-        self.nan = torch.zeros((), dtype=torch.bool, device=dev)  # a non-finite iterate seen
         # traces; row max_iters is a scratch row written by frozen steps
         n = max_iters + 1 if record else 0
         self.res_buf = torch.zeros(n, s.B, dtype=s.x.dtype, device=dev)  # (max_iters + 1, B)
@@ -312,7 +313,6 @@ class _Loop:
         self.not_done.zero_()
         self.k.zero_()
         self.live.fill_(True)
-        self.nan.zero_()
         self.cert_min = 0
 
     def conv_iter(self) -> Tensor:
@@ -332,11 +332,11 @@ class _Loop:
         self.k.add_(live)  # the number of this iteration, if it counts
         new = s.flat(solver.sweep(self.problem, s, start, stop))  # (B, n, F)
         old = s.v[:, start:stop]  # (B, n, F)
-        if self.exact:
-            same = (new == old).all(2)  # (B, n) bitwise equality, the exact certificate
-        else:
-            same = ((new - old).abs() <= self.atol + self.rtol * new.abs()).all(2)
-        prefix = same.cumprod(1, dtype=torch.long).sum(1)  # (B,) unchanged prefix of the window
+        # (B, n, F): bitwise equality (the exact certificate) or within the tolerances
+        tol = None if self.exact else self.atol + self.rtol * new.abs()
+        same = new == old if tol is None else (new - old).abs() <= tol
+        same = same[:, :, 0] if s.F == 1 else same.all(2)  # (B, n)
+        prefix = same.cumprod(1, dtype=torch.long).sum(1)  # (B,) unchanged prefix of window
         # the first changed position is final too: its inputs are all certified
         reach = (prefix + (start + 1)).clamp_(max=stop)
         grown = torch.maximum(solver.guaranteed(cert, T), reach)
@@ -347,12 +347,19 @@ class _Loop:
             row = torch.where(live, self.k - 1, self.max_iters).reshape(1)  # (1,)
             self.res_buf.index_copy_(0, row, res[None].to(self.res_buf.dtype))
             self.cer_buf.index_copy_(0, row, torch.where(live, grown, cert)[None])
-        finite = torch.isfinite(new).all()  # NaN/Inf detector
-        old.copy_(torch.where(live, new, old))  # the state takes the new values if live
-        cert.copy_(torch.where(live, grown, cert))
-        self.not_done.add_((cert < T) & live)
-        self.nan.logical_or_(live & ~finite)
-        live.logical_and_((cert.min() < T) & (self.k < self.max_iters) & finite)
+        # NaN/Inf: the step freezes on the first non-finite iterate, which stays in the state
+        # (the driver finds it there with one reduction per chunk)
+        finite = torch.isfinite(new).all()
+        if new.requires_grad:  # the state takes the new values if live
+            old.copy_(torch.where(live, new, old))
+        else:
+            torch.where(live, new, old, out=old)  # elementwise in place, one kernel
+        torch.where(live, grown, cert, out=cert)
+        # an item certified at iteration j was uncertified after exactly j - 1 iterations
+        # (all live: nothing freezes before every item is certified or the budget is spent)
+        self.not_done.add_(cert < T)
+        live.logical_and_(cert.min() < T).logical_and_(self.k < self.max_iters)
+        live.logical_and_(finite)
 
     def run(self, n: int, callback: Any, base: int) -> None:
         """`n` steps of the static region: eagerly, or one replay of a captured chunk."""

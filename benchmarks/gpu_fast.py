@@ -21,6 +21,7 @@ import json
 import os
 import sys
 import tarfile
+import tempfile
 import time
 import traceback
 import warnings
@@ -36,6 +37,21 @@ from ffsolve.problems.autoregressive import MADESampling, logistic_noise
 from ffsolve.solvers import ConvergenceWarning
 
 RESULTS: list[tuple[str, bool, str]] = []
+
+
+class _Tee:
+    """stdout also written to $OUT/log.txt."""
+
+    def __init__(self, stream, path: Path) -> None:
+        self.stream, self.file = stream, open(path, "w")  # noqa: SIM115
+
+    def write(self, text: str) -> int:
+        self.file.write(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.file.flush()
+        self.stream.flush()
 
 
 def check(name: str, ok: bool, detail: str = "") -> None:
@@ -136,8 +152,13 @@ def rnn_correctness(device: torch.device, tiny: bool) -> None:
             )
 
 
-def run_bench(device: torch.device, tiny: bool, out: Path, cases: list[str]) -> None:
+def run_bench(device: torch.device, tiny: bool, out: Path, cases: list[str], budget_s: float):
+    # run directories live outside $OUT (few files come back from it): packed into bench.tgz
+    runs_root = Path(tempfile.mkdtemp(prefix="ffsolve-bench-"))
+    """One `ffsolve bench CASE` per case (each writes its run directory as soon as it ends, so
+    a late failure or the time limit loses nothing done before); then the targets of all."""
     from ffsolve.cli import main
+    from ffsolve.experiments.bench_suite import check_targets, summary
 
     sets: list[str] = []
     if Path(".carry/made_rgb.safetensors").is_file():
@@ -153,13 +174,36 @@ def run_bench(device: torch.device, tiny: bool, out: Path, cases: list[str]) -> 
             "breakeven_lengths=[16]",
             "breakeven_batches=[2]",
         ]
-        cases = [c for c in cases if c != "made-mnist"] or cases  # the 784-dim MADE is slow here
-    argv = ["bench", *cases, "--device", device.type, "--out", str(out / "runs")]
-    for s in sets:
-        argv += ["--set", s]
-    print("ffsolve " + " ".join(argv), flush=True)
-    rc = main(argv)
-    check("ffsolve bench exit code", rc == 0, f"rc={rc}")
+        cases = [c for c in cases if c not in ("made-mnist", "made-batch")]  # 784 dims: slow
+    t0 = time.perf_counter()
+    merged: dict = {"cases": {}}
+    for case in cases:
+        if time.perf_counter() - t0 > budget_s:
+            check(f"bench {case}", False, f"skipped: the {budget_s:.0f} s budget is spent")
+            continue
+        argv = ["bench", case, "--device", device.type, "--out", str(runs_root)]
+        for s in sets:
+            argv += ["--set", s]
+        print("\n$ ffsolve " + " ".join(argv), flush=True)
+        rc = main(argv)
+        check(f"bench {case} exit code", rc == 0, f"rc={rc}")
+        runs = sorted((runs_root / "bench").glob("*/records.json"))
+        if runs:
+            rec = json.loads(runs[-1].read_text())
+            merged["cases"].update(rec.get("cases", {}))
+            merged.setdefault("env", rec.get("env"))
+        with tarfile.open(out / "bench.tgz", "w:gz") as tar:
+            tar.add(runs_root, arcname="runs")
+    merged["targets"] = check_targets(merged)
+    (out / "bench_records.json").write_text(json.dumps(merged))
+    print("\n" + summary(merged), flush=True)
+    for t in merged["targets"]:
+        if t["status"] != "n/a":
+            check(
+                f"target {t['case']} {t['row']} {t['what']} {t['target']}",
+                t["status"] == "pass",
+                f"measured {t.get('measured'):.3g}: {t['status']}",
+            )
 
 
 def main() -> int:
@@ -169,11 +213,18 @@ def main() -> int:
     p.add_argument(
         "--cases",
         nargs="*",
-        default=["made-mnist", "rnn-backprop", "made-batch", "made-rgb", "breakeven"],
+        default=["made-mnist", "rnn-backprop", "made-rgb", "made-batch", "breakeven"],
+    )
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=420.0,
+        help="start no bench case after this many seconds of the script",
     )
     args = p.parse_args()
     out = Path(os.environ.get("OUT", "/tmp/ffsolve-fast-out"))
     out.mkdir(parents=True, exist_ok=True)
+    sys.stdout = _Tee(sys.stdout, out / "log.txt")
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -185,13 +236,9 @@ def main() -> int:
     guarded("MADE correctness", lambda: made_correctness(device, args.tiny))
     guarded("RNN correctness", lambda: rnn_correctness(device, args.tiny))
     print("== (2) bench", flush=True)
-    guarded("bench", lambda: run_bench(device, args.tiny, out, args.cases))
-    runs = out / "runs"
-    if runs.is_dir():
-        with tarfile.open(out / "bench.tgz", "w:gz") as tar:
-            tar.add(runs, arcname="runs")
-        for rec in sorted(runs.glob("bench/*/records.json")):
-            (out / "bench_records.json").write_bytes(rec.read_bytes())
+    (out / "correctness.json").write_text(json.dumps(RESULTS, indent=1))
+    budget = args.budget_s - (time.perf_counter() - t0)
+    guarded("bench", lambda: run_bench(device, args.tiny, out, args.cases, budget))
     (out / "correctness.json").write_text(json.dumps(RESULTS, indent=1))
     print(f"\n== summary ({time.perf_counter() - t0:.0f} s)")
     n_fail = sum(not ok for _, ok, _ in RESULTS)

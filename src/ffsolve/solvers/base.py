@@ -2,8 +2,16 @@
 
 Every parallel solver is a small frozen object that says which window of positions one
 iteration updates (`region`) and how it computes the new values there (`sweep`). The loop
-in `Solver.solve` does the rest, identically for every method: compare the new values with
-the old, track the certified prefix, record traces, stop online, detect NaN/Inf.
+does the rest, identically for every method: compare the new values with the old, track the
+certified prefix, record traces, stop online, detect NaN/Inf. It is split in two:
+
+- the device step (`_Loop.step`): (state, certificate) -> (state, certificate), in place on
+  persistent buffers, with static shapes, no host read and no Python branch on a tensor
+  value, so that a chunk of steps can be captured in a CUDA graph and replayed;
+- the host driver (`Solver.solve`): runs the step `check_every` times per chunk (eagerly, or
+  as one graph replay), reads one small tensor per chunk, raises on NaN/Inf, and turns the
+  certificate into a `Solution`. The step freezes itself once done, so the iteration count,
+  value and traces are those of stopping exactly at convergence, whatever the chunk.
 
 Certificate (zero tolerance). If positions < p are unchanged between two iterates, they are
 final (each was recomputed from final inputs and came out the same), and so is position p,
@@ -175,8 +183,7 @@ class Solver:
         check_stopping(atol, rtol, max_iters, check_every)
         if max_iters is None:
             max_iters = self.default_max_iters(T)
-        if not bool(torch.isfinite(init).all()):
-            raise NonFiniteError(f"{self.name}: the initial iterate holds NaN or Inf")
+        init_ok = torch.isfinite(init).all().long()  # read with the first chunk's flags
         problem.prepare()
 
         loop = _Loop.build(self, problem, init, atol, rtol, max_iters, record, mode, check_every)
@@ -199,8 +206,10 @@ class Solver:
                 if callback is not None:
                     callback(sweeps, s.x)
             finite = torch.isfinite(s.v).all().long()
-            flags = torch.stack([finite, loop.cert.min(), loop.k])
-            finite, cert_min, k_host = flags.tolist()  # the one host read of a chunk
+            flags = torch.stack([finite, loop.cert.min(), loop.k, init_ok])
+            finite, cert_min, k_host, first_ok = flags.tolist()  # the one host read of a chunk
+            if not first_ok:
+                raise NonFiniteError(f"{self.name}: the initial iterate holds NaN or Inf")
             nan = not finite
             loop.cert_min = cert_min
             if nan:  # the step froze at the first non-finite iterate: k is its number

@@ -96,6 +96,9 @@ def test_chunked_budget_and_nan_are_exact(check_every):
             ffsolve.solve(blows_up, x0, check_every=ce)
         msgs.append(str(e.value))
     assert msgs[0] == msgs[1] and "position 4" in msgs[0]
+    n = int(msgs[0].split("iteration ")[1].split(",")[0])
+    with pytest.raises(ffsolve.NonFiniteError, match=f"iteration {n}, position 4"):
+        ffsolve.solve(blows_up, x0, max_iters=n, check_every=check_every)  # the budget's last
 
 
 @pytest.mark.parametrize("method,opts", [("jacobi", {}), ("jacobi_gs", {"block_size": 5})])

@@ -25,6 +25,7 @@ and no extra confirming sweep is ever needed past that bound.
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -205,14 +206,15 @@ class Solver:
                 num_evals += self.evals_per_sweep(problem, start, stop)
                 if callback is not None:
                     callback(sweeps, s.x)
-            finite = torch.isfinite(s.v).all().long()
-            flags = torch.stack([finite, loop.cert.min(), loop.k, init_ok])
-            finite, cert_min, k_host, first_ok = flags.tolist()  # the one host read of a chunk
+            flags = torch.stack([loop.live.long(), loop.cert.min(), loop.k, init_ok])
+            live, cert_min, k_host, first_ok = flags.tolist()  # the one host read of a chunk
             if not first_ok:
                 raise NonFiniteError(f"{self.name}: the initial iterate holds NaN or Inf")
-            nan = not finite
             loop.cert_min = cert_min
-            if nan:  # the step froze at the first non-finite iterate: k is its number
+            # frozen although uncertified with budget left: a non-finite iterate (k is its
+            # number, it stays in the state); at the budget's end, look at the state once
+            frozen = not live and cert_min < T
+            if frozen and (k_host < max_iters or not bool(torch.isfinite(s.v).all())):
                 self._raise_nonfinite(s, k_host, k_host)
             if cert_min >= T or k_host >= max_iters:
                 break
@@ -351,14 +353,17 @@ class _Loop:
         grown = torch.maximum(solver.guaranteed(cert, T), reach)
         if start != 0:  # only where the window's inputs are certified
             grown = torch.where(cert >= start, grown, cert)
+        # NaN/Inf: the step freezes on the first non-finite iterate, which stays in the state
+        # (the driver finds it there with one reduction per chunk). amax propagates NaN, and
+        # |x| < inf is false for NaN and Inf: cheaper than isfinite(x).all() (4-5 kernels).
         if self.record:
             res = (new - old).abs().amax(dim=(1, 2))  # (B,) residual trace
             row = torch.where(live, self.k - 1, self.max_iters).reshape(1)  # (1,)
             self.res_buf.index_copy_(0, row, res[None].to(self.res_buf.dtype))
             self.cer_buf.index_copy_(0, row, torch.where(live, grown, cert)[None])
-        # NaN/Inf: the step freezes on the first non-finite iterate, which stays in the state
-        # (the driver finds it there with one reduction per chunk)
-        finite = torch.isfinite(new).all()
+            finite = res.amax() < math.inf  # a non-finite new value makes its change so
+        else:
+            finite = new.abs().amax() < math.inf
         if new.requires_grad:  # the state takes the new values if live
             old.copy_(torch.where(live, new, old))
         else:

@@ -256,3 +256,30 @@ def test_bench_cli_tiny_cases(tmp_path, capsys):
     assert len(cases["made-batch"]["batches"]) == 2
     assert any(t["status"] == "pass" for t in rec["targets"])
     assert "issue-10 targets" in capsys.readouterr().out
+
+
+def test_reproduce_cli_tiny_report(tmp_path, capsys):
+    from ffsolve.cli import main
+    from ffsolve.models.made import save_made
+
+    ckpt = tmp_path / "made_tiny"
+    save_made(
+        ckpt,
+        MADE(MADEConfig(dims=12, hidden=(16, 16))),
+        {"data": {"name": "x", "lam": 1e-6, "shape": [1, 3, 4]}},
+    )
+    made = [f"checkpoint={ckpt}", "batch=2", "repeats=1", "block_size=3", "window=4"]
+    made += ["strip_frames=2", "strip_images=1", "grid_images=2"]
+    rnn = ["data=synthetic", "side=4", "hidden=8", "steps=2", "repeats=1", "budgets=[2]"]
+    rnn += ["error_sequences=1", "warmup=0"]
+    argv = ["reproduce", "--device", "cpu", "--out", str(tmp_path / "runs")]
+    for step, sets in (("made-mnist", made), ("rnn-backprop", rnn)):
+        argv += [x for s in sets for x in ("--override", f"{step}:{s}")]
+    argv += ["--override", "made-rgb:checkpoint=" + str(tmp_path / "absent")]
+    argv += ["--override", "breakeven:lengths=[8]", "--override", "breakeven:batches=[1]"]
+    assert main(argv) == 0
+    (report_dir,) = (tmp_path / "runs" / "reproduce").iterdir()
+    text = (report_dir / "REPORT.md").read_text()
+    assert "| made-mnist | Jacobi iterations | 31 |" in text
+    assert "skipped: no checkpoint" in text and "rnn-backprop" in text and "## breakeven" in text
+    assert main(["reproduce", "--override", "nope:x=1", "--out", str(tmp_path)]) == 2

@@ -22,7 +22,7 @@ for step in $steps; do
     made-mnist) ff run made-sampling --config configs/made_sampling_mnist.yaml ;;
     made-rgb) ff run made-sampling --config configs/made_sampling_rgb.yaml ;;
     rnn) ff run rnn-backprop --config configs/rnn_backprop.yaml --set data_dir=.carry/mnist ;;
-    bench) ff bench ;;
+    bench) ff bench breakeven ;;
     *) echo "unknown step $step" ;;
   esac
 done 2>&1 | tee "$OUT/log.txt"

@@ -109,6 +109,8 @@ class _Plan:
         self.keep_chain = solver.name == "sequential"
         self.jacobian: Callable[[Tensor, Tensor, bool], Tensor] | None = None  # closed form
         self.forward: tuple[Solver, dict[str, Any]] | None = None  # a parallel forward
+        self.structure: Any = None  # the cell as given (its structure may give a fast VJP)
+        self.fast = True
 
     def cell(self, h: Tensor, x: Tensor) -> Tensor:
         """The cell on flat states: (N, F), (N, *D) -> (N, F)."""
@@ -165,7 +167,15 @@ class _BPTTFunction(torch.autograd.Function):
         h_prev = torch.cat([h0.detach()[:, None], hs[:, :-1]], dim=1)  # (B, T, F): h_0..h_{T-1}
         xs_grad = bool(needs[2])
         problem = RecurrenceAdjoint(
-            plan.cell, h_prev, xs, grad_hs, xs_grad=xs_grad, chain=ctx.chain, jacobian=plan.jacobian
+            plan.cell,
+            h_prev,
+            xs,
+            grad_hs,
+            xs_grad=xs_grad,
+            chain=ctx.chain,
+            jacobian=plan.jacobian,
+            structure=plan.structure,
+            fast=plan.fast,
         )
         sol = plan.solver.solve(problem, **plan.solve_kwargs)
         plan.info.solution = sol
@@ -270,11 +280,13 @@ def backprop_through(
     max_iters: int | None = None,
     batch_first: bool = True,
     record: bool = True,
-    check_every: int = 1,
+    check_every: int | None = None,
     raise_on_failure: bool = False,
     jacobian: Callable[[Tensor, Tensor, bool], Tensor] | None = None,
     forward_method: str | Solver | None = None,
     forward_options: dict[str, Any] | None = None,
+    capture: bool | str = False,
+    fast_vjp: bool = True,
     **options: Any,
 ) -> tuple[State, BackpropInfo]:
     """Run h_t = cell(h_{t-1}, x_t) for t = 1..T sequentially; back-propagate by `method`.
@@ -306,8 +318,10 @@ def backprop_through(
         max_iters: iteration budget (default: the method's exactness bound, T for Jacobi).
         batch_first: layout of xs and of the returned states.
         record: keep the solve's residual traces (`info.residuals`); off for timing.
-        check_every, raise_on_failure, **options: passed to the solver (`block_size`,
-            `window`, `chunk`); see `ffsolve.solve`.
+        check_every, raise_on_failure, capture, **options: passed to the solver
+            (`block_size`, `window`, `chunk`); see `ffsolve.solve`. `capture` defaults to
+            False here: the adjoint system is rebuilt at every backward, so a graph would be
+            captured anew each time (True captures anyway, on CUDA).
         jacobian: optional `jacobian(h, x, diagonal)`, d cell(h, x) / d h on flat states
             (N, F) -> (N, F, F) (or (N, F) when diagonal), for the scan and Newton methods;
             default: closed form for torch's cells, else batched vector-Jacobian products.
@@ -317,6 +331,9 @@ def backprop_through(
         forward_options: stopping options (`atol`, `rtol`, `max_iters`, `check_every`,
             `raise_on_failure`, `record`) and solver options of the forward solve. With a
             tolerance the states, hence the gradients, are those of an inexact forward.
+        fast_vjp: for a `VanillaRNN.step` or a torch `RNNCell`/`GRUCell`/`LSTMCell`, sweep with
+            J^T a formed from operands computed once (`ffsolve.problems.cells`: elementwise
+            products and one matmul, no autograd call per sweep); False: autograd per sweep.
 
     Returns:
         (hs, info): the states h_1..h_T, (B, T, *S) (a tuple for a tuple state; time-major
@@ -337,7 +354,8 @@ def backprop_through(
     if not callable(cell):
         raise TypeError(f"cell must be callable, got {type(cell).__name__}")
     solver = get_solver(method, **options)
-    check_stopping(atol, rtol, max_iters, check_every)  # fail now, not inside backward
+    # fail now, not inside backward
+    check_stopping(atol, rtol, max_iters, 1 if check_every is None else check_every)
     parts, is_tuple = _as_parts(h0)
     _check_inputs(parts, xs, batch_first)
     user_cell = cell
@@ -375,6 +393,7 @@ def backprop_through(
             record=record,
             check_every=check_every,
             raise_on_failure=raise_on_failure,
+            capture=capture,
         ),
         info,
     )
@@ -387,13 +406,15 @@ def backprop_through(
             fwd_kw.get("atol", 0.0),
             fwd_kw.get("rtol", 0.0),
             fwd_kw.get("max_iters"),
-            fwd_kw.get("check_every", 1),
+            fwd_kw.get("check_every"),
         )
         plan.forward = (get_solver(forward_method, **fwd), fwd_kw)
     elif forward_options:
         raise TypeError("forward_options given without forward_method")
     # cell-provided, else closed form for torch's RNN/GRU/LSTM cells, else None (autograd)
     plan.jacobian = jacobian if jacobian is not None else torch_cell_jacobian(cell)
+    plan.structure = cell
+    plan.fast = fast_vjp
     h0_flat = layout.flatten(parts)  # (B, F)
     if torch.is_grad_enabled():
         # one step with a graph: checks the cell's output and finds tensors it uses that

@@ -20,7 +20,7 @@ from ffsolve.problems.base import Problem
 from ffsolve.progress import track
 from ffsolve.solvers import Solution, Solver, get_solver
 
-__all__ = ["MethodSpec", "time_call", "compare", "format_table", "synchronize"]
+__all__ = ["MethodSpec", "time_call", "measure", "compare", "format_table", "synchronize"]
 
 
 def synchronize(device: torch.device) -> None:
@@ -48,6 +48,41 @@ def time_call(
         synchronize(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times), times, result
+
+
+def measure(
+    fn: Callable[[], Any], device: torch.device, warmup: int = 2, repeats: int = 7
+) -> dict[str, Any]:
+    """Median, spread and peak device memory of fn() (synchronised, after warm-up).
+
+    Returns:
+        {"median_s", "min_s", "max_s", "times_s", "peak_mem_mb", "result"}; the peak is the
+        most device memory allocated during one timed call above what was allocated before it
+        (0 on the CPU).
+    """
+    cuda = device.type == "cuda"
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    before = torch.cuda.memory_allocated(device) if cuda else 0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    times, result = [], None
+    for _ in range(max(1, repeats)):
+        synchronize(device)
+        t0 = time.perf_counter()
+        result = fn()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20 if cuda else 0.0
+    return {
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "times_s": times,
+        "peak_mem_mb": peak,
+        "result": result,
+    }
 
 
 @dataclass

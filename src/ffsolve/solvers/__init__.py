@@ -70,9 +70,10 @@ def solve(
     max_iters: int | None = None,
     *,
     record: bool = True,
-    check_every: int = 1,
+    check_every: int | None = None,
     raise_on_failure: bool = False,
     callback: Callable[[int, Tensor], None] | None = None,
+    capture: bool | str = "auto",
     **options: Any,
 ) -> Solution:
     """Solve the triangular system x_t = f_t(x_<t) by `method`; every method gives the
@@ -93,10 +94,17 @@ def solve(
         max_iters: iteration budget; defaults to the bound that guarantees exactness
             (T for jacobi, the number of blocks for jacobi_gs).
         record: keep residual and certified-prefix traces (turn off for timing).
-        check_every: read the convergence flag on the host every this many sweeps.
+        check_every: read the convergence flag on the host every this many sweeps (the
+            iteration count, value and traces stay those of stopping at convergence: the
+            device step freezes once done). Default: 1 eager, 16 when captured.
         raise_on_failure: raise ConvergenceError instead of warning when max_iters is hit.
         callback: called as callback(k, x) after iteration k with the current iterate (a live
             buffer: clone what you keep); off in timed runs.
+        capture: "auto" captures a chunk of `check_every` sweeps (or, for `sequential`, the
+            whole loop) in a CUDA graph and replays it, when the state is on CUDA, the
+            method's window is static and the problem says its sweep (stepper) is capturable;
+            True forces it (the caller vouches for the function), False never captures. A
+            captured loop is cached on the problem and replayed by its later solves.
         **options: method options (`block_size`, `window`).
 
     Returns:
@@ -124,4 +132,5 @@ def solve(
         check_every=check_every,
         raise_on_failure=raise_on_failure,
         callback=callback,
+        capture=capture,
     )

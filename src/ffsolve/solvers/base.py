@@ -2,8 +2,16 @@
 
 Every parallel solver is a small frozen object that says which window of positions one
 iteration updates (`region`) and how it computes the new values there (`sweep`). The loop
-in `Solver.solve` does the rest, identically for every method: compare the new values with
-the old, track the certified prefix, record traces, stop online, detect NaN/Inf.
+does the rest, identically for every method: compare the new values with the old, track the
+certified prefix, record traces, stop online, detect NaN/Inf. It is split in two:
+
+- the device step (`_Loop.step`): (state, certificate) -> (state, certificate), in place on
+  persistent buffers, with static shapes, no host read and no Python branch on a tensor
+  value, so that a chunk of steps can be captured in a CUDA graph and replayed;
+- the host driver (`Solver.solve`): runs the step `check_every` times per chunk (eagerly, or
+  as one graph replay), reads one small tensor per chunk, raises on NaN/Inf, and turns the
+  certificate into a `Solution`. The step freezes itself once done, so the iteration count,
+  value and traces are those of stopping exactly at convergence, whatever the chunk.
 
 Certificate (zero tolerance). If positions < p are unchanged between two iterates, they are
 final (each was recomputed from final inputs and came out the same), and so is position p,
@@ -132,6 +140,9 @@ class Solver:
         `certified`, known from the method alone (beyond the measured one-position rule)."""
         return certified
 
+    #: the sweep has static shapes and no host-side work (its chunks may be captured)
+    capturable: ClassVar[bool] = True
+
     def static_region(self) -> bool:
         """True when `region` ignores the certified prefix (no host read needed per sweep)."""
         return True
@@ -151,7 +162,7 @@ class Solver:
             f"{self.name}: NaN or Inf in the iterate at iteration {iteration}, {where}"
         )
 
-    # --- the one loop ------------------------------------------------------------------
+    # --- the one loop: a device step and a host driver ------------------------------------
     def solve(
         self,
         problem: Problem,
@@ -160,97 +171,260 @@ class Solver:
         rtol: float = 0.0,
         max_iters: int | None = None,
         record: bool = True,
-        check_every: int = 1,
+        check_every: int | None = None,
         raise_on_failure: bool = False,
         callback: Callable[[int, Tensor], None] | None = None,
+        capture: bool | str = "auto",
     ) -> Solution:
-        """Iterate until every position of every batch item is certified, or `max_iters`."""
+        """Iterate until every position of every batch item is certified, or `max_iters`.
+
+        The work is split in two (STYLE.md, "One loop, also when it is captured"): a device
+        step (`_Loop.step`: sweep, compare, certify, count, trace, NaN flag; static shapes, no
+        host read, no Python branch on a tensor value) and this host driver, which runs the
+        step `check_every` times per chunk, eagerly or as one replay of a CUDA graph, then
+        reads one small tensor (NaN flag, certified minimum, iteration count).
+        """
         T = problem.length
         self.validate(T)
+        init = problem.initial()
+        mode = _capture_mode(capture, self, problem, init.device, callback)
+        if check_every is None:
+            check_every = DEFAULT_CHUNK if mode == "graph" else 1
         check_stopping(atol, rtol, max_iters, check_every)
         if max_iters is None:
             max_iters = self.default_max_iters(T)
+        init_ok = torch.isfinite(init).all().long()  # read with the first chunk's flags
+        problem.prepare()
 
-        s = _Canonical(problem.initial(), problem.dim)
-        if not bool(torch.isfinite(s.v).all()):
-            raise NonFiniteError(f"{self.name}: the initial iterate holds NaN or Inf")
-        device = s.x.device
-        B = s.B
-        cert = torch.zeros(B, dtype=torch.long, device=device)  # certified prefix per item
-        conv_iter = torch.full((B,), -1, dtype=torch.long, device=device)
-        # Per iteration, the max-abs change of each item, (B,): the residual trace, and the
-        # NaN/Inf detector (a non-finite value makes its item's entry non-finite).
-        residuals: list[Tensor] = []
-        checked = 0  # residuals[:checked] are known to be finite
-        certified: list[Tensor] = []
+        loop = _Loop.build(self, problem, init, atol, rtol, max_iters, record, mode, check_every)
+        s = loop.state
+        static = self.static_region()
+        chunk = min(check_every, max_iters) if static and callback is None else 1
+        k_host = 0  # the device count, as last read (exact: frozen steps do not count)
+        sweeps = 0  # steps run, frozen ones included (model calls really made)
         num_evals = 0
-        cert_min = 0  # host copy, refreshed when the region depends on it
-        k = 0
-        all_done = False
-        while k < max_iters:
-            k += 1
-            start, stop = self.region(cert_min, T)
-            new = s.flat(self.sweep(problem, s, start, stop))  # (B, n, F)
-            num_evals += self.evals_per_sweep(problem, start, stop)
-            old = s.v[:, start:stop]  # (B, n, F)
-
-            diff = (new - old).abs()  # (B, n, F)
-            residuals.append(diff.amax(dim=(1, 2)))  # (B,)
-            if atol == 0 and rtol == 0:
-                same = (diff == 0).all(2)  # bitwise equality, the exact certificate
+        while True:
+            if static:
+                loop.run(chunk, callback, sweeps)
+                sweeps += chunk
+                num_evals += chunk * loop.evals
             else:
-                same = (diff <= atol + rtol * new.abs()).all(2)  # (B, n)
-            prefix = same.long().cumprod(1).sum(1)  # (B,) unchanged prefix of the window
-            # the first changed position is final too: its inputs are all certified
-            reach = torch.clamp(prefix + 1, max=stop - start) + start
-            grown = torch.maximum(self.guaranteed(cert, T), reach)
-            # only where the window's inputs are certified (always, for a window from 0)
-            cert = grown if start == 0 else torch.where(cert >= start, grown, cert)
-            done = cert >= T
-            conv_iter = torch.where(done & (conv_iter < 0), k, conv_iter)
-            s.v[:, start:stop] = new
-            if record:
-                certified.append(cert)  # a new tensor each iteration, never written in place
-            if callback is not None:
-                callback(k, s.x)
-
-            if not self.static_region() or k % check_every == 0 or k == max_iters:
-                recent = torch.stack(residuals[checked:])  # (m, B)
-                finite = torch.isfinite(recent).all(1)  # (m,)
-                ok, cert_min = torch.stack([finite.all().long(), cert.min()]).tolist()  # 1 sync
-                if not ok:
-                    self._raise_nonfinite(s, checked + int(finite.int().argmin()) + 1, k)
-                checked = len(residuals)
-                if not record:
-                    residuals.clear()
-                    checked = 0
-                if cert_min >= T:
-                    all_done = True
-                    break
-
-        converged = cert >= T
-        num_iters = int(conv_iter.max()) if all_done else k
+                start, stop = self.region(loop.cert_min, T)
+                loop.step(start, stop)
+                sweeps += 1
+                num_evals += self.evals_per_sweep(problem, start, stop)
+                if callback is not None:
+                    callback(sweeps, s.x)
+            flags = torch.stack([loop.live.long(), loop.cert.min(), loop.k, init_ok])
+            live, cert_min, k_host, first_ok = flags.tolist()  # the one host read of a chunk
+            if not first_ok:
+                raise NonFiniteError(f"{self.name}: the initial iterate holds NaN or Inf")
+            loop.cert_min = cert_min
+            # frozen although uncertified with budget left: a non-finite iterate (k is its
+            # number, it stays in the state); at the budget's end, look at the state once
+            frozen = not live and cert_min < T
+            if frozen and (k_host < max_iters or not bool(torch.isfinite(s.v).all())):
+                self._raise_nonfinite(s, k_host, k_host)
+            if cert_min >= T or k_host >= max_iters:
+                break
+        all_done = cert_min >= T
+        converged = loop.cert >= T  # (B,)
+        per_item = torch.cat([loop.conv_iter(), loop.cert]).tolist()  # one more host read
+        conv_iter, cert_final = per_item[: s.B], per_item[s.B :]
+        num_iters = max(conv_iter) if all_done else k_host
         stats: dict[str, Any] = {
-            "iters_per_item": torch.where(conv_iter >= 0, conv_iter, k).tolist(),
-            "certified_final": cert.tolist(),
+            "iters_per_item": [c if c >= 0 else k_host for c in conv_iter],
+            "certified_final": cert_final,
             **self.options(),
         }
         if check_every > 1:
             stats["check_every"] = check_every
-            stats["sweeps_run"] = k
-        res = torch.stack(residuals)[:num_iters] if record else None  # (num_iters, B)
-        cer = torch.stack(certified)[:num_iters] if record else None
-        sol = Solution(s.x, converged, num_iters, num_evals, res, cer, stats)
+            stats["sweeps_run"] = sweeps
+        if mode == "graph":
+            stats["captured"] = True
+        res = loop.res_buf[:num_iters].clone() if record else None  # (num_iters, B)
+        cer = loop.cer_buf[:num_iters].clone() if record else None
+        value = s.x.clone() if mode == "graph" else s.x  # graph buffers are reused by replays
+        sol = Solution(value, converged, num_iters, num_evals, res, cer, stats)
         if not all_done:
             _report_failure(self.name, sol, max_iters, raise_on_failure)
         return sol
 
 
-def check_stopping(atol: float, rtol: float, max_iters: int | None, check_every: int) -> None:
+#: Sweeps per host read (and per CUDA-graph replay) when the loop is captured.
+DEFAULT_CHUNK = 16
+
+
+def _capture_mode(
+    capture: bool | str, solver: Solver, problem: Problem, device: torch.device, callback: Any
+) -> str:
+    """'graph' or 'eager' for `capture` = "auto" | True | False (see `ffsolve.solve`)."""
+    if capture not in ("auto", True, False):
+        raise ValueError(f"capture must be 'auto', True or False, got {capture!r}")
+    if capture is False:
+        return "eager"
+    reasons = []
+    if device.type != "cuda":
+        reasons.append(f"the state is on {device.type}, CUDA graphs need a CUDA device")
+    if not solver.capturable:
+        reasons.append(f"{solver.name}'s sweep does host-side work (not capturable)")
+    if not solver.static_region():
+        reasons.append(f"{solver.name}'s window moves with the certified prefix (a host read)")
+    if callback is not None:
+        reasons.append("a callback reads every iterate on the host")
+    if capture == "auto":
+        return "graph" if not reasons and problem.capturable else "eager"
+    if reasons:
+        raise ValueError(f"capture=True is impossible here: {'; '.join(reasons)}")
+    return "graph"  # True: the caller vouches for the problem's sweep
+
+
+def _canon(init: Tensor, problem: Problem) -> _Canonical:
+    return _Canonical(init, problem.dim)
+
+
+class _Loop:
+    """The persistent buffers of one solve, its device step and how the step is replayed.
+
+    Every tensor the step reads or writes lives here and is updated in place, so the same
+    `step` runs eagerly or inside a CUDA graph. A captured loop is cached on the problem and
+    replayed by later solves with the same settings (buffers reset, graph kept).
+    """
+
+    def __init__(self, solver, problem, atol, rtol, max_iters, record, state) -> None:
+        self.solver, self.problem = solver, problem
+        self.atol, self.rtol, self.max_iters, self.record = atol, rtol, max_iters, record
+        self.exact = atol == 0 and rtol == 0
+        self.state = s = state
+        self.T = problem.length
+        dev = s.x.device
+        self.cert = torch.zeros(s.B, dtype=torch.long, device=dev)  # certified prefix per item
+        # iterations after which an item was still uncertified: it converged at not_done + 1
+        self.not_done = torch.zeros(s.B, dtype=torch.long, device=dev)
+        self.k = torch.zeros((), dtype=torch.long, device=dev)  # iterations made (exact)
+        self.live = torch.ones((), dtype=torch.bool, device=dev)  # the next step counts
+        # traces; row max_iters is a scratch row written by frozen steps
+        n = max_iters + 1 if record else 0
+        self.res_buf = torch.zeros(n, s.B, dtype=s.x.dtype, device=dev)  # (max_iters + 1, B)
+        self.cer_buf = torch.zeros(n, s.B, dtype=torch.long, device=dev)
+        self.start, self.stop = solver.region(0, self.T)
+        self.evals = solver.evals_per_sweep(problem, self.start, self.stop)
+        self.cert_min = 0
+        self.mode = "eager"
+        self.graph: Any = None
+
+    @classmethod
+    def build(cls, solver, problem, init, atol, rtol, max_iters, record, mode, check_every):
+        """A fresh loop, or in graph mode the cached one of the same settings, reset."""
+        if mode == "graph":
+            key = (solver, float(atol), float(rtol), max_iters, record, check_every)
+            cache = problem.__dict__.setdefault("_ffsolve_graphs", {})
+            loop = cache.get(key)
+            if loop is None:
+                loop = cls(solver, problem, atol, rtol, max_iters, record, _canon(init, problem))
+                loop.mode = "graph"
+                cache[key] = loop
+            else:
+                loop.reset(init)
+            return loop
+        return cls(solver, problem, atol, rtol, max_iters, record, _canon(init, problem))
+
+    def reset(self, init: Tensor) -> None:
+        self.state.x.copy_(init)
+        self.cert.zero_()
+        self.not_done.zero_()
+        self.k.zero_()
+        self.live.fill_(True)
+        self.cert_min = 0
+
+    def conv_iter(self) -> Tensor:
+        """(B,) the iteration at which each item became certified, -1 if it did not."""
+        return torch.where(self.cert >= self.T, self.not_done + 1, -1)
+
+    def step(self, start: int, stop: int) -> None:
+        """One iteration on the device: (state, certificate) -> (state, certificate).
+
+        Static shapes, no host read, no Python branch on a tensor value, few kernels (each
+        costs as much as a small model's layer). Once every item is certified, the budget is
+        spent or a non-finite iterate appeared, `live` turns off and the step is frozen
+        (state, certificate, count and traces unchanged), so a chunk may run past the end
+        and the result is exactly that of stopping right there.
+        """
+        solver, s, T, live, cert = self.solver, self.state, self.T, self.live, self.cert
+        self.k.add_(live)  # the number of this iteration, if it counts
+        new = s.flat(solver.sweep(self.problem, s, start, stop))  # (B, n, F)
+        old = s.v[:, start:stop]  # (B, n, F)
+        # (B, n, F): bitwise equality (the exact certificate) or within the tolerances
+        tol = None if self.exact else self.atol + self.rtol * new.abs()
+        same = new == old if tol is None else (new - old).abs() <= tol
+        same = same[:, :, 0] if s.F == 1 else same.all(2)  # (B, n)
+        prefix = same.cumprod(1, dtype=torch.long).sum(1)  # (B,) unchanged prefix of window
+        # the first changed position is final too: its inputs are all certified
+        reach = (prefix + (start + 1)).clamp_(max=stop)
+        grown = torch.maximum(solver.guaranteed(cert, T), reach)
+        if start != 0:  # only where the window's inputs are certified
+            grown = torch.where(cert >= start, grown, cert)
+        # NaN/Inf: the step freezes on the first non-finite iterate, which stays in the state
+        # (the driver finds it there with one reduction per chunk). amax propagates NaN, and
+        # |x| < inf is false for NaN and Inf: cheaper than isfinite(x).all() (4-5 kernels).
+        if self.record:
+            res = (new - old).abs().amax(dim=(1, 2))  # (B,) residual trace
+            row = torch.where(live, self.k - 1, self.max_iters).reshape(1)  # (1,)
+            self.res_buf.index_copy_(0, row, res[None].to(self.res_buf.dtype))
+            self.cer_buf.index_copy_(0, row, torch.where(live, grown, cert)[None])
+            finite = res.amax() < math.inf  # a non-finite new value makes its change so
+        else:
+            finite = new.abs().amax() < math.inf
+        if new.requires_grad:  # the state takes the new values if live
+            old.copy_(torch.where(live, new, old))
+        else:
+            torch.where(live, new, old, out=old)  # elementwise in place, one kernel
+        torch.where(live, grown, cert, out=cert)
+        # an item certified at iteration j was uncertified after exactly j - 1 iterations
+        # (all live: nothing freezes before every item is certified or the budget is spent)
+        self.not_done.add_(cert < T)
+        live.logical_and_(cert.min() < T).logical_and_(self.k < self.max_iters)
+        live.logical_and_(finite)
+
+    def run(self, n: int, callback: Any, base: int) -> None:
+        """`n` steps of the static region: eagerly, or one replay of a captured chunk."""
+        if self.mode == "eager":
+            for i in range(n):
+                self.step(self.start, self.stop)
+                if callback is not None:
+                    callback(base + i + 1, self.state.x)
+            return
+        with torch.no_grad():
+            if self.graph is None:
+                self.graph = _capture(lambda: self.step(self.start, self.stop), n)
+            else:
+                self.graph.replay()
+
+
+def _capture(body: Callable[[], None], n: int) -> Any:
+    """Run `body` n times for real on a side stream (warm-up: cuBLAS handles, allocator),
+    then capture n calls of it in a CUDA graph and return the graph (not yet replayed: the
+    warm-up already did this chunk's work)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(n):
+            body()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(n):
+            body()
+    return graph
+
+
+def check_stopping(
+    atol: float, rtol: float, max_iters: int | None, check_every: int | None
+) -> None:
     """Validate the stopping options shared by every solve (and by callers that defer one).
 
     atol and rtol must be finite numbers >= 0 (NaN would never certify a position, inf would
-    certify every one); max_iters (or None) and check_every ints >= 1.
+    certify every one); max_iters and check_every ints >= 1 (or None: their defaults).
     """
     for name, value in (("atol", atol), ("rtol", rtol)):
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -258,7 +432,7 @@ def check_stopping(atol: float, rtol: float, max_iters: int | None, check_every:
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"{name} must be a finite number >= 0, got {value}")
     for name, value in (("max_iters", max_iters), ("check_every", check_every)):
-        if value is None and name == "max_iters":
+        if value is None:  # max_iters: the method's bound; check_every: the mode's default
             continue
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")

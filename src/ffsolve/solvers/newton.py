@@ -39,7 +39,13 @@ import torch
 from torch import Tensor
 
 from ffsolve.problems.base import LinearRecurrence, Problem
-from ffsolve.solvers.base import ConvergenceWarning, Solution, Solver, _Canonical
+from ffsolve.solvers.base import (
+    ConvergenceWarning,
+    Solution,
+    Solver,
+    _Canonical,
+    check_stopping,
+)
 from ffsolve.solvers.scan import affine_scan
 
 __all__ = ["DivergenceWarning", "Newton", "QuasiNewton"]
@@ -64,6 +70,9 @@ class _Tracked(Problem):
 
     def initial(self) -> Tensor:
         return self.inner.initial()
+
+    def prepare(self) -> None:
+        self.inner.prepare()
 
     def evaluate(self, x: Tensor, start: int, stop: int) -> Tensor:
         return self.inner.evaluate(x, start, stop)
@@ -98,6 +107,8 @@ class Newton(Solver):
 
     name: ClassVar[str] = "newton"
     diagonal: ClassVar[bool] = False
+    # the safeguards keep per-solve records on the host side (`_Tracked`): never captured
+    capturable: ClassVar[bool] = False
     damping: float = 0.0
     chunk: int | None = None
     fallback: bool = True
@@ -161,7 +172,14 @@ class Newton(Solver):
     def solve(self, problem: Problem, **kwargs: Any) -> Solution:  # type: ignore[override]
         """The shared loop (`Solver.solve`, same arguments), plus the safeguards' record in
         `stats`: `newton_fallbacks` and `newton_nonfinite` per item, `newton_residual` (per
-        sweep, max over items of max|F(x) - x|)."""
+        sweep, max over items of max|F(x) - x|).
+
+        The safeguards compare consecutive sweeps, so the host reads the flags after every
+        sweep (`check_every` is 1 whatever is asked: a frozen sweep past convergence would
+        otherwise count as one that did not reduce the residual); never captured.
+        """
+        check_stopping(0.0, 0.0, None, kwargs.get("check_every"))  # a bad value still errs
+        kwargs = {**kwargs, "check_every": 1}
         track = _Tracked(problem)
         sol = super().solve(track, **kwargs)
         B = sol.converged.numel()

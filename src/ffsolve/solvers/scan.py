@@ -151,6 +151,8 @@ class Scan(Solver):
     """
 
     name: ClassVar[str] = "scan"
+    # chunks of the scan are sized on the host from the problem's shapes: never captured
+    capturable: ClassVar[bool] = False
     chunk: int | None = None
 
     def validate(self, length: int) -> None:

@@ -9,8 +9,15 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ffsolve.problems.base import Problem
-from ffsolve.solvers.base import NonFiniteError, Solution, Solver, _Canonical, check_stopping
+from ffsolve.problems.base import Problem, canonical_shape
+from ffsolve.solvers.base import (
+    NonFiniteError,
+    Solution,
+    Solver,
+    _Canonical,
+    _capture,
+    check_stopping,
+)
 
 __all__ = ["Sequential"]
 
@@ -37,26 +44,90 @@ class Sequential(Solver):
         rtol: float = 0.0,
         max_iters: int | None = None,
         record: bool = True,
-        check_every: int = 1,
+        check_every: int | None = None,
         raise_on_failure: bool = False,
         callback: Callable[[int, Tensor], None] | None = None,
+        capture: bool | str = "auto",
     ) -> Solution:
         T = problem.length
         check_stopping(atol, rtol, max_iters, check_every)  # same options as every method
         if max_iters is not None and max_iters < T:
             raise ValueError(f"sequential needs exactly T={T} steps; max_iters={max_iters}")
-        s = _Canonical(problem.initial(), problem.dim)
-        step = problem.stepper(s.x)
-        for t in range(T):
-            s.v[:, t : t + 1] = s.flat(step(t))
-            if callback is not None:
-                callback(t + 1, s.x)
-        if not bool(torch.isfinite(s.v).all()):  # one host read, after the loop
-            bad = (~torch.isfinite(s.v)).any(2).any(0).int().argmax()
+        init = problem.initial()
+        mode = _sequential_mode(capture, problem, init.device, callback)
+        problem.prepare()
+        if mode == "graph":
+            x = _captured_program(problem, init).run()
+        else:
+            s = _Canonical(init, problem.dim)
+            step = problem.stepper(s.x)
+            for t in range(T):
+                s.v[:, t : t + 1] = s.flat(step(t))
+                if callback is not None:
+                    callback(t + 1, s.x)
+            x = s.x
+        v = x.view(canonical_shape(x.shape, problem.dim))  # (B, T, F)
+        if not bool(torch.isfinite(v).all()):  # one host read, after the loop
+            bad = (~torch.isfinite(v)).any(2).any(0).int().argmax()
             raise NonFiniteError(f"sequential: NaN or Inf in the result at position {int(bad)}")
-        converged = torch.ones(s.B, dtype=torch.bool, device=s.x.device)
+        B = v.shape[0]
+        converged = torch.ones(B, dtype=torch.bool, device=x.device)
         cert = None
         if record:
-            steps = torch.arange(1, T + 1, device=s.x.device)
-            cert = steps[:, None].expand(T, s.B).clone()  # (T, B)
-        return Solution(s.x, converged, T, T * problem.num_evals_per_step, None, cert, {})
+            steps = torch.arange(1, T + 1, device=x.device)
+            cert = steps[:, None].expand(T, B).clone()  # (T, B)
+        stats = {"captured": True} if mode == "graph" else {}
+        return Solution(x, converged, T, T * problem.num_evals_per_step, None, cert, stats)
+
+
+def _sequential_mode(capture: bool | str, problem: Problem, device: torch.device, callback) -> str:
+    if capture not in ("auto", True, False):
+        raise ValueError(f"capture must be 'auto', True or False, got {capture!r}")
+    if capture is False:
+        return "eager"
+    reasons = []
+    if device.type != "cuda":
+        reasons.append(f"the state is on {device.type}, CUDA graphs need a CUDA device")
+    if callback is not None:
+        reasons.append("a callback reads every iterate on the host")
+    if capture == "auto":
+        return "graph" if not reasons and problem.capturable_stepper else "eager"
+    if reasons:
+        raise ValueError(f"capture=True is impossible here: {'; '.join(reasons)}")
+    return "graph"
+
+
+class _SequentialProgram:
+    """The whole sequential loop (t = 0..T-1) captured in one CUDA graph, cached on the
+    problem. Inputs: the start buffer; output: the state buffer (cloned per solve)."""
+
+    def __init__(self, problem: Problem, init: Tensor) -> None:
+        self.problem = problem
+        self.start = init.detach().clone(memory_format=torch.contiguous_format)
+        self.state = _Canonical(init, problem.dim)
+        self.step = problem.stepper(self.state.x)  # host work (if any) happens here, once
+        self.graph = None
+
+    def body(self) -> None:
+        s = self.state
+        s.x.copy_(self.start)  # the stepper restarts at step 0 from these contents
+        for t in range(self.problem.length):
+            s.v[:, t : t + 1] = s.flat(self.step(t))
+
+    def run(self) -> Tensor:
+        with torch.no_grad():
+            if self.graph is None:
+                self.graph = _capture(self.body, 1)
+            else:
+                self.graph.replay()
+        return self.state.x.clone()
+
+
+def _captured_program(problem: Problem, init: Tensor) -> _SequentialProgram:
+    cache = problem.__dict__.setdefault("_ffsolve_graphs", {})
+    prog = cache.get("sequential")
+    if prog is None or prog.start.shape != init.shape:
+        prog = cache["sequential"] = _SequentialProgram(problem, init)
+    else:
+        prog.start.copy_(init)
+    return prog

@@ -1,0 +1,411 @@
+"""`ffsolve bench [CASE ...]`: every method against the naive loop and the strongest sequential
+baseline, one process per call, the issue-10 targets printed beside the measured numbers.
+
+Cases:
+    made-mnist   MADE sampling on the shipped MNIST checkpoint (batch `batch`)
+    made-rgb     the same on `rgb_checkpoint` (skipped with a message when it is absent)
+    made-batch   MADE MNIST: Jacobi vs the strongest sequential baseline for `batches`
+    rnn-backprop Jacobi backward vs autograd BPTT for a vanilla RNN across `rnn_lengths`
+    breakeven    the break-even experiment (cost of a sweep vs the sequential loop)
+
+Every row: median and spread (min, max) of `repeats` synchronised timings after `warmup`
+calls, peak device memory, iterations, and the maximum difference to the reference (the
+naive eager sequential sample; autograd's gradients for the RNN).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+from ffsolve.bench import measure
+from ffsolve.config import Config, spec
+from ffsolve.data import logit_bounds
+from ffsolve.experiments import Experiment, RunContext, register_experiment
+from ffsolve.experiments.causal import dtype_of
+from ffsolve.models.made import load_made
+from ffsolve.models.rnn import VanillaRNN, VanillaRNNConfig
+from ffsolve.problems.autoregressive import MADESampling, logistic_noise
+from ffsolve.solvers import ConvergenceWarning, get_solver
+
+CASES = ("made-mnist", "made-rgb", "made-batch", "rnn-backprop", "breakeven")
+
+#: issue 10's targets: (case, row, quantity, comparison, value)
+TARGETS = [
+    ("made-mnist", "jacobi", "ms", "<=", 1.5),
+    ("made-mnist", "jacobi", "x vs strongest sequential", ">=", 15.0),
+    ("made-mnist", "jacobi", "x vs naive eager", ">=", 50.0),
+    ("made-rgb", "jacobi", "x vs strongest sequential", ">=", 15.0),
+    ("rnn-backprop", "T=100", "backward x vs autograd", ">=", 2.5),
+    ("rnn-backprop", "T=10000", "backward x vs autograd", ">=", 100.0),
+    ("rnn-backprop", "T=100", "train step x vs autograd", ">=", 1.5),
+    ("rnn-backprop", "any", "relative grad error", "<=", 1e-6),
+]
+
+
+@dataclass(frozen=True)
+class BenchConfig(Config):
+    cases: tuple[str, ...] = spec(CASES, choices=CASES)
+    checkpoint: str = "checkpoints/made_mnist"
+    rgb_checkpoint: str = "checkpoints/made_rgb"
+    batch: int = spec(100, ge=1)
+    batches: tuple[int, ...] = spec((1, 4, 16, 64, 256, 1024), ge=1)
+    rgb_block: int = spec(96, ge=1)  # jacobi_gs / gs_jacobi rows of the RGB images
+    mnist_block: int = spec(28, ge=1)
+    rnn_lengths: tuple[int, ...] = spec((100, 1000, 10000), ge=2)
+    rnn_hidden: int = spec(128, ge=1)
+    rnn_budget: int = spec(24, ge=1)  # fixed Jacobi budget (one host read), as in the issue
+    dtype: str = spec("float32", choices=("float32", "float64"))
+    repeats: int = spec(7, ge=1)
+    warmup: int = spec(2, ge=0)
+    seed: int = 0
+    naive_max_batch: int = spec(1024, ge=1)  # the batch sweep times the naive loop up to here
+    breakeven_lengths: tuple[int, ...] = spec((64, 256, 1024), ge=2)
+    breakeven_batches: tuple[int, ...] = spec((1, 16, 128), ge=1)
+
+
+def _no_tf32(device: torch.device) -> None:
+    if device.type == "cuda":  # exactness is checked: no TF32 matrix products
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max())
+
+
+def _made_rows(problem_naive, problem_inc, specs, cfg, ctx) -> list[dict[str, Any]]:
+    """Time each (label, solver, problem, kwargs); reference = the naive eager sample."""
+    rows, ref = [], None
+    for label, method, problem, kw in specs:
+        solver = get_solver(method, **kw.pop("options", {}))
+
+        def call(solver=solver, problem=problem, kw=kw):
+            with torch.no_grad():
+                return solver.solve(problem, record=False, **kw)
+
+        try:
+            m = measure(call, ctx.device, cfg.warmup, cfg.repeats)
+        except Exception as e:  # one failing row is reported, the others still run
+            ctx.log(f"  {label:<34} FAILED: {type(e).__name__}: {e}")
+            rows.append({"method": label, "error": f"{type(e).__name__}: {e}"})
+            continue
+        sol = m.pop("result")
+        if ref is None:
+            ref = sol.value.clone()
+        diff = _max_diff(sol.value, ref)
+        row = {
+            "method": label,
+            "solver": method,
+            "num_iters": sol.num_iters,
+            "captured": bool(sol.stats.get("captured", False)),
+            "max_abs_diff_vs_sequential": diff,
+            "equal_to_sequential": diff == 0.0,
+            **m,
+        }
+        rows.append(row)
+        ctx.log(
+            f"  {label:<34} {row['median_s'] * 1e3:10.3f} ms  [{row['min_s'] * 1e3:.3f}, "
+            f"{row['max_s'] * 1e3:.3f}]  iters={sol.num_iters:<5} "
+            f"graph={'y' if row['captured'] else 'n'}  max|diff|={diff:.1e}  "
+            f"peak={row['peak_mem_mb']:.1f} MB"
+        )
+    ok = [r for r in rows if "error" not in r]
+    seq = [r for r in ok if r["solver"] == "sequential"]
+    if seq:
+        strongest = min(seq, key=lambda r: r["median_s"])
+        naive = next((r for r in ok if r["method"] == "sequential naive eager"), None)
+        for r in ok:
+            r["strongest_baseline"] = strongest["method"]
+            r["speedup_vs_strongest"] = strongest["median_s"] / r["median_s"]
+            if naive is not None:
+                r["speedup_vs_naive_eager"] = naive["median_s"] / r["median_s"]
+    return rows
+
+
+def _made_specs(naive, inc, block: int, parallel: bool = True) -> list:
+    specs = [
+        ("sequential naive eager", "sequential", naive, {"capture": False}),
+        ("sequential naive graph", "sequential", naive, {"capture": "auto"}),
+        ("sequential incremental eager", "sequential", inc, {"capture": False}),
+        ("sequential incremental graph", "sequential", inc, {"capture": "auto"}),
+    ]
+    if parallel:
+        specs += [
+            ("jacobi eager check_every=1", "jacobi", naive, {"capture": False, "check_every": 1}),
+            ("jacobi", "jacobi", naive, {"capture": "auto"}),
+            (
+                f"jacobi_gs(block={block})",
+                "jacobi_gs",
+                naive,
+                {"capture": "auto", "options": {"block_size": block}},
+            ),
+            (
+                f"gs_jacobi(window={4 * block})",
+                "gs_jacobi",
+                naive,
+                {"options": {"window": 4 * block}},
+            ),
+        ]
+    return specs
+
+
+def _made_case(cfg: BenchConfig, ctx: RunContext, checkpoint: str, block: int) -> dict[str, Any]:
+    if not (Path(checkpoint + ".safetensors").is_file() or Path(checkpoint).is_file()):
+        msg = f"skipped: checkpoint {checkpoint} not found (train it: ffsolve train made ...)"
+        ctx.log(f"  {msg}")
+        return {"skipped": msg}
+    model, meta = load_made(checkpoint, ctx.device)
+    model = model.to(dtype_of(cfg.dtype))
+    g = torch.Generator().manual_seed(cfg.seed)
+    noise = logistic_noise(cfg.batch, model.dims, g, ctx.device, dtype_of(cfg.dtype))
+    bounds = logit_bounds(float(meta["data"]["lam"]))
+    naive = MADESampling(model, noise, bounds)
+    inc = MADESampling(model, noise, bounds, incremental=True)
+    rows = _made_rows(naive, inc, _made_specs(naive, inc, block), cfg, ctx)
+    return {"dims": model.dims, "batch": cfg.batch, "rows": rows}
+
+
+def _made_batch(cfg: BenchConfig, ctx: RunContext) -> dict[str, Any]:
+    model, meta = load_made(cfg.checkpoint, ctx.device)
+    model = model.to(dtype_of(cfg.dtype))
+    bounds = logit_bounds(float(meta["data"]["lam"]))
+    out = []
+    for B in cfg.batches:
+        ctx.log(f" batch {B}")
+        g = torch.Generator().manual_seed(cfg.seed)
+        noise = logistic_noise(B, model.dims, g, ctx.device, dtype_of(cfg.dtype))
+        naive = MADESampling(model, noise, bounds)
+        inc = MADESampling(model, noise, bounds, incremental=True)
+        specs = _made_specs(naive, inc, cfg.mnist_block, parallel=False)
+        if cfg.naive_max_batch < B:
+            specs = specs[2:]
+        specs = [specs[0], specs[-1], ("jacobi", "jacobi", naive, {"capture": "auto"})]
+        out.append({"batch": B, "rows": _made_rows(naive, inc, specs, cfg, ctx)})
+    return {"batches": out}
+
+
+def _rnn_case(cfg: BenchConfig, ctx: RunContext) -> dict[str, Any]:
+    out = []
+    for T in cfg.rnn_lengths:
+        ctx.log(f" T = {T}")
+        out.append({"length": T, "rows": _rnn_length(cfg, ctx, T)})
+    return {"hidden": cfg.rnn_hidden, "batch": 1, "lengths": out}
+
+
+def _rnn_length(cfg: BenchConfig, ctx: RunContext, T: int) -> list[dict[str, Any]]:
+    """Backward and whole training step (forward, backward, update) of a vanilla RNN on one
+    sequence of length T: autograd's BPTT against Jacobi on the adjoints."""
+    import ffsolve
+
+    dtype = dtype_of(cfg.dtype)
+    rnn = VanillaRNN(VanillaRNNConfig(hidden=cfg.rnn_hidden, seed=cfg.seed))
+    rnn = rnn.to(device=ctx.device, dtype=dtype)
+    params = [rnn.W_h, rnn.W_x, rnn.b_h, rnn.W_o, rnn.b_o]
+    g = torch.Generator().manual_seed(cfg.seed)
+    x = torch.rand(1, T + 1, 1, generator=g).to(ctx.device, dtype)  # (1, T + 1, 1)
+    inp, target = x[:, :-1], x[:, 1:]  # next-value prediction, as in the paper's experiment
+
+    def loss_of(method: str | None, kw: dict[str, Any]) -> torch.Tensor:
+        if method is None:  # autograd through the plain loop
+            _, hs = rnn(inp)
+        else:
+            hs, _ = ffsolve.backprop_through(
+                rnn.step, rnn.initial_state(1), inp, method, params=params[:3], **kw
+            )
+        return F.mse_loss(rnn.readout(hs), target)
+
+    budget = min(cfg.rnn_budget, T)
+    fixed = {"max_iters": budget, "check_every": budget}  # one host read, after the last sweep
+    variants: list[tuple[str, str | None, dict[str, Any]]] = [
+        ("autograd BPTT", None, {}),
+        (f"jacobi budget {cfg.rnn_budget}", "jacobi", fixed),
+        ("jacobi rtol=1e-6", "jacobi", {"rtol": 1e-6, "check_every": 8}),
+        (f"jacobi budget {cfg.rnn_budget} autograd sweeps", "jacobi", {**fixed, "fast_vjp": False}),
+    ]
+    if ctx.device.type == "cuda":  # captured anew at each backward: shows what that costs
+        variants.append(
+            (f"jacobi budget {cfg.rnn_budget} graph", "jacobi", {**fixed, "capture": True})
+        )
+    rows, ref = [], None
+    for label, method, kw in variants:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                loss = loss_of(method, kw)
+
+                def backward(loss=loss):
+                    return torch.autograd.grad(loss, params, retain_graph=True)
+
+                def train_step(method=method, kw=kw):
+                    grads = torch.autograd.grad(loss_of(method, kw), params)
+                    with torch.no_grad():
+                        for p, gr in zip(params, grads, strict=True):
+                            p.sub_(gr, alpha=0.0)  # the update's kernels, weights kept
+                    return grads
+
+                mb = measure(backward, ctx.device, cfg.warmup, cfg.repeats)
+                mt = measure(train_step, ctx.device, cfg.warmup, max(1, cfg.repeats // 2))
+        except Exception as e:  # one failing row is reported, the others still run
+            ctx.log(f"  {label:<32} FAILED: {type(e).__name__}: {e}")
+            rows.append({"method": label, "error": f"{type(e).__name__}: {e}"})
+            continue
+        grads = torch.cat([gr.reshape(-1) for gr in mb.pop("result")]).double()
+        mt.pop("result")
+        if ref is None:
+            ref = grads
+        rel = float((grads - ref).norm() / ref.norm().clamp_min(1e-300))
+        rows.append({"method": label, "backward": mb, "train_step": mt, "relative_grad_error": rel})
+        ctx.log(
+            f"  {label:<40} backward {mb['median_s'] * 1e3:9.3f} ms  train step "
+            f"{mt['median_s'] * 1e3:9.3f} ms  rel. grad error {rel:.1e}"
+        )
+    ok = [r for r in rows if "error" not in r]
+    if ok and ok[0]["method"] == "autograd BPTT":
+        base = ok[0]
+        for r in ok:
+            r["backward_speedup"] = base["backward"]["median_s"] / r["backward"]["median_s"]
+            r["train_speedup"] = base["train_step"]["median_s"] / r["train_step"]["median_s"]
+    return rows
+
+
+def _breakeven(cfg: BenchConfig, ctx: RunContext) -> dict[str, Any]:
+    from ffsolve.experiments import breakeven
+
+    bcfg = breakeven.BreakEvenConfig(
+        lengths=cfg.breakeven_lengths, batches=cfg.breakeven_batches, repeats=cfg.repeats
+    )
+    return breakeven.run(bcfg, ctx)
+
+
+def run(cfg: BenchConfig, ctx: RunContext) -> dict[str, Any]:
+    _no_tf32(ctx.device)
+    records: dict[str, Any] = {"cases": {}}
+    table = {
+        "made-mnist": lambda: _made_case(cfg, ctx, cfg.checkpoint, cfg.mnist_block),
+        "made-rgb": lambda: _made_case(cfg, ctx, cfg.rgb_checkpoint, cfg.rgb_block),
+        "made-batch": lambda: _made_batch(cfg, ctx),
+        "rnn-backprop": lambda: _rnn_case(cfg, ctx),
+        "breakeven": lambda: _breakeven(cfg, ctx),
+    }
+    for case in dict.fromkeys(cfg.cases):
+        ctx.log(f"== {case}")
+        try:
+            records["cases"][case] = table[case]()
+        except Exception as e:  # the next case still runs; the error is in the records
+            ctx.log(f"  FAILED: {type(e).__name__}: {e}")
+            records["cases"][case] = {"error": f"{type(e).__name__}: {e}"}
+    records["targets"] = check_targets(records)
+    return records
+
+
+def _lookup(records: dict[str, Any], case: str, row: str, what: str) -> list[float]:
+    data = records["cases"].get(case) or {}
+    if case.startswith("made"):
+        r = next((r for r in data.get("rows", []) if r["method"] == row and "error" not in r), {})
+        key = {
+            "ms": "median_s",
+            "x vs strongest sequential": "speedup_vs_strongest",
+            "x vs naive eager": "speedup_vs_naive_eager",
+        }[what]
+        v = r.get(key)
+        return [] if v is None else [v * 1e3 if what == "ms" else v]
+    vals = []
+    for entry in data.get("lengths", []):
+        if row != "any" and f"T={entry['length']}" != row:
+            continue
+        for r in entry["rows"]:
+            if "error" in r or r["method"] == "autograd BPTT":
+                continue
+            if what == "relative grad error" and "autograd sweeps" not in r["method"]:
+                if r["method"].startswith("jacobi budget") or "rtol" in r["method"]:
+                    vals.append(r["relative_grad_error"])
+            elif what == "backward x vs autograd" and "backward_speedup" in r:
+                vals.append(r["backward_speedup"])
+            elif what == "train step x vs autograd" and "train_speedup" in r:
+                vals.append(r["train_speedup"])
+    return vals
+
+
+def check_targets(records: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each issue-10 target beside the best measured value: pass, miss (by how much) or n/a."""
+    out = []
+    for case, row, what, op, target in TARGETS:
+        vals = _lookup(records, case, row, what)
+        if not vals:
+            out.append({"case": case, "row": row, "what": what, "target": f"{op} {target}"})
+            out[-1]["status"] = "n/a"
+            continue
+        best = min(vals) if op == "<=" else max(vals)
+        ok = best <= target if op == "<=" else best >= target
+        factor = (best / target if op == "<=" else target / best) if best > 0 else math.inf
+        out.append(
+            {
+                "case": case,
+                "row": row,
+                "what": what,
+                "target": f"{op} {target}",
+                "measured": best,
+                "status": "pass" if ok else f"miss by {factor:.2f}x",
+            }
+        )
+    return out
+
+
+def summary(records: dict[str, Any]) -> str:
+    lines = ["issue-10 targets (best measured row):"]
+    for t in records.get("targets", []):
+        m = t.get("measured")
+        shown = "-" if m is None else (f"{m:.3g}" if m >= 1e-3 else f"{m:.1e}")
+        lines.append(
+            f"  {t['case']:<13} {t['row']:<8} {t['what']:<26} target {t['target']:<8} "
+            f"measured {shown:<9} {t['status']}"
+        )
+    return "\n".join(lines)
+
+
+def plot(records: dict[str, Any], out_dir: Path) -> list[Path]:
+    data = records.get("cases", {}).get("rnn-backprop") or {}
+    lengths = data.get("lengths") or []
+    if not lengths:
+        return []
+    from ffsolve.plots import plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    methods = {r["method"] for e in lengths for r in e["rows"] if "backward_speedup" in r}
+    for m in sorted(methods - {"autograd BPTT"}):
+        pts = [
+            (e["length"], r["backward_speedup"])
+            for e in lengths
+            for r in e["rows"]
+            if r["method"] == m and "backward_speedup" in r
+        ]
+        if pts:
+            ax.loglog(*zip(*pts, strict=True), "o-", label=m)
+    ax.set_xlabel("sequence length T")
+    ax.set_ylabel("backward speed-up vs autograd BPTT")
+    ax.set_title(records.get("env", {}).get("device_name", ""))
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out_dir / "rnn_speedup.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+register_experiment(
+    Experiment(
+        name="bench",
+        description="every method vs the naive and the strongest sequential baseline (issue 10)",
+        config=BenchConfig,
+        run=run,
+        plot=plot,
+        summary=summary,
+    )
+)

@@ -32,6 +32,10 @@ from ffsolve.experiments import (  # noqa: E402
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
+# Methods that need a problem's structure (a linear recurrence, a first-order system): a
+# plain function is refused with a TypeError naming what is missing.
+STRUCTURED = ("scan", "newton", "quasi_newton")
+
 # The errors a solve documents for valid-looking input: bad options (ValueError, TypeError).
 DOCUMENTED = (ValueError, TypeError)
 
@@ -83,6 +87,9 @@ def test_every_method_equals_sequential_on_random_systems(data):
     try:
         sol = ffsolve.solve(fn, x0, method=name, dim=dim, **opts, **kw)
     except DOCUMENTED as e:
+        if name in STRUCTURED:  # a plain function declares neither structure: refused
+            assert isinstance(e, TypeError) and ("scan" in str(e) or "first-order" in str(e)), e
+            return
         # the one documented failure for these options: a block longer than the sequence
         assert opts.get("block_size", 0) > T, e
         assert "between 1 and the length" in str(e)

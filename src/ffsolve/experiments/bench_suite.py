@@ -64,7 +64,7 @@ class BenchConfig(Config):
     dtype: str = spec("float32", choices=("float32", "float64"))
     repeats: int = spec(7, ge=1)
     warmup: int = spec(2, ge=0)
-    seed: int = 0
+    seed: int = spec(0, ge=0)
     naive_max_batch: int = spec(1024, ge=1)  # the batch sweep times the naive loop up to here
     breakeven_lengths: tuple[int, ...] = spec((64, 256, 1024), ge=2)
     breakeven_batches: tuple[int, ...] = spec((1, 16, 128), ge=1)

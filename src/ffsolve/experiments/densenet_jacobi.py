@@ -53,7 +53,7 @@ class DenseNetJacobiConfig(Config):
     cuda_graph: bool = True  # graph rows on CUDA
     warmup: int = spec(1, ge=0)
     repeats: int = spec(5, ge=1)
-    seed: int = 0
+    seed: int = spec(0, ge=0)
 
 
 def _kind(sweep: str) -> dict[str, Any]:

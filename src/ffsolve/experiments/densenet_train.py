@@ -42,7 +42,7 @@ class DenseNetTrainConfig(Config):
     amp: bool = True  # bfloat16 autocast on CUDA (ignored on the CPU)
     max_train: int | None = spec(None, ge=1)
     max_test: int | None = spec(None, ge=1)
-    seed: int = 0
+    seed: int = spec(0, ge=0)
     save_to: str | None = None  # checkpoint stem; default <run dir>/densenet
 
 

@@ -52,7 +52,7 @@ class PixelCNNSamplingConfig(Config):
 
     checkpoint: str = "checkpoints/pixelcnnpp_mnist"
     batch: int = spec(16, ge=1)
-    seed: int = 0
+    seed: int = spec(0, ge=0)
     dtype: str = spec("float32", choices=("float32", "bfloat16", "float64"))
     methods: tuple[str, ...] = spec(("jacobi",), choices=("jacobi", "jacobi_gs", "gs_jacobi"))
     window_rows: int = spec(15, ge=1)

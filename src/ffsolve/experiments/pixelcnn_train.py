@@ -76,7 +76,7 @@ class PixelCNNTrainConfig(Config):
     eval_batch: int = spec(500, ge=1)
     rgb_train: int = spec(50000, ge=1)
     rgb_test: int = spec(10000, ge=1)
-    seed: int = 0
+    seed: int = spec(0, ge=0)
 
 
 def _images(x: np.ndarray, limit: int | None) -> torch.Tensor:

@@ -78,7 +78,7 @@ class RNNForwardConfig(Config):
     repeats: int = spec(3, ge=1)
     warmup: int = spec(1, ge=0)
     dtype: str = spec("float32", choices=("float32", "float64"))
-    seed: int = spec(0)
+    seed: int = spec(0, ge=0)
 
 
 def _build(kind: str, D: int, H: int, scale: float, seed: int, device, dtype):

@@ -5,6 +5,7 @@ import struct
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import ffsolve
 from ffsolve.cli import main
@@ -250,3 +251,42 @@ def test_fashion_mnist_missing_says_how_to_get_it(tmp_path):
         load_images("fashion-mnist", tmp_path / "nope")
     with pytest.raises(DataError, match="lacks train-images"):
         load_images("fashion-mnist", tmp_path)
+
+
+def test_train_refuses_overwrite_and_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    import ffsolve.experiments.densenet_train as dt
+
+    data = tmp_path / "fmnist"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 32), ("t10k", 8)):
+        _write_idx(data, f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(data, f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, n))
+
+    def train(stem, *extra):
+        sets = ["depth=10", "growth_rate=2", "epochs=2", "batch_size=16", f"data_dir={data}",
+                f"save_to={tmp_path / stem}"]  # fmt: skip
+        args = ["train", "densenet", "--device", "cpu", "--out", str(tmp_path / "runs")]
+        return main(args + [a for s in sets for a in ("--set", s)] + list(extra))
+
+    assert train("straight") == 0
+    assert train("straight") == 2  # an existing checkpoint is not overwritten silently
+    assert train("split", "--resume") == 2  # nothing to resume
+    accuracy, calls = dt.accuracy, []
+
+    def killed_in_epoch_2(*args, **kwargs):  # the run dies after epoch 1's periodic save
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return accuracy(*args, **kwargs)
+
+    monkeypatch.setattr(dt, "accuracy", killed_in_epoch_2)
+    assert train("split") == 130
+    assert (tmp_path / "split.resume.pt").is_file() and not (tmp_path / "split.json").exists()
+    monkeypatch.setattr(dt, "accuracy", accuracy)
+    assert train("split", "--resume") == 0
+    assert not (tmp_path / "split.resume.pt").exists()
+    a = load_file(tmp_path / "straight.safetensors")
+    b = load_file(tmp_path / "split.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert train("straight", "--force") == 0

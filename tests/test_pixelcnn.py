@@ -219,6 +219,19 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
         assert torch.equal(va, vb), k
 
 
+def test_train_force_and_resume_flags(tmp_path):
+    ckpt = str(tmp_path / "c")
+    args = _train_args(tmp_path, 1, ["--set", f"save_to={ckpt}"])
+    assert main([*args, "--resume"]) == 2  # nothing to resume yet
+    assert main(args) == 0
+    assert main(args) == 2  # an existing checkpoint is not overwritten silently
+    assert main([*args, "--force"]) == 0
+    # --resume continues from the state the run keeps beside its checkpoint: one more epoch
+    assert main(_train_args(tmp_path, 2, ["--set", f"save_to={ckpt}", "--resume"])) == 0
+    _, meta = load_pixelcnnpp(ckpt)
+    assert meta["epochs"] == 2
+
+
 def test_cli_train_then_sample(tmp_path, capsys):
     ckpt = str(tmp_path / "pc")
     args = _train_args(tmp_path, 1, ["--set", f"save_to={ckpt}", "--set", "storage_dtype=float16"])

@@ -42,7 +42,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ffsolve.errors import CheckpointError
+from ffsolve.errors import CheckpointError, FFSolveError
 
 __all__ = [
     "FORMAT_VERSION",
@@ -50,6 +50,7 @@ __all__ = [
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_text",
+    "check_training_output",
     "checkpoint_exists",
     "checkpoint_paths",
     "load_checkpoint",
@@ -108,6 +109,31 @@ def train_state_path(checkpoint: str | Path) -> Path:
     if p.suffix in (".safetensors", ".json"):
         p = p.with_suffix("")
     return p.with_name(p.name + ".resume.pt")
+
+
+def check_training_output(path: str | Path, *, named: bool, force: bool, resume: bool) -> Path:
+    """The refusals every trainer shares before it starts; returns the resume file's path.
+
+    Args:
+        path: the checkpoint a training run will write.
+        named: the user named it (`save_to`): --resume needs that.
+        force: overwrite an existing checkpoint (--force).
+        resume: continue from the resume file next to it (--resume): it must exist.
+
+    Raises:
+        FFSolveError: nothing to resume, or a checkpoint would be overwritten silently.
+    """
+    state_path = train_state_path(path)
+    if resume:
+        if not named:
+            raise FFSolveError("--resume needs save_to (the checkpoint whose training to continue)")
+        if not state_path.is_file():
+            raise FFSolveError(f"nothing to resume: no {state_path} (drop --resume)")
+    elif checkpoint_exists(path) and not force:
+        raise FFSolveError(
+            f"checkpoint {path} exists; --force overwrites it, --resume continues its training"
+        )
+    return state_path
 
 
 @contextlib.contextmanager

@@ -10,7 +10,6 @@ replace the final ones (a crash never leaves a half-written checkpoint).
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -19,11 +18,13 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from ffsolve.checkpoint import checkpoint_paths
-from ffsolve.config import Config, spec
+from ffsolve.checkpoint import check_training_output, load_train_state, save_train_state
+from ffsolve.config import Config, config_to_dict, spec
 from ffsolve.data import load_images
+from ffsolve.errors import FFSolveError
 from ffsolve.experiments import RunContext, Trainer, register_trainer
 from ffsolve.models.densenet import DenseNet, densenet_bc, save_densenet
+from ffsolve.progress import track
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,10 @@ def accuracy(model: DenseNet, x: torch.Tensor, y: torch.Tensor, mean: float, std
 
 
 def train(cfg: DenseNetTrainConfig, ctx: RunContext) -> dict[str, Any]:
+    path = cfg.save_to or str(ctx.out_dir / "densenet")
+    state_path = check_training_output(
+        path, named=cfg.save_to is not None, force=ctx.force, resume=ctx.resume
+    )
     torch.manual_seed(cfg.seed)
     data = load_images(cfg.data, cfg.data_dir)
     x_train, y_train = (
@@ -112,15 +117,28 @@ def train(cfg: DenseNetTrainConfig, ctx: RunContext) -> dict[str, Any]:
     flip = cfg.data == "fashion-mnist"
     x_dev, y_dev = x_train.to(ctx.device), y_train.to(ctx.device)  # 47 MB: keep on device
     history: list[dict[str, Any]] = []
-    t0 = time.perf_counter()
-    step, progress, epoch = 0, 0.0, 0
+    step, progress, epoch, elapsed0 = 0, 0.0, 0, 0.0
+    same = config_to_dict(cfg)  # a resumed run continues the same training, nothing else
+    if ctx.resume:
+        state = load_train_state(state_path, model, opt)
+        if state["extra"].get("config") != same:
+            theirs = state["extra"].get("config") or {}
+            diff = sorted(k for k in same if theirs.get(k) != same[k])
+            raise FFSolveError(f"{state_path} was made with other values of: {', '.join(diff)}")
+        g.set_state(state["extra"]["generator"])
+        epoch, step = state["epoch"], state["extra"]["step"]
+        elapsed0, history = state["extra"]["elapsed_s"], state["extra"]["history"]
+        progress = max(step / total, elapsed0 / budget)
+        ctx.log(f"  resuming after epoch {epoch} from {state_path}")
+    t0 = time.perf_counter() - elapsed0  # the time budget counts the interrupted run's time
     while progress < 1 and epoch < cfg.epochs:
         epoch += 1
         model.train()
         perm = torch.randperm(len(x_train), generator=g).to(ctx.device)
         loss_sum = torch.zeros((), device=ctx.device)
         n_seen = 0
-        for i in range(0, len(x_train), cfg.batch_size):
+        starts = range(0, len(x_train), cfg.batch_size)
+        for i in track(starts, desc=f"epoch {epoch}", unit="batch"):
             progress = max(step / total, (time.perf_counter() - t0) / budget)
             if progress >= 1:
                 break
@@ -151,9 +169,10 @@ def train(cfg: DenseNetTrainConfig, ctx: RunContext) -> dict[str, Any]:
             f"  epoch {epoch:3d}  loss {train_loss:.4f}  test acc {test_acc:.4f}  "
             f"lr {opt.param_groups[0]['lr']:.4f}  ({elapsed:.0f} s)"
         )
+        resume = {"config": same, "generator": g.get_state(), "step": step, "history": history}
+        save_train_state(state_path, model, opt, None, epoch, {**resume, "elapsed_s": elapsed})
     model = model.to(memory_format=torch.contiguous_format).cpu().eval()
     final_acc = accuracy(model.to(ctx.device), x_test, y_test, mean, std, ctx.device)
-    path = cfg.save_to or str(ctx.out_dir / "densenet")
     extra = {
         "data": {"name": cfg.data, "shape": [1, 28, 28], "mean": mean, "std": std},
         "test_accuracy": final_acc,
@@ -162,12 +181,8 @@ def train(cfg: DenseNetTrainConfig, ctx: RunContext) -> dict[str, Any]:
         "steps": step,
         "train_seconds": time.perf_counter() - t0,
     }
-    tensors, sidecar = checkpoint_paths(path)
-    partial = tensors.with_name(tensors.stem + "_partial")
-    tmp_tensors, tmp_sidecar = checkpoint_paths(save_densenet(partial, model.cpu(), extra))
-    os.replace(tmp_tensors, tensors)
-    os.replace(tmp_sidecar, sidecar)
-    saved = tensors
+    saved = save_densenet(path, model.cpu(), extra)  # atomic (save_checkpoint)
+    state_path.unlink(missing_ok=True)  # finished: nothing left to resume
     ctx.log(f"checkpoint: {saved} (test accuracy {final_acc:.4f})")
     return {
         "history": history,

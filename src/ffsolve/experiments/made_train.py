@@ -14,10 +14,9 @@ import torch
 
 from ffsolve.checkpoint import (
     STORAGE_DTYPES,
-    checkpoint_exists,
+    check_training_output,
     load_train_state,
     save_train_state,
-    train_state_path,
 )
 from ffsolve.config import Config, config_to_dict, spec
 from ffsolve.data import bits_per_dim, dequantize_logit, load_images
@@ -86,16 +85,9 @@ def _rounded(model: MADE, storage_dtype: str) -> MADE:
 
 def train(cfg: MADETrainConfig, ctx: RunContext) -> dict[str, Any]:
     path = cfg.save_to or str(ctx.out_dir / "made")
-    state_path = train_state_path(path)
-    if ctx.resume:
-        if cfg.save_to is None:
-            raise FFSolveError("--resume needs save_to (the checkpoint whose training to continue)")
-        if not state_path.is_file():
-            raise FFSolveError(f"nothing to resume: no {state_path} (drop --resume)")
-    elif checkpoint_exists(path) and not ctx.force:
-        raise FFSolveError(
-            f"checkpoint {path} exists; --force overwrites it, --resume continues its training"
-        )
+    state_path = check_training_output(
+        path, named=cfg.save_to is not None, force=ctx.force, resume=ctx.resume
+    )
     torch.manual_seed(cfg.seed)
     kw = {"num_train": cfg.rgb_train, "num_test": cfg.rgb_test, "seed": cfg.seed}
     data = load_images(cfg.data, cfg.data_dir, **(kw if cfg.data == "rgb" else {}))

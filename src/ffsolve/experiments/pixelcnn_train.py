@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +20,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from ffsolve.checkpoint import atomic_path, check_training_output, train_state_path
 from ffsolve.config import Config, spec
 from ffsolve.data import load_images
 from ffsolve.errors import CheckpointError, ConfigError
@@ -34,6 +32,7 @@ from ffsolve.models.pixelcnnpp import (
     mixture_nll,
     save_pixelcnnpp,
 )
+from ffsolve.progress import track
 
 
 @dataclass(frozen=True)
@@ -49,7 +48,9 @@ class PixelCNNTrainConfig(Config):
         lr, lr_decay: Adam's learning rate, multiplied by lr_decay after every step.
         amp: bfloat16 autocast for the network on CUDA (the loss stays float32).
         save_every_minutes: periodic save of the resumable state (0: only at the end).
-        resume: continue from `<save_to>.resume.pt` when it exists.
+        resume: continue from `<save_to>.resume.pt` when it exists (the command line's
+            `--resume` sets it and insists on one; an existing checkpoint is otherwise kept
+            unless `--force`).
         storage_dtype: float32 or float16 weights in the shipped checkpoint (test bits/dim is
             re-measured with the stored, rounded weights).
         max_train, max_test: use only the first N images (quick runs).
@@ -106,17 +107,19 @@ def evaluate_bpd(
     return total / (len(x) * x[0].numel() * math.log(2.0))
 
 
-def _resume_path(save_to: str) -> Path:
-    return Path(save_to + ".resume.pt")
-
-
 def _save_state(path: Path, state: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a reader sees the old state or the new one, never half
+    with atomic_path(path) as tmp:  # a reader sees the old state or the new one, never half
+        torch.save(state, tmp)
 
 
 def train(cfg: PixelCNNTrainConfig, ctx: RunContext) -> dict[str, Any]:
+    save_to = cfg.save_to or str(ctx.out_dir / "pixelcnnpp")
+    # --resume insists on a resume state; the config's `resume` continues one when present
+    resume = cfg.resume or ctx.resume
+    continues = cfg.resume and train_state_path(save_to).is_file()
+    rpath = check_training_output(
+        save_to, named=cfg.save_to is not None, force=ctx.force or continues, resume=ctx.resume
+    )
     torch.manual_seed(cfg.seed)
     dev = ctx.device
     if dev.type == "cuda":
@@ -139,12 +142,10 @@ def train(cfg: PixelCNNTrainConfig, ctx: RunContext) -> dict[str, Any]:
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=cfg.lr_decay)
-    save_to = cfg.save_to or str(ctx.out_dir / "pixelcnnpp")
     g = torch.Generator().manual_seed(cfg.seed)
     history: list[dict[str, Any]] = []
     start_epoch, step, elapsed0, skipped = 1, 0, 0.0, 0
-    rpath = _resume_path(save_to)
-    if cfg.resume and rpath.is_file():
+    if resume and rpath.is_file():
         try:
             st = torch.load(rpath, map_location=dev, weights_only=True)
             model.load_state_dict(st["model"])
@@ -161,7 +162,7 @@ def train(cfg: PixelCNNTrainConfig, ctx: RunContext) -> dict[str, Any]:
         start_epoch, step, elapsed0 = st["epoch"], st["step"], st["elapsed_s"]
         history = st["history"]
         ctx.log(f"resumed from {rpath}: epoch {start_epoch}, step {step}, {elapsed0:.0f} s")
-    elif cfg.resume:
+    elif resume:
         ctx.log(f"no resumable state at {rpath}: starting afresh")
     ctx.log(
         f"PixelCNN++ {C}x{H}x{W} ({cfg.data}), {cfg.filters} filters, {cfg.resnets} resnets, "
@@ -194,13 +195,7 @@ def train(cfg: PixelCNNTrainConfig, ctx: RunContext) -> dict[str, Any]:
         perm = torch.randperm(len(x_train), generator=g).to(dev)
         losses = []
         n_batches = math.ceil(len(x_train) / cfg.batch_size)
-        bar = tqdm(
-            range(n_batches),
-            desc=f"epoch {epoch}",
-            leave=False,
-            disable=not sys.stderr.isatty(),
-        )
-        for b in bar:
+        for b in track(range(n_batches), desc=f"epoch {epoch}", unit="batch"):
             xb = to_unit(x_train[perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]])
             with torch.autocast(dev.type, torch.bfloat16, enabled=amp):
                 params = model(xb)
@@ -216,8 +211,6 @@ def train(cfg: PixelCNNTrainConfig, ctx: RunContext) -> dict[str, Any]:
             sched.step()
             step += 1
             losses.append(loss.detach())
-            if b % 50 == 0 and bar.disable is False:
-                bar.set_postfix(bpd=f"{float(loss):.3f}")
             if cfg.max_minutes and time.perf_counter() - t0 > 60 * cfg.max_minutes:
                 out_of_time = True
                 break

@@ -192,13 +192,19 @@ def _write_idx(folder, name, arr):
         f.write(arr.astype(np.uint8).tobytes())
 
 
-def test_cli_train_and_run_tiny(tmp_path, capsys):
+def _tiny_fmnist(tmp_path, n_train: int, n_test: int):
+    """A folder of the four Fashion-MNIST IDX files with random images and labels."""
     data = tmp_path / "fmnist"
     data.mkdir()
     rng = np.random.default_rng(0)
-    for prefix, n in (("train", 64), ("t10k", 16)):
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
         _write_idx(data, f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
         _write_idx(data, f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, n))
+    return data
+
+
+def test_cli_train_and_run_tiny(tmp_path, capsys):
+    data = _tiny_fmnist(tmp_path, 64, 16)
     ckpt = tmp_path / "tiny"
     sets = ["depth=10", "growth_rate=2", "epochs=1", "batch_size=32", f"data_dir={data}",
             f"save_to={ckpt}"]  # fmt: skip
@@ -256,12 +262,7 @@ def test_fashion_mnist_missing_says_how_to_get_it(tmp_path):
 def test_train_refuses_overwrite_and_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     import ffsolve.experiments.densenet_train as dt
 
-    data = tmp_path / "fmnist"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", 32), ("t10k", 8)):
-        _write_idx(data, f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
-        _write_idx(data, f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, n))
+    data = _tiny_fmnist(tmp_path, 32, 8)
 
     def train(stem, *extra):
         sets = ["depth=10", "growth_rate=2", "epochs=2", "batch_size=16", f"data_dir={data}",

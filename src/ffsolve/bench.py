@@ -36,18 +36,23 @@ def time_call(
     Returns:
         (median seconds, all timings, the last result).
     """
-    result = None
     for _ in range(warmup):
-        result = fn()
+        fn()
     synchronize(device)
-    times = []
+    times, result = _timed(fn, device, repeats)
+    return statistics.median(times), times, result
+
+
+def _timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> tuple[list[float], Any]:
+    """Wall times of max(1, repeats) synchronised calls of fn(), and the last result."""
+    times, result = [], None
     for _ in range(max(1, repeats)):
         synchronize(device)
         t0 = time.perf_counter()
         result = fn()
         synchronize(device)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times), times, result
+    return times, result
 
 
 def measure(
@@ -67,13 +72,7 @@ def measure(
     before = torch.cuda.memory_allocated(device) if cuda else 0
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    times, result = [], None
-    for _ in range(max(1, repeats)):
-        synchronize(device)
-        t0 = time.perf_counter()
-        result = fn()
-        synchronize(device)
-        times.append(time.perf_counter() - t0)
+    times, result = _timed(fn, device, repeats)
     peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20 if cuda else 0.0
     return {
         "median_s": statistics.median(times),

@@ -259,21 +259,33 @@ def _capture_mode(
     capture: bool | str, solver: Solver, problem: Problem, device: torch.device, callback: Any
 ) -> str:
     """'graph' or 'eager' for `capture` = "auto" | True | False (see `ffsolve.solve`)."""
-    if capture not in ("auto", True, False):
-        raise ValueError(f"capture must be 'auto', True or False, got {capture!r}")
-    if capture is False:
-        return "eager"
     reasons = []
-    if device.type != "cuda":
-        reasons.append(f"the state is on {device.type}, CUDA graphs need a CUDA device")
     if not solver.capturable:
         reasons.append(f"{solver.name}'s sweep does host-side work (not capturable)")
     if not solver.static_region():
         reasons.append(f"{solver.name}'s window moves with the certified prefix (a host read)")
+    return _choose_mode(capture, device, callback, problem.capturable, reasons)
+
+
+def _choose_mode(
+    capture: bool | str, device: torch.device, callback: Any, declared: bool, reasons: list[str]
+) -> str:
+    """'graph' or 'eager': the checks every captured loop shares (CUDA, no callback).
+
+    Args:
+        declared: the problem declares the captured work capturable (needed by "auto").
+        reasons: why the method itself cannot be captured (empty: it can).
+    """
+    if capture not in ("auto", True, False):
+        raise ValueError(f"capture must be 'auto', True or False, got {capture!r}")
+    if capture is False:
+        return "eager"
+    if device.type != "cuda":
+        reasons = [f"the state is on {device.type}, CUDA graphs need a CUDA device", *reasons]
     if callback is not None:
-        reasons.append("a callback reads every iterate on the host")
+        reasons = [*reasons, "a callback reads every iterate on the host"]
     if capture == "auto":
-        return "graph" if not reasons and problem.capturable else "eager"
+        return "graph" if not reasons and declared else "eager"
     if reasons:
         raise ValueError(f"capture=True is impossible here: {'; '.join(reasons)}")
     return "graph"  # True: the caller vouches for the problem's sweep

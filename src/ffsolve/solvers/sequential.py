@@ -16,6 +16,7 @@ from ffsolve.solvers.base import (
     Solver,
     _Canonical,
     _capture,
+    _choose_mode,
     check_stopping,
 )
 
@@ -54,7 +55,7 @@ class Sequential(Solver):
         if max_iters is not None and max_iters < T:
             raise ValueError(f"sequential needs exactly T={T} steps; max_iters={max_iters}")
         init = problem.initial()
-        mode = _sequential_mode(capture, problem, init.device, callback)
+        mode = _choose_mode(capture, init.device, callback, problem.capturable_stepper, [])
         problem.prepare()
         if mode == "graph":
             x = _captured_program(problem, init).run()
@@ -78,23 +79,6 @@ class Sequential(Solver):
             cert = steps[:, None].expand(T, B).clone()  # (T, B)
         stats = {"captured": True} if mode == "graph" else {}
         return Solution(x, converged, T, T * problem.num_evals_per_step, None, cert, stats)
-
-
-def _sequential_mode(capture: bool | str, problem: Problem, device: torch.device, callback) -> str:
-    if capture not in ("auto", True, False):
-        raise ValueError(f"capture must be 'auto', True or False, got {capture!r}")
-    if capture is False:
-        return "eager"
-    reasons = []
-    if device.type != "cuda":
-        reasons.append(f"the state is on {device.type}, CUDA graphs need a CUDA device")
-    if callback is not None:
-        reasons.append("a callback reads every iterate on the host")
-    if capture == "auto":
-        return "graph" if not reasons and problem.capturable_stepper else "eager"
-    if reasons:
-        raise ValueError(f"capture=True is impossible here: {'; '.join(reasons)}")
-    return "graph"
 
 
 class _SequentialProgram:

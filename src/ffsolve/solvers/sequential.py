@@ -55,7 +55,7 @@ class Sequential(Solver):
         if max_iters is not None and max_iters < T:
             raise ValueError(f"sequential needs exactly T={T} steps; max_iters={max_iters}")
         init = problem.initial()
-        mode = _choose_mode(capture, init.device, callback, problem.capturable_stepper, [])
+        mode = _sequential_mode(capture, problem, init.device, callback)
         problem.prepare()
         if mode == "graph":
             x = _captured_program(problem, init).run()
@@ -79,6 +79,11 @@ class Sequential(Solver):
             cert = steps[:, None].expand(T, B).clone()  # (T, B)
         stats = {"captured": True} if mode == "graph" else {}
         return Solution(x, converged, T, T * problem.num_evals_per_step, None, cert, stats)
+
+
+def _sequential_mode(capture: bool | str, problem: Problem, device: torch.device, callback) -> str:
+    """'graph' when the whole loop may be captured (the problem's stepper says so)."""
+    return _choose_mode(capture, device, callback, problem.capturable_stepper, [])
 
 
 class _SequentialProgram:

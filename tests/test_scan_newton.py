@@ -314,3 +314,37 @@ def test_parallel_forward_and_parallel_backward_give_autograds_gradients(kind):
         torch.testing.assert_close(grads[label], grads["autograd"], rtol=1e-12, atol=1e-12)
     with pytest.raises(TypeError, match="without forward_method"):
         ffsolve.backprop_through(cell, h0, xs, "scan", forward_options={"atol": 1e-3})
+
+
+@pytest.mark.parametrize("method", ["newton", "quasi_newton", "scan"])
+def test_structured_methods_are_not_captured(method):
+    """capture="auto" runs them eagerly; capture=True names the reason (their sweeps do
+    host-side work), whatever the device."""
+    if method == "scan":
+        g = torch.Generator().manual_seed(5)
+        A = 0.5 * torch.randn(2, 9, 3, 3, dtype=D64, generator=g)
+        problem = LinearRecurrenceProblem(A, torch.randn(2, 9, 3, dtype=D64, generator=g))
+    else:
+        cell, h0 = _cell("gru", B=2)
+        xs = torch.randn(2, 9, 2, dtype=D64, generator=torch.Generator().manual_seed(5))
+        problem = RecurrenceForward(cell, h0, xs)
+    sol = ffsolve.solve(problem, method=method, capture="auto")
+    assert sol.all_converged and "captured" not in sol.stats
+    assert torch.equal(ffsolve.solve(problem, method=method, capture=False).value, sol.value)
+    with pytest.raises(ValueError, match="not capturable"):
+        ffsolve.solve(problem, method=method, capture=True)
+
+
+def test_newton_safeguards_count_live_sweeps_only():
+    """A coarser check_every cannot add frozen sweeps to the safeguards' record."""
+    cell, h0 = _cell("lstm", B=2)
+    xs = torch.randn(2, 17, 2, dtype=D64, generator=torch.Generator().manual_seed(6))
+    problem = RecurrenceForward(cell, h0, xs)
+    one = ffsolve.solve(problem, method="newton", damping=0.5)
+    four = ffsolve.solve(problem, method="newton", damping=0.5, check_every=4)
+    assert torch.equal(one.value, four.value) and one.num_iters == four.num_iters
+    for key in ("newton_fallbacks", "newton_nonfinite", "newton_residual"):
+        assert one.stats[key] == four.stats[key], key
+    assert len(four.stats["newton_residual"]) == four.num_iters
+    with pytest.raises(ValueError, match="check_every"):
+        ffsolve.solve(problem, method="newton", check_every=0)

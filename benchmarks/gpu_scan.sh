@@ -32,9 +32,9 @@ if [ "${TINY:-0}" = 1 ]; then
 else
   # rnn-forward starts no new shape after 110 s (shapes run by increasing T; skipped ones are
   # recorded); the hard limits keep the whole call under 5 minutes
-  FWD=(--set time_budget_s=110)
+  FWD=(--set time_budget_s=${FWD_BUDGET_S:-110})
   BWD=(--set data_dir=.carry/mnist --set repeats=1 --set error_sequences=4)
-  T_FWD=190; T_BWD=95
+  T_FWD=${T_FWD:-190}; T_BWD=${T_BWD:-95}
 fi
 
 step() {  # step NAME SECONDS ARGS...: one experiment with a time limit, failures logged

@@ -2,7 +2,10 @@
 # Measurements on a quiet GPU (nothing else runs), in parts that each fit one 10-minute call:
 #   A: PixelCNN++ sampling (MNIST float32 and bfloat16, RGB) and DenseNet by Jacobi
 #      (the trained DenseNet-BC at batch 1 and 64, DenseNet-201 with random weights);
-#   B: the fast path (benchmarks/gpu_fast.py) and scan/Newton (benchmarks/gpu_scan.sh).
+#   B: the fast path (benchmarks/gpu_fast.py) and scan/Newton (benchmarks/gpu_scan.sh);
+#   C: the steps that need data (carry .carry/sub: the Fashion-MNIST test images with a stub
+#      training split, and the first 20k MNIST training digits): DenseNet-BC by Jacobi, the
+#      RNN back-propagation experiment with the scan row, and the MADE batch sweep.
 # Run from the repository root:  PART=A bash benchmarks/gpu_measure.sh
 # Each step has a hard time limit; a failed step is logged and the next one runs. Run folders
 # come back packed in $OUT/measure_<PART>.tgz, the log in $OUT/log_<PART>.txt.
@@ -36,6 +39,13 @@ ff() { local limit=$1; shift; echo "== [$(date -u +%T)] ffsolve $*"
         || echo "!! gpu_fast failed (rc $?)"
       OUT=$RUNS/scan RUNS=$RUNS/scan FWD_BUDGET_S=95 T_FWD=165 T_BWD=85 timeout 270 \
         bash benchmarks/gpu_scan.sh || echo "!! gpu_scan failed (rc $?)"
+      ;;
+    C)  # what needs data: carry .carry/sub (Fashion-MNIST test images; 20k MNIST digits)
+      ff 120 run densenet-jacobi --config configs/densenet_jacobi.yaml \
+        --set data_dir=.carry/sub/fmnist ${DN_SET:-}
+      ff 110 run rnn-backprop --config configs/rnn_backprop.yaml --set data_dir=.carry/sub/mnist \
+        --set repeats=1 --set error_sequences=4
+      ff 130 bench made-batch breakeven
       ;;
   esac
   echo "== summaries"

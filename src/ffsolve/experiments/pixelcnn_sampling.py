@@ -192,8 +192,9 @@ def plot(records: dict[str, Any], out_dir: Path) -> list[Path]:
     axes[2].set_xlabel("iteration")
     axes[0].set_ylabel("mean l2 error to the sequential sample ([-1, 1] scale)")
     axes[2].set_ylabel("(image, pixel) pairs differing from sequential")
-    for ax in axes:
-        ax.legend(fontsize=7)
+    if parallel:
+        for ax in axes:
+            ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     paths.append(out_dir / "convergence.png")

@@ -99,7 +99,10 @@ class _WeightNorm(nn.Module):
 
     out_dim: int = 0  # the weight's output-channel dimension
 
-    def _init_wn(self, v: Tensor) -> None:
+    def _init_wn(self, *shape: int) -> None:
+        """Parameters v (`shape`, Kaiming-uniform), g = ||v|| per output channel, b = 0."""
+        v = torch.empty(*shape)
+        nn.init.kaiming_uniform_(v, a=math.sqrt(5))
         self.v = nn.Parameter(v)
         dims = [d for d in range(v.dim()) if d != self.out_dim]
         # (out,): w = v at initialisation
@@ -137,9 +140,7 @@ class _Conv(_WeightNorm):
 
     def __init__(self, cin: int, cout: int, kernel: tuple[int, int], stride: int, pad) -> None:
         super().__init__()
-        v = torch.empty(cout, cin, *kernel)
-        nn.init.kaiming_uniform_(v, a=math.sqrt(5))
-        self._init_wn(v)
+        self._init_wn(cout, cin, *kernel)
         self.stride = stride
         self.pad = pad
 
@@ -166,9 +167,7 @@ class _Deconv(_WeightNorm):
 
     def __init__(self, cin: int, cout: int, kernel: tuple[int, int], centred: bool) -> None:
         super().__init__()
-        v = torch.empty(cin, cout, *kernel)
-        nn.init.kaiming_uniform_(v, a=math.sqrt(5))
-        self._init_wn(v)
+        self._init_wn(cin, cout, *kernel)
         self.kernel = kernel
         self.centred = centred
 
@@ -186,9 +185,7 @@ class _Nin(_WeightNorm):
 
     def __init__(self, cin: int, cout: int) -> None:
         super().__init__()
-        v = torch.empty(cout, cin, 1, 1)
-        nn.init.kaiming_uniform_(v, a=math.sqrt(5))
-        self._init_wn(v)
+        self._init_wn(cout, cin, 1, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.conv2d(x, self.weight(), self.b)

@@ -130,14 +130,15 @@ class PixelCNNSampling(Problem):
         self.shape = (C, H, W)
         self.length = H * W
         self.compute_dtype = p.dtype
-        self._graph = None
         self.cached = bool(cached)
         # the cached loop restarts at step 0 from x and has static shapes per step
         self.capturable_stepper = self.cached and cuda_graph
+        self._graphs: dict[object, tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] | None = None
         if cuda_graph:
             if p.device.type != "cuda":
                 raise ValueError("cuda_graph=True needs the model on a CUDA device")
-            self._capture()
+            self._graphs = {}
+            self._replay("full", self._full, self.initial())  # capture the forward now
 
     # --- the full evaluation -------------------------------------------------------------
     def _full(self, x: Tensor) -> Tensor:
@@ -154,30 +155,34 @@ class PixelCNNSampling(Problem):
         )  # (B, H, W, C)
         return out.reshape(B, H * W, C)
 
-    def _capture(self) -> None:
-        B = self.logistic.shape[0]
-        C = self.shape[0]
-        dev = self.logistic.device
-        self._static_in = torch.zeros(B, self.length, C, device=dev, dtype=self.logistic.dtype)
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side), torch.no_grad():
-            for _ in range(3):  # warm-up: cudnn autotuning and allocations off the graph
-                self._full(self._static_in)
-        torch.cuda.current_stream(dev).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), torch.no_grad():
-            self._static_out = self._full(self._static_in)
-        self._graph = graph
+    def _replay(self, key: object, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+        """fn(x); with `cuda_graph`, through a CUDA graph of fn captured on first use under
+        `key` (the result is then a buffer overwritten by the next replay: consume it first)."""
+        if self._graphs is None:
+            return fn(x)
+        entry = self._graphs.get(key)
+        if entry is None:
+            dev = x.device
+            static_in = x.detach().clone(memory_format=torch.contiguous_format)
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side), torch.no_grad():
+                for _ in range(3):  # warm-up: cudnn autotuning and allocations off the graph
+                    fn(static_in)
+            torch.cuda.current_stream(dev).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph), torch.no_grad():
+                static_out = fn(static_in)
+            entry = self._graphs[key] = (graph, static_in, static_out)
+        graph, static_in, static_out = entry
+        static_in.copy_(x)
+        graph.replay()
+        return static_out
 
     def full(self, x: Tensor) -> Tensor:
         """f at every position, (B, H*W, C); through the captured graph when there is one
         (the result is then a buffer overwritten by the next call: consume it first)."""
-        if self._graph is None:
-            return self._full(x)
-        self._static_in.copy_(x)
-        self._graph.replay()
-        return self._static_out
+        return self._replay("full", self._full, x)
 
     # --- the problem protocol ------------------------------------------------------------
     def initial(self) -> Tensor:
@@ -189,17 +194,21 @@ class PixelCNNSampling(Problem):
     def evaluate(self, x: Tensor, start: int, stop: int) -> Tensor:
         if not self.cached or stop == self.length:
             return self.full(x)[:, start:stop]
-        return self._top(x, stop)[:, start:stop]
+        C, H, W = self.shape
+        R = min(H, -(-((stop - 1) // W + 1) // 4) * 4)  # rows needed, a multiple of 4
+        if R == H:
+            return self.full(x)[:, start:stop]
+        return self._replay(("top", R), lambda v: self._top(v, R), x)[:, start:stop]
 
     def evaluate_at(self, x: Tensor, index: Tensor) -> Tensor:
         return self.full(x).index_select(1, index)
 
-    def _top(self, x: Tensor, stop: int) -> Tensor:
-        """f at the positions of the image rows [0, R) (B, R*W, C), R = the row of position
-        stop - 1 plus one, rounded up to a multiple of 4: a forward over those rows only."""
+    def _top(self, x: Tensor, R: int) -> Tensor:
+        """f at the positions of the image rows [0, R) (B, R*W, C), R a multiple of 4: a
+        forward over those rows only (exact: every layer is causal in rows; equal to the full
+        forward to rounding, not always bitwise in float32)."""
         C, H, W = self.shape
         B = x.shape[0]
-        R = min(H, -(-((stop - 1) // W + 1) // 4) * 4)
         img = x.view(B, H, W, C)[:, :R].permute(0, 3, 1, 2).to(self.compute_dtype)
         params = self.model.forward_top(img)  # (B, K, R, W)
         out = sample_mixture(
@@ -220,7 +229,7 @@ class PixelCNNSampling(Problem):
         """One Jacobi-GS iteration; with `cached` and blocks of one image row, the cached
         row sweep (`_row_sweep`), else the generic one."""
         if self.cached and block_size == self.shape[2]:
-            return self._row_sweep(x)
+            return self._replay("rows", self._row_sweep, x)
         return super().block_sweep(x, block_size)
 
     def block_sweep_evals(self, block_size: int) -> int:

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
 import ffsolve
-from ffsolve.models.pixelcnnpp import PixelCNNpp, PixelCNNppConfig, load_pixelcnnpp
+from ffsolve.cli import main
+from ffsolve.models.pixelcnnpp import (
+    PixelCNNpp,
+    PixelCNNppConfig,
+    load_pixelcnnpp,
+    save_pixelcnnpp,
+)
 from ffsolve.problems.pixelcnn import PixelCNNSampling, pixelcnn_noise
 
 
@@ -197,3 +204,26 @@ def test_cached_steps_on_the_shipped_checkpoint_are_the_sequential_prefix(name, 
         # positions < n only, so the cached prefix must reproduce itself (float32: to rounding)
         f = cached.full(x)[:, :n]
     assert (f - x[:, :n]).abs().max() < 1e-4
+
+
+def test_experiment_rows_batch_sweep_and_window_error(tmp_path, capsys):
+    torch.manual_seed(0)
+    cfg = PixelCNNppConfig(channels=1, height=8, width=8, filters=4, resnets=1, mixtures=2)
+    save_pixelcnnpp(tmp_path / "m", PixelCNNpp(cfg).eval(), {"data": {"name": "random"}})
+    run = ["run", "pixelcnn-sampling", "--device", "cpu", "--out", str(tmp_path / "runs")]
+    run += ["--set", f"checkpoint={tmp_path / 'm'}", "--set", "batch=2", "--set", "repeats=1"]
+    run += ["--set", "warmup=0", "--set", "trace=false", "--set", "window_rows=2"]
+    run += ["--set", "methods=[jacobi, jacobi_gs, gs_jacobi]", "--set", "batches=[1, 2]"]
+    assert main(run) == 0
+    assert "vs cached" in capsys.readouterr().out
+    rec = json.loads(next((tmp_path / "runs").glob("*/*/records.json")).read_text())
+    rows = {r["method"]: r for r in rec["methods"]}
+    assert list(rows)[:2] == ["sequential", "sequential-cached"]
+    for r in rows.values():
+        assert r["converged"] and r["pixels_differing_1e-3"] == 0, r["method"]
+        assert r["speedup_vs_sequential-cached"] > 0
+    assert rows["jacobi_gs(row=8)"]["num_iters"] <= 8
+    assert [s["batch"] for s in rec["batch_sweep"]] == [1, 2]
+    assert all(s["max_abs_diff"] < 1e-4 for s in rec["batch_sweep"])
+    assert main([*run, "--set", "window_rows=9"]) == 2  # taller than the image: one line
+    assert "window_rows must be at most the image height 8" in capsys.readouterr().err

@@ -271,12 +271,15 @@ class PixelCNNSampling(Problem):
         new = x.view(B, H, W, C).clone()
         col0 = params.permute(2, 0, 1, 3).reshape(H * B, -1, 1, 1)  # (row, image) order
         new[:, :, 0] = self._sample(col0, slice(None), 0).view(H, B, C).transpose(0, 1)
+        # rows sharing one schedule (which levels row i reaches: ul at level l iff
+        # 2^l divides i), each with a representative row `rep` of that schedule: local
+        # windows of rep >> l + 1 rows per level, whose last row is the row's own
+        schedules = [(0, 4, 4, [True, True, True]), (2, 4, 6, [True, True, False])]
+        schedules.append((1, 2, 5, [True, False, False]))
         groups = []
-        for g in range(min(4, H)):  # rows i = g mod 4 share one schedule
-            rows = torch.arange(g, H, 4, device=x.device)
-            rep = 4 + g  # a representative row: local windows of rep >> l + 1 rows
+        for first, stride, rep, do_ul in schedules:
+            rows = torch.arange(first, H, stride, device=x.device)
             local = {k: _windows(m, rows, rep, _level(m, H)) for k, m in maps.items()}
-            do_ul = [g % (1 << level) == 0 for level in range(LEVELS)]
             groups.append((rows, rep, local, do_ul))
         no_u = [False] * LEVELS  # u at row i depends on rows < i only: frozen
         for j in range(1, W):

@@ -160,12 +160,14 @@ def row_pass(
         elif "u_init" not in maps:
             maps["u_init"] = img.new_zeros(img.shape[0], net.config.filters, h0, img.shape[3])
         _put(maps, "u", r0, _shifted(maps, "u_init", r0, r1), h0)
-    if do_ul[0]:
+        # the down-shifted half of ul reads the rows above only: it is vertical context like
+        # u (and a row above the map must stay the shift's zeros, never a conv of padding)
         if r1 - 1 > max(r0 - 1, 0):
             v = conv_rows(net.ul_init_down, img, max(r0 - 1, 0), r1 - 1)
             _put(maps, "ul_init_down", max(r0 - 1, 0), v, h0)
         elif "ul_init_down" not in maps:
             maps["ul_init_down"] = img.new_zeros(img.shape[0], net.config.filters, h0, img.shape[3])
+    if do_ul[0]:
         right = conv_rows(net.ul_init_right, img, r0, r1)
         right = F.pad(right[:, :, :, :-1], (1, 0, 0, 0))  # right_shift
         _put(maps, "ul", r0, _shifted(maps, "ul_init_down", r0, r1) + right, h0)

@@ -20,7 +20,7 @@ rm -rf "$WORK/runs"
 mkdir -p "$OUT" "$WORK/runs"
 MNIST=checkpoints/pixelcnnpp_mnist
 RGB=checkpoints/pixelcnnpp_rgb
-T1=${T1:-150} T2=${T2:-190} T3=${T3:-160}
+T1=${T1:-140} T2=${T2:-180} T3=${T3:-180}
 BATCHES=${BATCHES:-[1, 4, 16, 64]}
 if [ "${TINY:-0}" = 1 ]; then
   python3 - "$WORK" <<'EOF'
@@ -50,7 +50,7 @@ ff() { local limit=$1; shift; echo "== [$(date -u +%T)] ffsolve $*"
     --set checkpoint="$RGB" "${SMALL[@]}"
   ff "$T3" run pixelcnn-sampling --config configs/pixelcnn_sampling_mnist.yaml \
     --set checkpoint="$MNIST" "${SMALL[@]}" --set "methods=[jacobi]" --set trace=false \
-    --set repeats=2 --set warmup=1 --set "batches=$BATCHES"
+    --set repeats=1 --set warmup=1 --set "batches=$BATCHES"
   date -u
   echo "== summaries"
   python3 - "$WORK/runs" <<'EOF'

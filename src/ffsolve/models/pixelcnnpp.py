@@ -291,7 +291,9 @@ class PixelCNNpp(nn.Module):
         Every layer is causal in rows (an output row reads input rows at or above it, through
         the strides too), so this equals `forward(full)[:, :, :R]` for any completion of the
         image below: the rows below are never computed. R must be a multiple of 4 (the two
-        stride-2 stages) and at most the model's height.
+        stride-2 stages) and at most the model's height. Equal to rounding, not bitwise: the
+        convolution kernels depend on the shape (float64: ~1e-15; float32 on the CPU: up to
+        ~1e-6 on the shipped checkpoints, bitwise for some R).
         """
         cfg = self.config
         R = x.shape[2] if x.dim() == 4 else -1

@@ -206,7 +206,7 @@ class PixelCNNSampling(Problem):
     def _top(self, x: Tensor, R: int) -> Tensor:
         """f at the positions of the image rows [0, R) (B, R*W, C), R a multiple of 4: a
         forward over those rows only (exact: every layer is causal in rows; equal to the full
-        forward to rounding, not always bitwise in float32)."""
+        forward to rounding, not bitwise in float32: see `PixelCNNpp.forward_top`)."""
         C, H, W = self.shape
         B = x.shape[0]
         img = x.view(B, H, W, C)[:, :R].permute(0, 3, 1, 2).to(self.compute_dtype)

@@ -69,7 +69,16 @@ def conv_rows(layer: _Conv, src: Tensor, r0: int, r1: int, pre=None) -> Tensor:
     crop = src[:, :, a:b]
     if pre is not None:
         crop = pre(crop)
-    return F.conv2d(F.pad(crop, (left, right, a - lo, hi - b)), layer.weight(), layer.b, stride=s)
+    top_pad, bottom_pad = a - lo, hi - b
+    if top_pad < bottom_pad or left < right:  # not this model's layers: pad explicitly
+        return F.conv2d(
+            F.pad(crop, (left, right, top_pad, bottom_pad)), layer.weight(), layer.b, stride=s
+        )
+    # the conv's own (symmetric) zero padding, one launch fewer than F.pad: the outputs start
+    # at the same place; the extra rows and columns it adds at the bottom and right are cut
+    out = F.conv2d(crop, layer.weight(), layer.b, stride=s, padding=(top_pad, left))
+    w_out = (src.shape[3] + left + right - layer.v.shape[3]) // s + 1
+    return out[:, :, : r1 - r0, :w_out]
 
 
 def deconv_rows(layer: _Deconv, src: Tensor, r0: int, r1: int) -> Tensor:

@@ -38,6 +38,9 @@ def problems(model: PixelCNNpp, B: int = 2, seed: int = 0):
     return PixelCNNSampling(model, *noise), PixelCNNSampling(model, *noise, cached=True)
 
 
+VERTICAL = ("up_u", "dn_u", "down_u_size", "up_u_size")
+
+
 def _activations(model: PixelCNNpp, img: torch.Tensor) -> dict[str, torch.Tensor]:
     """Outputs of every cached module of a full forward, by module name."""
     out, hooks = {}, []
@@ -71,11 +74,17 @@ def test_cache_equals_a_full_pass_per_layer_after_every_step(C, size):
             out = step(t)
             i = t // W
             full = _activations(model, cached.to_images(x))
+            j = t % W
             for name, ref in full.items():
                 level = (H // ref.shape[2]).bit_length() - 1
-                r = (i >> level) + 1  # rows at or above the current row of this level
-                got = step.maps[name][:, :, :r]
-                assert torch.allclose(got, ref[:, :, :r], rtol=0, atol=1e-12), (t, name)
+                r = i >> level  # the current row of this level: rows above are complete
+                got = step.maps[name]
+                assert torch.allclose(got[:, :, :r], ref[:, :, :r], rtol=0, atol=1e-12), (t, name)
+                # in the current row: the whole row for the vertical stream u (it reads rows
+                # above only), the columns pixel (i, j) reads for the horizontal stream ul
+                c = got.shape[3] if name.split(".")[0] in VERTICAL else (j >> level) + 1
+                now, want = got[:, :, r, :c], ref[:, :, r, :c]
+                assert torch.allclose(now, want, rtol=0, atol=1e-12), (t, name)
                 checked.add(name)
             x[:, t : t + 1] = out
     # every resnet, stride-2 conv and transposed conv of the model was compared

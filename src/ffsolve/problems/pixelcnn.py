@@ -37,7 +37,7 @@ from torch.nn import functional as F
 
 from ffsolve.models.pixelcnnpp import PixelCNNpp, sample_mixture
 from ffsolve.problems.base import Problem
-from ffsolve.problems.pixelcnn_cache import LEVELS, max_row, row_pass
+from ffsolve.problems.pixelcnn_cache import LEVELS, max_row, needed_now, row_pass
 
 __all__ = ["PixelCNNSampling", "pixelcnn_noise"]
 
@@ -289,7 +289,8 @@ class PixelCNNSampling(Problem):
                 local["image"][:, :C, rep, j - 1] = pix.to(self.compute_dtype)
                 rr = [(rep >> level, (rep >> level) + 1) for level in range(LEVELS)]
                 hs = [r[1] for r in rr]
-                last = row_pass(net, local, rr, no_u, do_ul, hs)
+                now = [d and needed_now(lv, j) for lv, d in enumerate(do_ul)]
+                last = row_pass(net, local, rr, no_u, now, hs)
                 params = net.head(F.elu(local[last][:, :, rep : rep + 1, j : j + 1]))
                 out = self._sample(params, rows, j)  # (Q*B, C)
                 new[:, rows, j] = out.view(Q, B, C).transpose(0, 1)
@@ -341,6 +342,8 @@ class _CachedStepper:
         rows = [(i >> level, (i >> level) + 1) for level in range(LEVELS)]
         do_u = [changed <= max_row("u", lv, i >> lv) for lv in range(LEVELS)]
         do_ul = [changed <= max_row("ul", lv, i >> lv) for lv in range(LEVELS)]
+        if changed == i:  # within a row: see `pixelcnn_cache.needed_now`
+            do_ul = [d and needed_now(lv, j) for lv, d in enumerate(do_ul)]
         last = row_pass(p.model, self.maps, rows, do_u, do_ul, self.heights)
         params = p.model.head(F.elu(self.maps[last][:, :, i : i + 1, j : j + 1]))
         return p._sample(params, slice(i, i + 1), j).view(-1, 1, C)  # (B, 1, C)

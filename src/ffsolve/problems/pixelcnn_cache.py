@@ -13,8 +13,11 @@ on image rows < 2^l r; every value of the horizontal stream `ul` there, on image
 changes, stream s at level l, row r, must be recomputed iff c <= maxrow(s, l, r), and is
 final otherwise. For the sequential loop at pixel (i, j) this recomputes, per level, the one
 row holding i and only the streams that can see the last written pixel: at level 0 the `ul`
-layers on every step and the `u` layers once per row; at levels 1 and 2 once or twice per
-row span. Nothing is ever computed below the current row.
+layers on every step and the `u` layers once per row; at levels 1 and 2 the `ul` layers on
+every 2nd / 4th step of the first row of their span (`needed_now`: the columns pixel j
+reads cannot have changed in between) and once more when the span's next row starts. Nothing
+is ever computed below the current row, and columns right of the ones the current pixel
+reads may be stale until their turn.
 
 The same pass runs on local windows (a few rows per level around an image row, gathered from
 a full pass) for a batch of rows at once: that is the Jacobi-GS row sweep of
@@ -39,7 +42,7 @@ from ffsolve.models.pixelcnnpp import (
     concat_elu,
 )
 
-__all__ = ["LEVELS", "conv_rows", "deconv_rows", "max_row", "row_pass"]
+__all__ = ["LEVELS", "conv_rows", "deconv_rows", "max_row", "needed_now", "row_pass"]
 
 LEVELS = 3  # resolutions H, H/2, H/4
 
@@ -47,6 +50,19 @@ LEVELS = 3  # resolutions H, H/2, H/4
 def max_row(stream: str, level: int, row: int) -> int:
     """The last image row a value of `stream` ('u' or 'ul') at (level, row) depends on."""
     return (row << level) - (1 if stream == "u" else 0)
+
+
+def needed_now(level: int, j: int) -> bool:
+    """Whether `ul` at `level` must be recomputed for pixel column j after pixel j - 1 of
+    the same image row (the first row of the level's row span) was written.
+
+    A `ul` value at (level, row r, column c) depends on the pixels before (2^l r, 2^l c), and
+    pixel j reads `ul` at this level only in columns <= j >> l. Pixel j - 1 reaches columns
+    c > (j - 1) / 2^l, so a needed column changed only when 2^l divides j; otherwise the
+    columns computed at an earlier step of this row are current (the columns to their right
+    are stale until their turn, and nothing reads them).
+    """
+    return j % (1 << level) == 0
 
 
 def conv_rows(layer: _Conv, src: Tensor, r0: int, r1: int, pre=None) -> Tensor:

@@ -82,9 +82,11 @@ class Problem:
         """One Jacobi-GS iteration over blocks of `block_size` positions: inner step j sets
         position j of every block from the freshest values (Song et al. 2021, Alg. 2).
 
-        A problem may override it with a cheaper map with the same two properties the
-        solver relies on: the first block whose predecessors are final comes out final, and
-        a fixed point of the map is the solution (so an unchanged prefix is certified).
+        A problem may override it with a cheaper map with the two properties the solver
+        relies on: when the positions before p are final, the whole block holding p comes
+        out final (`JacobiGS.guaranteed`), and position t of the result is f_t of values that
+        equal the result wherever the input and the result agree before t (so an unchanged
+        prefix is certified, as for Jacobi).
         The default makes `block_size` calls of `evaluate_at`.
 
         Returns:

@@ -280,6 +280,29 @@ class PixelCNNpp(nn.Module):
                 f"expected images (B, {cfg.channels}, {cfg.height}, {cfg.width}), "
                 f"got {tuple(x.shape)}"
             )
+        return self._net(x)
+
+    def forward_top(self, x: Tensor) -> Tensor:
+        """Mixture parameters (B, K, R, W) of the first R rows given those rows (B, C, R, W).
+
+        Every layer is causal in rows (an output row reads input rows at or above it, through
+        the strides too), so this equals `forward(full)[:, :, :R]` for any completion of the
+        image below: the rows below are never computed. R must be a multiple of 4 (the two
+        stride-2 stages) and at most the model's height. Equal to rounding, not bitwise: the
+        convolution kernels depend on the shape (float64: ~1e-15; float32 on the CPU: up to
+        ~1e-6 on the shipped checkpoints, bitwise for some R).
+        """
+        cfg = self.config
+        R = x.shape[2] if x.dim() == 4 else -1
+        if x.dim() != 4 or x.shape[1] != cfg.channels or x.shape[3] != cfg.width:
+            raise ValueError(
+                f"expected images (B, {cfg.channels}, R, {cfg.width}), got {tuple(x.shape)}"
+            )
+        if not 4 <= R <= cfg.height or R % 4:
+            raise ValueError(f"R must be a multiple of 4 in [4, {cfg.height}], got {R}")
+        return self._net(x)
+
+    def _net(self, x: Tensor) -> Tensor:
         ones = torch.ones_like(x[:, :1])
         x = torch.cat([x, ones], dim=1)  # (B, C+1, H, W)
         us = [down_shift(self.u_init(x))]

@@ -78,6 +78,31 @@ class Problem:
         len(index) positions. The default evaluates the full window and selects."""
         return self.evaluate(x, 0, self.length).index_select(self.dim, index)
 
+    def block_sweep(self, x: Tensor, block_size: int) -> Tensor:
+        """One Jacobi-GS iteration over blocks of `block_size` positions: inner step j sets
+        position j of every block from the freshest values (Song et al. 2021, Alg. 2).
+
+        A problem may override it with a cheaper map with the two properties the solver
+        relies on: when the positions before p are final, the whole block holding p comes
+        out final (`JacobiGS.guaranteed`), and position t of the result is f_t of values that
+        equal the result wherever the input and the result agree before t (so an unchanged
+        prefix is certified, as for Jacobi).
+        The default makes `block_size` calls of `evaluate_at`.
+
+        Returns:
+            the new iterate, shaped like x.
+        """
+        work = x.clone()
+        d = self.dim
+        for j in range(block_size):
+            index = torch.arange(j, self.length, block_size, device=x.device)
+            work.index_copy_(d, index, self.evaluate_at(work, index))
+        return work
+
+    def block_sweep_evals(self, block_size: int) -> int:
+        """Model calls counted for one `block_sweep`."""
+        return block_size * self.num_evals_per_step
+
     def stepper(self, x: Tensor) -> Callable[[int], Tensor]:
         """A sequential step for the ordinary loop: `step(t)` returns f_t (one position, shaped
         like x narrowed to 1 along `dim`) given that positions < t of `x` are final.

@@ -48,16 +48,12 @@ class JacobiGS(Solver):
         return torch.clamp((certified // K + 1) * K, max=length)
 
     def sweep(self, problem: Problem, state: _Canonical, start: int, stop: int) -> Tensor:
-        K = self.size(problem.length)
-        work = state.x.clone()
-        flat = state.flat(work)  # (B, T, F) view of work
-        for j in range(K):
-            index = torch.arange(j, problem.length, K, device=work.device)
-            flat[:, index] = state.flat(problem.evaluate_at(work, index))
-        return work
+        # the problem may offer a cheaper sweep (e.g. cached steps); the default makes
+        # block_size calls of evaluate_at, each at position j of every block
+        return problem.block_sweep(state.x, self.size(problem.length))
 
     def evals_per_sweep(self, problem: Problem, start: int, stop: int) -> int:
-        return self.size(problem.length) * problem.num_evals_per_step
+        return problem.block_sweep_evals(self.size(problem.length))
 
 
 def _check_block(block_size: int | None, length: int) -> None:

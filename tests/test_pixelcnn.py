@@ -270,3 +270,17 @@ def test_cli_train_then_sample(tmp_path, capsys):
     assert rows["jacobi"]["pixels_differing"] == 0
     assert rows["jacobi"]["traces"]["positions_differing"][-1] == 0
     assert main([*run[:-2], "--set", "batch=0"]) == 2  # out of range: one line, exit 2
+
+
+def test_freezing_twice_keeps_the_weight_tensors():
+    # two problems on one model: the second must not free the weights the first one's CUDA
+    # graph reads by address (they are updated in place)
+    model = tiny(1, dtype=torch.float32)
+    problem_for(model)
+    ptrs = [m.weight().data_ptr() for m in model.modules() if hasattr(m, "_frozen")]
+    with torch.no_grad():
+        model.head.g.mul_(2.0)
+    problem_for(model)
+    again = [m.weight().data_ptr() for m in model.modules() if hasattr(m, "_frozen")]
+    assert ptrs == again
+    assert torch.equal(model.head.weight(), model.head._normalised())  # new values, same tensor

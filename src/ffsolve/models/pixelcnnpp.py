@@ -111,17 +111,25 @@ class _WeightNorm(nn.Module):
         self._frozen: Tensor | None = None
 
     def weight(self) -> Tensor:
-        if self._frozen is not None:
-            return self._frozen
+        return self._frozen if self._frozen is not None else self._normalised()
+
+    def _normalised(self) -> Tensor:
         dims = [d for d in range(self.v.dim()) if d != self.out_dim]
         shape = [1] * self.v.dim()
         shape[self.out_dim] = -1
         return self.v * (self.g / torch.linalg.vector_norm(self.v, dim=dims)).view(shape)
 
     def freeze(self) -> None:
-        self._frozen = None
+        """Compute w from the current v, g. A frozen weight is updated IN PLACE, never
+        replaced: CUDA graphs captured earlier read it by address, and a replaced tensor would
+        be freed and its memory reused under them."""
         with torch.no_grad():
-            self._frozen = self.weight().detach().clone()
+            w = self._normalised()
+            f = self._frozen
+            if f is not None and (f.shape, f.dtype, f.device) == (w.shape, w.dtype, w.device):
+                f.copy_(w)
+            else:
+                self._frozen = w.detach().clone()
 
     def train(self, mode: bool = True):  # noqa: D102  (un-freeze whenever training resumes)
         if mode:

@@ -4,8 +4,9 @@ For each cell (GRU, LSTM), hidden size, length T and batch B, one random cell (t
 default initialisation, recurrent weights scaled by `weight_scale`, seeded) and random
 inputs x ~ N(0, 1) give one `RecurrenceForward` problem; every method computes h_1..h_T:
 
-- `cudnn`: `nn.GRU` / `nn.LSTM` with the same weights (cuDNN on CUDA; ATen's kernel on
-  the CPU). A refusal (cuDNN declines very long sequences) is caught and recorded.
+- `cudnn`: `nn.GRU` / `nn.LSTM` with the same weights, on CUDA only (on a CPU the row is
+  recorded as skipped: ATen's CPU kernel is no cuDNN). A refusal (cuDNN declines very long
+  sequences) is caught and recorded.
 - `sequential`: the plain loop of the cell (ffsolve's `sequential`), timed up to
   `loop_max_length`; longer sequences use it once, untimed, as the reference.
 - `jacobi`, `newton`, `quasi_newton`: stopped online at max-abs change <= `atol`.

@@ -18,13 +18,18 @@ from ffsolve.errors import DataError
 
 __all__ = [
     "MNIST_HOWTO",
+    "TEXT_SOURCES",
+    "TEXT_VOCAB",
     "bits_per_dim",
+    "decode_text",
     "dequantize_logit",
+    "encode_text",
     "load_cifar10",
     "load_fashion_mnist",
     "load_images",
     "load_mnist",
     "load_rgb_crops",
+    "load_text",
     "logit_bounds",
     "logit_to_pixels",
 ]
@@ -322,3 +327,66 @@ def bits_per_dim(log_prob_z: Tensor, logdet: Tensor, dims: int) -> Tensor:
     """Bits per dimension in the original 8-bit pixel space: the density of y = (x+u)/256 is
     p(z)|dz/dy|, and of the pixel scale x + u it is that over 256**D."""
     return -(log_prob_z + logdet - dims * math.log(256.0)) / (dims * math.log(2.0))
+
+
+# Text for character models. Symbols: newline, tab and printable ASCII; every other character
+# maps to one extra "other" symbol (id len(TEXT_VOCAB)), so the vocabulary is fixed (98) and a
+# model trained on one text reads any other.
+TEXT_VOCAB = "\n\t" + "".join(chr(c) for c in range(32, 127))
+
+#: Texts that ship with Python itself, so they exist offline on every machine.
+TEXT_SOURCES = {
+    # the Python Language Reference as plain text (what `help("if")` shows): English prose
+    # with code, about 465k characters in Python 3.11 (the text differs between versions)
+    "pydoc-topics": "pydoc_data.topics",
+    # the source code of a fixed list of pure-Python standard-library modules
+    "stdlib-source": "argparse, textwrap, inspect, typing, dataclasses, json.decoder, string",
+}
+
+
+def load_text(source: str = "pydoc-topics", text_file: str | Path | None = None) -> str:
+    """A training text: `text_file` (UTF-8) when given, else one of `TEXT_SOURCES`.
+
+    Raises:
+        DataError: the file is missing or unreadable, or the source is unknown or absent.
+    """
+    if text_file is not None:
+        path = Path(text_file)
+        if not path.is_file():
+            raise DataError(f"text_file {path} not found")
+        try:
+            return path.read_text(encoding="utf-8", errors="replace")
+        except OSError as e:
+            raise DataError(f"cannot read text_file {path}: {e}") from None
+    if source == "pydoc-topics":
+        try:
+            from pydoc_data.topics import topics
+        except ImportError:
+            raise DataError(
+                "pydoc_data is missing from this Python; set text_file=PATH to a text file"
+            ) from None
+        return "".join(topics[k] for k in sorted(topics))
+    if source == "stdlib-source":
+        import importlib
+        import inspect
+
+        names = [n.strip() for n in TEXT_SOURCES[source].split(",")]
+        return "".join(inspect.getsource(importlib.import_module(n)) for n in names)
+    raise DataError(f"unknown text source {source!r}; valid: {', '.join(TEXT_SOURCES)}")
+
+
+def encode_text(text: str) -> Tensor:
+    """A string -> (N,) int64 symbol ids over `TEXT_VOCAB` (others: len(TEXT_VOCAB))."""
+    lut = np.full(128, len(TEXT_VOCAB), dtype=np.int64)  # ASCII code -> id
+    lut[[ord(c) for c in TEXT_VOCAB]] = np.arange(len(TEXT_VOCAB))
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    out = np.full(len(codes), len(TEXT_VOCAB), dtype=np.int64)
+    ascii_ = codes < 128
+    out[ascii_] = lut[codes[ascii_]]
+    return torch.from_numpy(out)
+
+
+def decode_text(ids: Tensor) -> str:
+    """(N,) symbol ids -> a string ("other" shown as U+FFFD)."""
+    chars = TEXT_VOCAB + "\ufffd"
+    return "".join(chars[i] for i in ids.tolist())

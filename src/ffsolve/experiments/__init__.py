@@ -76,6 +76,7 @@ _MODULES = [
     "ffsolve.experiments.densenet_jacobi",
     "ffsolve.experiments.rnn_forward",
     "ffsolve.experiments.bench_suite",
+    "ffsolve.experiments.gru_char_train",
 ]
 
 #: What `ffsolve demo` / `make demo` runs: an experiment name and config overrides.

@@ -4,8 +4,9 @@ For each cell (GRU, LSTM), hidden size, length T and batch B, one random cell (t
 default initialisation, recurrent weights scaled by `weight_scale`, seeded) and random
 inputs x ~ N(0, 1) give one `RecurrenceForward` problem; every method computes h_1..h_T:
 
-- `cudnn`: `nn.GRU` / `nn.LSTM` with the same weights (cuDNN on CUDA; ATen's kernel on
-  the CPU). A refusal (cuDNN declines very long sequences) is caught and recorded.
+- `cudnn`: `nn.GRU` / `nn.LSTM` with the same weights, on CUDA only (on a CPU the row is
+  recorded as skipped: ATen's CPU kernel is no cuDNN). A refusal (cuDNN declines very long
+  sequences) is caught and recorded.
 - `sequential`: the plain loop of the cell (ffsolve's `sequential`), timed up to
   `loop_max_length`; longer sequences use it once, untimed, as the reference.
 - `jacobi`, `newton`, `quasi_newton`: stopped online at max-abs change <= `atol`.
@@ -14,6 +15,12 @@ Per row: median time (`ffsolve.bench.time_call`), iterations, peak device memory
 only), and the max-abs difference from the sequential states (h only for the LSTM, since
 cuDNN returns no c). Random weights: untrained cells mix fast, so iteration counts here say
 how a method scales, not what a trained model needs.
+
+With `checkpoint` (a "gru-char" model of `ffsolve train gru`) the cell is the trained GRU
+(`nn.GRUCell` with its weights; `nn.GRU` with the same weights for cuDNN), the hidden size
+and input size are the checkpoint's, and the inputs are one-hot characters of the held-out
+text kept in the checkpoint: batch item b reads it from offset b * N / B (N its length),
+repeating it when T > N. Every row records `weights`: "trained" or "random".
 """
 
 from __future__ import annotations
@@ -30,8 +37,10 @@ from torch import nn
 
 from ffsolve.bench import synchronize, time_call
 from ffsolve.config import Config, spec
+from ffsolve.errors import ConfigError
 from ffsolve.experiments import Experiment, RunContext, register_experiment
 from ffsolve.experiments.causal import dtype_of
+from ffsolve.models.char_gru import load_char_gru
 from ffsolve.plots import plt
 from ffsolve.problems import RecurrenceForward
 from ffsolve.solvers import ConvergenceWarning, get_solver
@@ -61,6 +70,10 @@ class RNNForwardConfig(Config):
         repeats, warmup: timing (median of repeats after warmup calls).
         dtype: float32 or float64.
         seed: weights and inputs.
+        checkpoint: a "gru-char" checkpoint (`ffsolve train gru`): the trained GRU on held-out
+            text replaces the random cells (cells must be ["gru"]; hidden and input_size
+            must be left at their defaults or equal the checkpoint's; weight_scale 1).
+            None: random weights.
     """
 
     cells: tuple[str, ...] = spec(("gru", "lstm"), choices=("gru", "lstm"))
@@ -79,6 +92,7 @@ class RNNForwardConfig(Config):
     warmup: int = spec(1, ge=0)
     dtype: str = spec("float32", choices=("float32", "float64"))
     seed: int = spec(0, ge=0)
+    checkpoint: str | None = None
 
 
 def _build(kind: str, D: int, H: int, scale: float, seed: int, device, dtype):
@@ -95,6 +109,45 @@ def _build(kind: str, D: int, H: int, scale: float, seed: int, device, dtype):
     cell = cell.to(device=device, dtype=dtype).requires_grad_(False)
     rnn = rnn.to(device=device, dtype=dtype).requires_grad_(False)
     return cell, rnn
+
+
+class _Trained:
+    """A loaded "gru-char" model and its held-out text, shared by every shape of a run."""
+
+    def __init__(self, path: str, device: torch.device, dtype: torch.dtype) -> None:
+        model, self.heldout, self.meta = load_char_gru(path, "cpu")
+        self.model = model.to(dtype=dtype)
+        self.hidden, self.vocab = model.config.hidden, model.config.vocab
+        self.device, self.dtype = device, dtype
+
+    def build(self):
+        """(nn.GRUCell, nn.GRU) with the trained weights, on the run's device and dtype."""
+        cell = self.model.cell().to(device=self.device).requires_grad_(False)
+        rnn = self.model.gru.to(device=self.device).requires_grad_(False)
+        return cell, rnn
+
+    def inputs(self, B: int, T: int) -> torch.Tensor:
+        """(B, T, vocab) one-hot held-out characters; item b starts at b * N // B, wrapping."""
+        N = len(self.heldout)
+        idx = (torch.arange(B)[:, None] * (N // B) + torch.arange(T)[None]) % N  # (B, T)
+        return self.model.one_hot(self.heldout[idx]).to(device=self.device)
+
+
+def _trained(cfg: RNNForwardConfig, device: torch.device) -> _Trained | None:
+    """The trained model of `cfg.checkpoint`, checked against the rest of the config."""
+    if cfg.checkpoint is None:
+        return None
+    if tuple(cfg.cells) != ("gru",):
+        raise ConfigError("checkpoint holds a GRU: set cells=[gru]")
+    if cfg.weight_scale != 1.0:
+        raise ConfigError("weight_scale applies to random weights only: leave it 1 with checkpoint")
+    trained = _Trained(cfg.checkpoint, device, dtype_of(cfg.dtype))
+    default = RNNForwardConfig()
+    if tuple(cfg.hidden) not in (default.hidden, (trained.hidden,)):
+        raise ConfigError(f"hidden comes from the checkpoint ({trained.hidden}): leave it unset")
+    if cfg.input_size not in (default.input_size, trained.vocab):
+        raise ConfigError(f"input_size comes from the checkpoint ({trained.vocab}): leave it unset")
+    return trained
 
 
 def _peak(device: torch.device) -> int | None:
@@ -118,16 +171,21 @@ def _timed(fn, device: torch.device, cfg: RNNForwardConfig) -> tuple[float, Any,
     return t, out, None if peak is None or base is None else peak - base
 
 
-def _shape_rows(cfg, kind, H, T, B, ctx) -> list[dict[str, Any]]:
+def _shape_rows(cfg, kind, H, T, B, ctx, trained: _Trained | None = None) -> list[dict[str, Any]]:
     device, dtype = ctx.device, dtype_of(cfg.dtype)
-    seed = cfg.seed + 1000 * H + T + 7 * B
-    cell, rnn = _build(kind, cfg.input_size, H, cfg.weight_scale, seed, device, dtype)
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    xs = torch.randn(B, T, cfg.input_size, generator=g).to(device=device, dtype=dtype)
+    if trained is None:
+        seed = cfg.seed + 1000 * H + T + 7 * B
+        cell, rnn = _build(kind, cfg.input_size, H, cfg.weight_scale, seed, device, dtype)
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        xs = torch.randn(B, T, cfg.input_size, generator=g).to(device=device, dtype=dtype)
+    else:
+        cell, rnn = trained.build()
+        xs = trained.inputs(B, T)  # (B, T, vocab) one-hot held-out text
     h0 = torch.zeros(B, H, device=device, dtype=dtype)
     h0s = h0 if kind == "gru" else (h0, h0.clone())
     problem = RecurrenceForward(cell, h0s, xs)
-    base = {"cell": kind, "hidden": H, "length": T, "batch": B}
+    weights = "random" if trained is None else "trained"
+    base = {"cell": kind, "hidden": H, "length": T, "batch": B, "weights": weights}
     rows = []
     seq = get_solver("sequential")
     ref = None
@@ -145,6 +203,9 @@ def _shape_rows(cfg, kind, H, T, B, ctx) -> list[dict[str, Any]]:
         if method == "sequential":
             continue
         if method == "cudnn":
+            if device.type != "cuda":  # ATen's CPU loop is not cuDNN: no row pretends it is
+                rows.append({**row, "skipped": f"no cuDNN on {device.type}"})
+                continue
             hx = h0[None] if kind == "gru" else (h0[None], h0[None].clone())
             try:
                 t, out, mem = _timed(lambda hx=hx: rnn(xs, hx)[0], device, cfg)
@@ -153,7 +214,7 @@ def _shape_rows(cfg, kind, H, T, B, ctx) -> list[dict[str, Any]]:
                 ctx.log(f"    cudnn refused: {str(e).splitlines()[0][:120]}")
                 continue
             diff = float((out.double() - hidden_ref.double()).abs().max())
-            backend = "cudnn" if device.type == "cuda" and torch.backends.cudnn.enabled else "aten"
+            backend = "cudnn" if torch.backends.cudnn.enabled else "aten"
             rows.append(
                 {
                     **row,
@@ -203,24 +264,33 @@ def run(cfg: RNNForwardConfig, ctx: RunContext) -> dict[str, Any]:
     if ctx.device.type == "cuda":  # equality is checked: no TF32
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
+    trained = _trained(cfg, ctx.device)
+    hidden = cfg.hidden if trained is None else (trained.hidden,)
+    if trained is not None:
+        ctx.log(
+            f"  trained GRU {cfg.checkpoint}: hidden {trained.hidden}, valid "
+            f"{trained.meta.get('valid_bits_per_char', float('nan')):.3f} bits/char; input: "
+            f"{len(trained.heldout)} held-out characters, one-hot ({trained.vocab})"
+        )
     rows = []
     start = time.perf_counter()
     shapes = [
         (kind, H, T, B)
         for T in sorted(cfg.lengths)
-        for H in cfg.hidden
+        for H in hidden
         for kind in cfg.cells
         for B in cfg.batches
     ]
     with torch.no_grad():
         for kind, H, T, B in shapes:
             shape = {"cell": kind, "hidden": H, "length": T, "batch": B}
+            shape["weights"] = "random" if trained is None else "trained"
             if cfg.time_budget_s and time.perf_counter() - start > cfg.time_budget_s:
                 rows.append({**shape, "method": "all", "skipped": "time budget spent"})
                 continue
             ctx.log(f"  {kind} hidden={H} T={T} batch={B}")
             try:
-                new = _shape_rows(cfg, kind, H, T, B, ctx)
+                new = _shape_rows(cfg, kind, H, T, B, ctx, trained)
             except RuntimeError as e:  # e.g. out of memory for the reference
                 msg = str(e).splitlines()[0][:200]
                 ctx.log(f"    failed: {msg}")
@@ -233,7 +303,17 @@ def run(cfg: RNNForwardConfig, ctx: RunContext) -> dict[str, Any]:
                     )
             rows.extend(new)
     _speedups(rows)
-    return {"rows": rows}
+    out: dict[str, Any] = {"weights": "random" if trained is None else "trained", "rows": rows}
+    if trained is not None:
+        out["checkpoint"] = {
+            "path": cfg.checkpoint,
+            "hidden": trained.hidden,
+            "vocab": trained.vocab,
+            "text": trained.meta.get("text"),
+            "valid_bits_per_char": trained.meta.get("valid_bits_per_char"),
+            "heldout_chars": len(trained.heldout),
+        }
+    return out
 
 
 def _speedups(rows: list[dict[str, Any]]) -> None:
@@ -275,7 +355,8 @@ def plot(records: dict[str, Any], out_dir: Path) -> list[Path]:
     axes.flat[0].legend(fontsize=7)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    fig.suptitle(f"rnn-forward on {records['env']['device_name']} (random weights)")
+    weights = records.get("weights", "random")
+    fig.suptitle(f"rnn-forward on {records['env']['device_name']} ({weights} weights)")
     fig.tight_layout()
     path = out_dir / "rnn_forward.png"
     fig.savefig(path, dpi=110)
@@ -284,9 +365,14 @@ def plot(records: dict[str, Any], out_dir: Path) -> list[Path]:
 
 
 def summary(records: dict[str, Any]) -> str:
+    weights = records.get("weights", "random")
+    head = f"weights: {weights}"
+    if "checkpoint" in records:
+        head += f" ({records['checkpoint']['path']})"
     lines = [
+        head,
         f"{'cell':<5} {'H':>4} {'T':>8} {'B':>3} {'method':<13} {'ms':>10} {'iters':>7} "
-        f"{'vs cuDNN':>8} {'max diff':>9}  note"
+        f"{'vs cuDNN':>8} {'max diff':>9}  note",
     ]
     for r in records["rows"]:
         note = r.get("refused") or r.get("skipped") or r.get("error") or ""

@@ -7,6 +7,9 @@ Cases:
     made-batch   MADE MNIST: Jacobi vs the strongest sequential baseline for `batches`
     rnn-backprop Jacobi backward vs autograd BPTT for a vanilla RNN across `rnn_lengths`
     breakeven    the break-even experiment (cost of a sweep vs the sequential loop)
+    pixelcnn-mnist  PixelCNN++ sampling (`pixelcnn_checkpoint`, batch `pixelcnn_batch`): the
+                 plain and the cached sequential loops, jacobi, and the hybrids on the cached
+                 problem's cheap paths (not in the default cases: it takes minutes)
 
 Every row: median and spread (min, max) of `repeats` synchronised timings after `warmup`
 calls, peak device memory, iterations, and the maximum difference to the reference (the
@@ -15,6 +18,7 @@ naive eager sequential sample; autograd's gradients for the RNN).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -30,11 +34,14 @@ from ffsolve.data import logit_bounds
 from ffsolve.experiments import Experiment, RunContext, register_experiment
 from ffsolve.experiments.causal import dtype_of
 from ffsolve.models.made import load_made
+from ffsolve.models.pixelcnnpp import load_pixelcnnpp
 from ffsolve.models.rnn import VanillaRNN, VanillaRNNConfig
 from ffsolve.problems.autoregressive import MADESampling, logistic_noise
+from ffsolve.problems.pixelcnn import PixelCNNSampling, pixelcnn_noise
 from ffsolve.solvers import ConvergenceWarning, get_solver
 
 CASES = ("made-mnist", "made-rgb", "made-batch", "rnn-backprop", "breakeven")
+ALL_CASES = (*CASES, "pixelcnn-mnist")
 
 #: issue 10's targets: (case, row, quantity, comparison, value)
 TARGETS = [
@@ -51,7 +58,7 @@ TARGETS = [
 
 @dataclass(frozen=True)
 class BenchConfig(Config):
-    cases: tuple[str, ...] = spec(CASES, choices=CASES)
+    cases: tuple[str, ...] = spec(CASES, choices=ALL_CASES)
     checkpoint: str = "checkpoints/made_mnist"
     rgb_checkpoint: str = "checkpoints/made_rgb"
     batch: int = spec(100, ge=1)
@@ -68,6 +75,10 @@ class BenchConfig(Config):
     naive_max_batch: int = spec(1024, ge=1)  # the batch sweep times the naive loop up to here
     breakeven_lengths: tuple[int, ...] = spec((64, 256, 1024), ge=2)
     breakeven_batches: tuple[int, ...] = spec((1, 16, 128), ge=1)
+    pixelcnn_checkpoint: str = "checkpoints/pixelcnnpp_mnist"
+    pixelcnn_batch: int = spec(16, ge=1)
+    pixelcnn_window_rows: int = spec(15, ge=1)  # gs_jacobi's window, in image rows
+    pixelcnn_repeats: int = spec(3, ge=1)  # a plain sequential sample takes seconds
 
 
 def _no_tf32(device: torch.device) -> None:
@@ -80,8 +91,8 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max())
 
 
-def _made_rows(problem_naive, problem_inc, specs, cfg, ctx) -> list[dict[str, Any]]:
-    """Time each (label, solver, problem, kwargs); reference = the naive eager sample."""
+def _rows(specs, cfg, ctx) -> list[dict[str, Any]]:
+    """Time each (label, method, problem, kwargs); the first row's value is the reference."""
     rows, ref = [], None
     for label, method, problem, kw in specs:
         solver = get_solver(method, **kw.pop("options", {}))
@@ -168,7 +179,7 @@ def _made_case(cfg: BenchConfig, ctx: RunContext, checkpoint: str, block: int) -
     bounds = logit_bounds(float(meta["data"]["lam"]))
     naive = MADESampling(model, noise, bounds)
     inc = MADESampling(model, noise, bounds, incremental=True)
-    rows = _made_rows(naive, inc, _made_specs(naive, inc, block), cfg, ctx)
+    rows = _rows(_made_specs(naive, inc, block), cfg, ctx)
     return {"dims": model.dims, "batch": cfg.batch, "rows": rows}
 
 
@@ -187,8 +198,45 @@ def _made_batch(cfg: BenchConfig, ctx: RunContext) -> dict[str, Any]:
         if cfg.naive_max_batch < B:
             specs = specs[2:]
         specs = [specs[0], specs[-1], ("jacobi", "jacobi", naive, {"capture": "auto"})]
-        out.append({"batch": B, "rows": _made_rows(naive, inc, specs, cfg, ctx)})
+        out.append({"batch": B, "rows": _rows(specs, cfg, ctx)})
     return {"batches": out}
+
+
+def _pixelcnn_case(cfg: BenchConfig, ctx: RunContext) -> dict[str, Any]:
+    """PixelCNN++ sampling: the plain loop (the exactness reference), the cached loop (the
+    strongest baseline), Jacobi, and the hybrids on the cached problem's cheap paths."""
+    model, meta = load_pixelcnnpp(cfg.pixelcnn_checkpoint, ctx.device)
+    model = model.to(dtype_of(cfg.dtype))
+    if ctx.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    mc = model.config
+    g = torch.Generator().manual_seed(cfg.seed)
+    shape = (mc.channels, mc.height, mc.width)
+    dt = dtype_of(cfg.dtype)
+    gumbel, logistic = pixelcnn_noise(cfg.pixelcnn_batch, shape, mc.mixtures, g, ctx.device, dt)
+    graph = ctx.device.type == "cuda"
+    plain = PixelCNNSampling(model, gumbel, logistic, cuda_graph=graph)
+    cached = PixelCNNSampling(model, gumbel, logistic, cuda_graph=graph, cached=True)
+    W, rows = mc.width, min(cfg.pixelcnn_window_rows, mc.height)
+    specs = [
+        ("sequential plain", "sequential", plain, {}),
+        ("sequential cached", "sequential", cached, {"capture": "auto"}),
+        ("jacobi", "jacobi", plain, {}),
+        (f"jacobi_gs(row={W})", "jacobi_gs", cached, {"options": {"block_size": W}}),
+        (f"gs_jacobi(window={rows} rows)", "gs_jacobi", cached, {"options": {"window": rows * W}}),
+    ]
+    if not cached.capturable_stepper:
+        specs[1] = ("sequential cached", "sequential", cached, {"capture": False})
+    timing = dataclasses.replace(cfg, repeats=cfg.pixelcnn_repeats, warmup=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)  # a method that fails is loud
+        out = _rows(specs, timing, ctx)
+    return {
+        "batch": cfg.pixelcnn_batch,
+        "image_shape": list(shape),
+        "rows": out,
+        "test_bits_per_dim": meta.get("test_bits_per_dim"),
+    }
 
 
 def _rnn_case(cfg: BenchConfig, ctx: RunContext) -> dict[str, Any]:
@@ -293,6 +341,7 @@ def run(cfg: BenchConfig, ctx: RunContext) -> dict[str, Any]:
         "made-batch": lambda: _made_batch(cfg, ctx),
         "rnn-backprop": lambda: _rnn_case(cfg, ctx),
         "breakeven": lambda: _breakeven(cfg, ctx),
+        "pixelcnn-mnist": lambda: _pixelcnn_case(cfg, ctx),
     }
     for case in dict.fromkeys(cfg.cases):
         ctx.log(f"== {case}")

@@ -348,3 +348,31 @@ def test_newton_safeguards_count_live_sweeps_only():
     assert len(four.stats["newton_residual"]) == four.num_iters
     with pytest.raises(ValueError, match="check_every"):
         ffsolve.solve(problem, method="newton", check_every=0)
+
+
+def test_newton_guard_rejects_a_blown_up_step_before_it_is_taken():
+    # h_t = tanh(20 h_{t-1}) + 0.01 x_t: the linearisation around h = 0 has slope 20, so a
+    # Newton correction grows like 20^t while the states stay in [-1.1, 1.1]
+    def steep(h, x):
+        return torch.tanh(20.0 * h) + 0.01 * x
+
+    xs = torch.randn(1, 40, 1, dtype=D64, generator=torch.Generator().manual_seed(3))
+    problem = RecurrenceForward(steep, torch.zeros(1, 1, dtype=D64) + 1e-3, xs)
+    seq = ffsolve.solve(problem, method="sequential").value
+    largest: list[float] = []
+
+    def watch(k, x):
+        largest.append(float(x.abs().max()))
+
+    with pytest.warns(ffsolve.DivergenceWarning, match="blew up"):
+        sol = ffsolve.solve(problem, method="newton", guard=10.0, callback=watch)
+    assert sum(sol.stats["newton_blowups"]) > 0
+    assert max(largest) <= 2.0  # no blown-up iterate was ever taken
+    assert sol.all_converged and sol.num_iters <= 40
+    torch.testing.assert_close(sol.value, seq, rtol=0, atol=1e-12)
+    largest.clear()
+    unguarded = ffsolve.solve(problem, method="newton", callback=watch)  # the default: inf
+    assert max(largest) > 1e6 and sum(unguarded.stats["newton_blowups"]) == 0
+    torch.testing.assert_close(unguarded.value, seq, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="guard must be > 1"):
+        ffsolve.solve(problem, method="newton", guard=0.5)

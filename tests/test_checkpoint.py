@@ -31,3 +31,20 @@ def test_roundtrip_and_errors(tmp_path):
     side.write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         load_checkpoint(path, "made")
+
+
+def test_train_state_refuses_other_training_settings(tmp_path):
+    import pytest
+    import torch
+
+    from ffsolve.checkpoint import load_train_state, save_train_state
+    from ffsolve.errors import ConfigError
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    path = tmp_path / "m.resume.pt"
+    save_train_state(path, model, opt, None, 3, {"config": {"lr": 0.1, "hidden": 8}})
+    state = load_train_state(path, model, opt, config={"lr": 0.1, "hidden": 8})
+    assert state["epoch"] == 3
+    with pytest.raises(ConfigError, match="other values of: hidden"):
+        load_train_state(path, model, opt, config={"lr": 0.1, "hidden": 16})

@@ -117,6 +117,7 @@ def compare(
     repeats: int = 3,
     atol: float = 0.0,
     rtol: float = 0.0,
+    record: bool = True,
     log: Callable[[str], None] = lambda s: None,
 ) -> tuple[list[dict[str, Any]], dict[str, Solution]]:
     """Time and check every method against the reference, in one process on one device.
@@ -128,6 +129,9 @@ def compare(
         baselines: labels of sequential baselines; `speedup_vs_<label>` is recorded for each,
             and `speedup_vs_sequential` against the fastest of them as measured here (the
             strongest baseline, named in `strongest_baseline`).
+        record: run each parallel method once more with `record=True` for the residual and
+            certified-prefix traces; False reuses the last timed solve (no traces), for
+            callers that trace in their own way (e.g. `trace_solve`) or whose solves are slow.
 
     Returns:
         (records, solutions): one record per row (the timed fields and the traces), and the
@@ -152,7 +156,7 @@ def compare(
                 return spec.solver.solve(prob, record=False, **kw)
 
         median, times, last = time_call(run, device, warmup=warmup, repeats=repeats)
-        if spec.solver.name == "sequential":  # nothing to trace: reuse the timed result
+        if spec.solver.name == "sequential" or not record:  # reuse the timed result
             traced[spec.label] = last
         else:
             with torch.no_grad():

@@ -42,7 +42,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ffsolve.errors import CheckpointError, FFSolveError
+from ffsolve.errors import CheckpointError, ConfigError, FFSolveError
 
 __all__ = [
     "FORMAT_VERSION",
@@ -343,6 +343,7 @@ def save_train_state(
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "torch_rng": torch.get_rng_state(),
+        "cuda_rng": _cuda_rng(model),
         "extra": extra or {},
     }
     with atomic_path(path) as tmp:
@@ -355,8 +356,14 @@ def load_train_state(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: Any | None = None,
+    config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Restore model, optimizer, scheduler and torch's RNG from `path` (in place).
+    """Restore model, optimizer, scheduler and torch's RNGs from `path` (in place).
+
+    Args:
+        config: when given, the training settings a resumed run must share with the saved
+            one (stored as `extra["config"]` when saving); a difference is a ConfigError
+            naming the fields.
 
     Returns:
         {"epoch": epochs completed, "extra": the saved extra dict}.
@@ -380,5 +387,23 @@ def load_train_state(
             scheduler.load_state_dict(state["scheduler"])
     except (KeyError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"{p} does not fit this model or optimizer: {e}") from None
-    torch.set_rng_state(state["torch_rng"])
-    return {"epoch": int(state["epoch"]), "extra": state["extra"]}
+    extra = state["extra"]
+    if config is not None and extra.get("config") != config:
+        theirs = extra.get("config") or {}
+        diff = sorted(k for k in {*config, *theirs} if theirs.get(k) != config.get(k))
+        raise ConfigError(f"{p} was made with other values of: {', '.join(diff)}")
+    torch.set_rng_state(state["torch_rng"].cpu())
+    device = _device_of(model)
+    if state.get("cuda_rng") is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)  # dropout on the GPU
+    return {"epoch": int(state["epoch"]), "extra": extra}
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _cuda_rng(model: torch.nn.Module) -> Tensor | None:
+    device = _device_of(model)
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else None

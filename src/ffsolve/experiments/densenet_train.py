@@ -21,7 +21,6 @@ from torch.nn import functional as F
 from ffsolve.checkpoint import check_training_output, load_train_state, save_train_state
 from ffsolve.config import Config, config_to_dict, spec
 from ffsolve.data import load_images
-from ffsolve.errors import FFSolveError
 from ffsolve.experiments import RunContext, Trainer, register_trainer
 from ffsolve.models.densenet import DenseNet, densenet_bc, save_densenet
 from ffsolve.progress import track
@@ -120,11 +119,7 @@ def train(cfg: DenseNetTrainConfig, ctx: RunContext) -> dict[str, Any]:
     step, progress, epoch, elapsed0 = 0, 0.0, 0, 0.0
     same = config_to_dict(cfg)  # a resumed run continues the same training, nothing else
     if ctx.resume:
-        state = load_train_state(state_path, model, opt)
-        if state["extra"].get("config") != same:
-            theirs = state["extra"].get("config") or {}
-            diff = sorted(k for k in same if theirs.get(k) != same[k])
-            raise FFSolveError(f"{state_path} was made with other values of: {', '.join(diff)}")
+        state = load_train_state(state_path, model, opt, config=same)
         g.set_state(state["extra"]["generator"])
         epoch, step = state["epoch"], state["extra"]["step"]
         elapsed0, history = state["extra"]["elapsed_s"], state["extra"]["history"]

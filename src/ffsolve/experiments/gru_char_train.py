@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from ffsolve.checkpoint import check_training_output, load_train_state, save_train_state
 from ffsolve.config import Config, config_to_dict, spec
 from ffsolve.data import TEXT_SOURCES, TEXT_VOCAB, decode_text, encode_text, load_text
-from ffsolve.errors import DataError, FFSolveError
+from ffsolve.errors import DataError
 from ffsolve.experiments import RunContext, Trainer, register_trainer
 from ffsolve.models.char_gru import CharGRU, CharGRUConfig, load_char_gru, save_char_gru
 from ffsolve.progress import track
@@ -130,11 +130,7 @@ def train(cfg: GRUCharTrainConfig, ctx: RunContext) -> dict[str, Any]:
     g = torch.Generator().manual_seed(cfg.seed)
     same = {k: v for k, v in config_to_dict(cfg).items() if k != "save_every"}
     if ctx.resume:
-        state = load_train_state(state_path, model, opt, sched)
-        if state["extra"].get("config") != same:
-            theirs = state["extra"].get("config") or {}
-            diff = sorted(k for k in same if theirs.get(k) != same[k])
-            raise FFSolveError(f"{state_path} was made with other values of: {', '.join(diff)}")
+        state = load_train_state(state_path, model, opt, sched, config=same)
         g.set_state(state["extra"]["generator"])
         history = state["extra"]["history"]
         start = state["epoch"] + 1

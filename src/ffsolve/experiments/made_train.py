@@ -20,7 +20,6 @@ from ffsolve.checkpoint import (
 )
 from ffsolve.config import Config, config_to_dict, spec
 from ffsolve.data import bits_per_dim, dequantize_logit, load_images
-from ffsolve.errors import FFSolveError
 from ffsolve.experiments import RunContext, Trainer, register_trainer
 from ffsolve.models.made import MADE, MADEConfig, load_made, save_made
 from ffsolve.progress import track
@@ -111,11 +110,7 @@ def train(cfg: MADETrainConfig, ctx: RunContext) -> dict[str, Any]:
     # what must not change across a resume (save_every may)
     same = {k: v for k, v in config_to_dict(cfg).items() if k != "save_every"}
     if ctx.resume:
-        state = load_train_state(state_path, model, opt, sched)
-        if state["extra"].get("config") != same:
-            theirs = state["extra"].get("config") or {}
-            diff = sorted(k for k in same if theirs.get(k) != same[k])
-            raise FFSolveError(f"{state_path} was made with other values of: {', '.join(diff)}")
+        state = load_train_state(state_path, model, opt, sched, config=same)
         g.set_state(state["extra"]["generator"])
         history = state["extra"]["history"]
         start = state["epoch"] + 1

@@ -181,6 +181,7 @@ def run(cfg: PixelCNNSamplingConfig, ctx: RunContext) -> dict[str, Any]:
             repeats=cfg.repeats,
             atol=cfg.atol,
             rtol=cfg.rtol,
+            record=False,  # the traces come from `trace_solve` below: no extra solve
             log=ctx.log,
         )
     ref = solved[SEQ].value

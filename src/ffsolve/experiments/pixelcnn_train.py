@@ -12,19 +12,23 @@ data order, history), so an interrupted run loses at most the minutes since that
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ffsolve.checkpoint import atomic_path, check_training_output, train_state_path
+from ffsolve.checkpoint import (
+    check_training_output,
+    load_train_state,
+    save_train_state,
+    train_state_path,
+)
 from ffsolve.config import Config, spec
 from ffsolve.data import load_images
-from ffsolve.errors import CheckpointError, ConfigError
 from ffsolve.experiments import RunContext, Trainer, register_trainer
 from ffsolve.models.pixelcnnpp import (
     PixelCNNpp,
@@ -107,11 +111,6 @@ def evaluate_bpd(
     return total / (len(x) * x[0].numel() * math.log(2.0))
 
 
-def _save_state(path: Path, state: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:  # a reader sees the old state or the new one, never half
-        torch.save(state, tmp)
-
-
 def train(cfg: PixelCNNTrainConfig, ctx: RunContext) -> dict[str, Any]:
     save_to = cfg.save_to or str(ctx.out_dir / "pixelcnnpp")
     # --resume insists on a resume state; the config's `resume` continues one when present
@@ -146,21 +145,10 @@ def train(cfg: PixelCNNTrainConfig, ctx: RunContext) -> dict[str, Any]:
     history: list[dict[str, Any]] = []
     start_epoch, step, elapsed0, skipped = 1, 0, 0.0, 0
     if resume and rpath.is_file():
-        try:
-            st = torch.load(rpath, map_location=dev, weights_only=True)
-            model.load_state_dict(st["model"])
-            opt.load_state_dict(st["optimizer"])
-            sched.load_state_dict(st["scheduler"])
-        except (RuntimeError, KeyError, ValueError, OSError) as e:
-            raise CheckpointError(f"cannot resume from {rpath}: {e}") from None
-        if st["model_config"] != model_cfg.__dict__:
-            raise ConfigError(f"{rpath} was saved for another model: {st['model_config']}")
-        g.set_state(st["generator"].cpu())
-        torch.set_rng_state(st["torch_rng"].cpu())
-        if dev.type == "cuda" and st.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(st["cuda_rng"].cpu(), dev)
-        start_epoch, step, elapsed0 = st["epoch"], st["step"], st["elapsed_s"]
-        history = st["history"]
+        st = load_train_state(rpath, model, opt, sched, config=dataclasses.asdict(model_cfg))
+        g.set_state(st["extra"]["generator"].cpu())
+        start_epoch = st["epoch"] + 1
+        step, elapsed0, history = (st["extra"][k] for k in ("step", "elapsed_s", "history"))
         ctx.log(f"resumed from {rpath}: epoch {start_epoch}, step {step}, {elapsed0:.0f} s")
     elif resume:
         ctx.log(f"no resumable state at {rpath}: starting afresh")
@@ -173,20 +161,16 @@ def train(cfg: PixelCNNTrainConfig, ctx: RunContext) -> dict[str, Any]:
     t0 = time.perf_counter() - elapsed0
     last_save = time.perf_counter()
 
-    def state(epoch: int) -> dict[str, Any]:
-        return {
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
+    def save_state(epochs_done: int) -> None:
+        extra = {
             "generator": g.get_state(),
-            "torch_rng": torch.get_rng_state(),  # dropout draws from the global generator
-            "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
-            "epoch": epoch,
             "step": step,
             "elapsed_s": time.perf_counter() - t0,
             "history": history,
-            "model_config": model_cfg.__dict__,
+            "config": dataclasses.asdict(model_cfg),  # a resumed run trains the same model
         }
+        rpath.parent.mkdir(parents=True, exist_ok=True)
+        save_train_state(rpath, model, opt, sched, epochs_done, extra)  # atomic
 
     out_of_time = False
     epoch = start_epoch
@@ -233,10 +217,9 @@ def train(cfg: PixelCNNTrainConfig, ctx: RunContext) -> dict[str, Any]:
         if out_of_time:
             break
         if cfg.save_every_minutes and time.perf_counter() - last_save > 60 * cfg.save_every_minutes:
-            _save_state(rpath, state(epoch + 1))
+            save_state(epoch)
             last_save = time.perf_counter()
-    Path(save_to).parent.mkdir(parents=True, exist_ok=True)
-    _save_state(rpath, state(epoch + 1))
+    save_state(epoch)  # an epoch cut short by the time budget counts as done
     model.eval()
     stored_bpd = history[-1]["test_bpd"] if history else None
     if cfg.storage_dtype == "float16":  # measure what ships: the float16-rounded weights

@@ -48,3 +48,14 @@ def test_train_state_refuses_other_training_settings(tmp_path):
     assert state["epoch"] == 3
     with pytest.raises(ConfigError, match="other values of: hidden"):
         load_train_state(path, model, opt, config={"lr": 0.1, "hidden": 16})
+
+
+def test_an_explicit_commit_wins_over_the_checkout(monkeypatch):
+    import torch
+
+    from ffsolve.runs import environment
+
+    monkeypatch.setenv("FFSOLVE_COMMIT", "abc1234")
+    assert environment(torch.device("cpu"))["commit"] == "abc1234"
+    monkeypatch.delenv("FFSOLVE_COMMIT")
+    assert environment(torch.device("cpu"))["commit"] != "abc1234"

@@ -31,9 +31,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 def _git_commit() -> str:
-    """HEAD of the source checkout (+dirty), or $FFSOLVE_COMMIT where there is no .git (a
-    copy of the tree on another machine)."""
-    fallback = os.environ.get("FFSOLVE_COMMIT", "unknown")
+    """$FFSOLVE_COMMIT when set (a copy of the tree on another machine: its own .git, if any,
+    may name another commit than the tree it holds), else HEAD of the source checkout
+    (+dirty), else "unknown"."""
+    explicit = os.environ.get("FFSOLVE_COMMIT")
+    if explicit:
+        return explicit
+    fallback = "unknown"
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"],

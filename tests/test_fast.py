@@ -273,6 +273,7 @@ def test_reproduce_cli_tiny_report(tmp_path, capsys):
     rnn = ["data=synthetic", "side=4", "hidden=8", "steps=2", "repeats=1", "budgets=[2]"]
     rnn += ["error_sequences=1", "warmup=0"]
     argv = ["reproduce", "--device", "cpu", "--out", str(tmp_path / "runs")]
+    argv += ["--steps", "made-mnist", "made-rgb", "rnn-backprop", "breakeven"]
     for step, sets in (("made-mnist", made), ("rnn-backprop", rnn)):
         argv += [x for s in sets for x in ("--override", f"{step}:{s}")]
     argv += ["--override", "made-rgb:checkpoint=" + str(tmp_path / "absent")]
@@ -283,3 +284,40 @@ def test_reproduce_cli_tiny_report(tmp_path, capsys):
     assert "| made-mnist | Jacobi iterations | 31 |" in text
     assert "skipped: no checkpoint" in text and "rnn-backprop" in text and "## breakeven" in text
     assert main(["reproduce", "--override", "nope:x=1", "--out", str(tmp_path)]) == 2
+    assert main(["reproduce", "--steps", "nope", "--out", str(tmp_path)]) == 2
+    assert main(["reproduce", "--from", f"made-mnist={tmp_path}", "--out", str(tmp_path)]) == 2
+
+
+def test_reproduce_from_earlier_runs(tmp_path, capsys):
+    """--from puts a report together from runs made earlier (as in several GPU calls): the
+    PixelCNN++ and DenseNet rows beside the paper's, figure links relative to --report."""
+    from ffsolve.cli import main
+    from ffsolve.models.pixelcnnpp import PixelCNNpp, PixelCNNppConfig, save_pixelcnnpp
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "tiny_pcnn"
+    cfg = PixelCNNppConfig(channels=1, height=4, width=4, filters=4, resnets=1, mixtures=2)
+    save_pixelcnnpp(ckpt, PixelCNNpp(cfg).eval(), {"data": {"name": "random"}})
+    runs = tmp_path / "runs"
+    common = ["--device", "cpu", "--out", str(runs), "--quiet"]
+    pcnn = ["--config", "configs/pixelcnn_sampling_mnist.yaml", "--set", f"checkpoint={ckpt}"]
+    for kv in ("batch=2", "window_rows=2", "repeats=1", "warmup=0", "frames=[0, 1]",
+               "grid_images=2"):  # fmt: skip
+        pcnn += ["--set", kv]
+    assert main(["run", "pixelcnn-sampling", *pcnn, *common]) == 0
+    dense = ["--set", "checkpoint=null", "--set", "arch=densenet121", "--set", "image_size=32"]
+    for kv in ("batches=[1]", "repeats=1", "warmup=0", "sweeps=[fused]"):
+        dense += ["--set", kv]
+    assert main(["run", "densenet-jacobi", *dense, *common]) == 0
+    (pdir,) = (runs / "pixelcnn-sampling").iterdir()
+    (ddir,) = (runs / "densenet-jacobi").iterdir()
+    report = tmp_path / "repo" / "RESULTS.md"
+    argv = ["reproduce", "--from", f"pixelcnn-mnist={pdir}", "--from", f"densenet-201={ddir}"]
+    assert main([*argv, "--report", str(report), *common]) == 0
+    text = report.read_text()
+    assert "| pixelcnn-mnist | sequential-cached | 8.23 s |" in text
+    assert "| pixelcnn-mnist | best parallel vs cached sequential | 4.4x |" in text
+    assert "| densenet-201 | batch 1 | 0.0279 s vs 0.0131 s: 2.13x, simulated |" in text
+    assert "ESTIMATE" in text and "## made-mnist" not in text  # only the steps given
+    assert "](../runs/pixelcnn-sampling/" in text  # links relative to the report
+    assert "commit" in text and "cpu" in text

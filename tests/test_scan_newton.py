@@ -73,6 +73,11 @@ def _cell(kind, B=3):
         return torch.nn.RNNCell(2, 6).to(D64), torch.randn(B, 6, dtype=D64, generator=g)
     if kind == "gru":
         return torch.nn.GRUCell(2, 6).to(D64), torch.randn(B, 6, dtype=D64, generator=g)
+    if kind == "vanilla":  # a model's bound step with its own step_jacobian (the paper's RNN)
+        from ffsolve.models.rnn import VanillaRNN, VanillaRNNConfig
+
+        rnn = VanillaRNN(VanillaRNNConfig(hidden=6, input_size=2, seed=1)).to(D64)
+        return rnn.step, torch.randn(B, 6, dtype=D64, generator=g)
     h0 = (torch.randn(B, 5, dtype=D64, generator=g), torch.randn(B, 5, dtype=D64, generator=g))
     return torch.nn.LSTMCell(2, 5).to(D64), h0
 
@@ -191,7 +196,7 @@ def test_nan_in_an_iterate_names_iteration_and_time_step():
             )
 
 
-@pytest.mark.parametrize("kind", ["rnn", "gru", "lstm"])
+@pytest.mark.parametrize("kind", ["rnn", "gru", "lstm", "vanilla"])
 def test_closed_form_cell_jacobians_equal_autograd(kind):
     from ffsolve.problems.recurrence import _cell_jacobians, torch_cell_jacobian
 

@@ -443,12 +443,18 @@ class RecurrenceForward(Problem):
 
 def torch_cell_jacobian(cell: Any) -> Callable[[Tensor, Tensor, bool], Tensor] | None:
     """Closed-form d h_next / d h of torch's `RNNCell`, `GRUCell` and `LSTMCell` on flat states
-    (an LSTM's (h, c) as [h, c]), or None for any other cell.
+    (an LSTM's (h, c) as [h, c]); of a model's bound `step` method when the model also offers
+    `step_jacobian(h, x, diagonal)` (as `ffsolve.models.rnn.VanillaRNN` does); else None.
 
     Returns:
         `jacobian(h, x, diagonal)`: h (N, F), x (N, D) -> (N, F, F), or (N, F) when diagonal
         (only the diagonal is formed then: O(N F) memory, what quasi-Newton needs).
     """
+    owner = getattr(cell, "__self__", None)
+    if getattr(cell, "__name__", None) == "step" and callable(
+        getattr(owner, "step_jacobian", None)
+    ):
+        return owner.step_jacobian  # a model's cell with its own closed form
     if isinstance(cell, nn.LSTMCell):
         return lambda h, x, diagonal: _lstm_jacobian(cell, h, x, diagonal)
     if isinstance(cell, nn.GRUCell):

@@ -17,13 +17,8 @@ DEVICE=${DEVICE:-cuda}
 RUNS=${RUNS:-runs_gru_trained}
 mkdir -p "$OUT" "$RUNS"
 PY=${PYTHON:-python3}
-{
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null || echo "no nvidia-smi"
-  $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
-  git rev-parse HEAD 2>/dev/null || true
-  date -u
-} > "$OUT/env_gru_trained.txt" 2>&1
-cat "$OUT/env_gru_trained.txt"
+source "$(dirname "$0")/lib.sh"
+env_header env_gru_trained.txt
 
 if [ "${TINY:-0}" = 1 ]; then
   TRAINED=(--set "lengths=[50,300]" --set "batches=[2]" --set repeats=1 --set warmup=0)
@@ -41,14 +36,6 @@ else
   L1=${L1:-200}; L2=${L2:-150}; L3=${L3:-190}
 fi
 
-step() {  # step NAME SECONDS ARGS...: one experiment with a time limit, failures logged
-  local name=$1 limit=$2; shift 2
-  echo "== ffsolve $* (limit ${limit}s)"
-  timeout "$limit" $PY -m ffsolve "$@" --device "$DEVICE" --out "$RUNS" > "$OUT/$name.log" 2>&1
-  local rc=$?
-  tail -n 3 "$OUT/$name.log"
-  [ $rc = 0 ] || echo "!! $name failed or timed out (exit $rc); see $name.log"
-}
 start=$(date +%s)
 CFG=configs/rnn_forward_trained.yaml
 step fwd_trained "$L1" run rnn-forward --config $CFG "${TRAINED[@]}" \

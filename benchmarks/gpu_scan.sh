@@ -15,13 +15,8 @@ DEVICE=${DEVICE:-cuda}
 RUNS=${RUNS:-runs_scan}
 mkdir -p "$OUT" "$RUNS"
 PY=${PYTHON:-python3}
-{
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null || echo "no nvidia-smi"
-  $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
-  git rev-parse HEAD 2>/dev/null || true
-  date -u
-} > "$OUT/env_scan.txt" 2>&1
-cat "$OUT/env_scan.txt"
+source "$(dirname "$0")/lib.sh"
+env_header env_scan.txt
 
 if [ "${TINY:-0}" = 1 ]; then
   FWD=(--set "hidden=[4,8]" --set "lengths=[50,300]" --set "batches=[2]" --set loop_max_length=100
@@ -37,14 +32,6 @@ else
   T_FWD=${T_FWD:-190}; T_BWD=${T_BWD:-95}
 fi
 
-step() {  # step NAME SECONDS ARGS...: one experiment with a time limit, failures logged
-  local name=$1 limit=$2; shift 2
-  echo "== ffsolve $* (limit ${limit}s)"
-  timeout "$limit" $PY -m ffsolve "$@" --device "$DEVICE" --out "$RUNS" > "$OUT/$name.log" 2>&1
-  local rc=$?
-  tail -n 3 "$OUT/$name.log"
-  [ $rc = 0 ] || echo "!! $name failed or timed out (exit $rc); see $name.log"
-}
 start=$(date +%s)
 step rnn_forward "$T_FWD" run rnn-forward --config configs/rnn_forward.yaml "${FWD[@]}"
 step rnn_backprop "$T_BWD" run rnn-backprop --config configs/rnn_backprop.yaml "${BWD[@]}"

@@ -138,17 +138,25 @@ def _rows(specs, cfg, ctx) -> list[dict[str, Any]]:
             f"graph={'y' if row['captured'] else 'n'}  max|diff|={diff:.1e}  "
             f"peak={row['peak_mem_mb']:.1f} MB"
         )
+    ok = _vs_strongest(rows)
+    naive = next((r for r in ok if r["method"] == "sequential naive eager"), None)
+    if naive is not None:
+        for r in ok:
+            r["speedup_vs_naive_eager"] = naive["median_s"] / r["median_s"]
+    return rows
+
+
+def _vs_strongest(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mark every timed row with the fastest sequential row and its speed-up against it;
+    returns the timed rows (those without an error)."""
     ok = [r for r in rows if "error" not in r]
     seq = [r for r in ok if r["solver"] == "sequential"]
     if seq:
         strongest = min(seq, key=lambda r: r["median_s"])
-        naive = next((r for r in ok if r["method"] == "sequential naive eager"), None)
         for r in ok:
             r["strongest_baseline"] = strongest["method"]
             r["speedup_vs_strongest"] = strongest["median_s"] / r["median_s"]
-            if naive is not None:
-                r["speedup_vs_naive_eager"] = naive["median_s"] / r["median_s"]
-    return rows
+    return ok
 
 
 def _made_specs(naive, inc, block: int, parallel: bool = True) -> list:
@@ -318,13 +326,7 @@ def _densenet_case(cfg: BenchConfig, ctx: RunContext) -> dict[str, Any]:
                 f"  {label:<48} {m['median_s'] * 1e3:9.3f} ms  iters={iters:<4} "
                 f"max|diff|={diff:.1e}  peak={m['peak_mem_mb']:.1f} MB"
             )
-        ok = [r for r in rows if "error" not in r]
-        seq = [r for r in ok if r["solver"] == "sequential"]
-        if seq:
-            best = min(seq, key=lambda r: r["median_s"])
-            for r in ok:
-                r["speedup_vs_strongest"] = best["median_s"] / r["median_s"]
-                r["strongest_baseline"] = best["method"]
+        _vs_strongest(rows)
         out.append({"batch": B, "rows": rows})
     return {"checkpoint": cfg.densenet_checkpoint, "inputs": "seeded noise", "batches": out}
 

@@ -1,0 +1,24 @@
+# Shared by the benchmarks/gpu_*.sh scripts: source it after setting OUT, DEVICE, RUNS, PY.
+#   env_header FILE        GPU, torch and CUDA versions, commit and date, into $OUT/FILE and stdout
+#   step NAME SECONDS ARGS one `ffsolve ARGS` with a time limit, its output in $OUT/NAME.log;
+#                          a failure or timeout is logged and the script goes on
+
+env_header() {
+  {
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null || echo "no nvidia-smi"
+    $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+    # the device copy's .git names the session's base commit: FFSOLVE_COMMIT wins
+    echo "commit ${FFSOLVE_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
+    date -u
+  } > "$OUT/$1" 2>&1
+  cat "$OUT/$1"
+}
+
+step() {
+  local name=$1 limit=$2; shift 2
+  echo "== ffsolve $* (limit ${limit}s)"
+  timeout "$limit" $PY -m ffsolve "$@" --device "$DEVICE" --out "$RUNS" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -n 3 "$OUT/$name.log"
+  [ $rc = 0 ] || echo "!! $name failed or timed out (exit $rc); see $name.log"
+}

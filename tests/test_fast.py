@@ -343,3 +343,23 @@ def test_bench_densenet_case_cpu(tmp_path):
     assert exact["num_iters"] <= 48 and exact["max_abs_diff_vs_sequential"] < 1e-4
     assert tol["num_iters"] < exact["num_iters"]
     assert rows["sequential forward (eager)"]["strongest_baseline"] == "sequential forward (eager)"
+
+
+def test_bench_rnn_forward_case_maps_the_winners(tmp_path, capsys):
+    from ffsolve.cli import main
+
+    argv = ["bench", "rnn-forward", "--device", "cpu", "--out", str(tmp_path)]
+    for kv in ("rnnf_hidden=[4]", "rnnf_lengths=[40, 80]", "rnnf_batches=[2]", "repeats=1"):
+        argv += ["--set", kv]
+    assert main(argv) == 0
+    (run_dir,) = (tmp_path / "bench").iterdir()
+    case = __import__("json").loads((run_dir / "records.json").read_text())["cases"]["rnn-forward"]
+    win = case["winners"]
+    assert [(w["cell"], w["length"]) for w in win] == [
+        ("gru", 40), ("gru", 80), ("lstm", 40), ("lstm", 80)
+    ]  # fmt: skip
+    for w in win:  # on a CPU there is no cuDNN row: the fastest is a parallel method
+        assert w["winner"] in ("jacobi", "quasi_newton") and w["best_parallel_vs_cudnn"] is None
+        rows = [r for r in case["rows"] if (r["cell"], r["length"]) == (w["cell"], w["length"])]
+        assert w["time_s"] == min(r["time_s"] for r in rows if "time_s" in r)
+    assert "where each method wins" in capsys.readouterr().out

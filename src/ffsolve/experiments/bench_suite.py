@@ -10,6 +10,9 @@ Cases:
     pixelcnn-mnist  PixelCNN++ sampling (`pixelcnn_checkpoint`, batch `pixelcnn_batch`): the
                  plain and the cached sequential loops, jacobi, and the hybrids on the cached
                  problem's cheap paths (not in the default cases: it takes minutes)
+    rnn-forward  where each method wins: GRU and LSTM forward passes by cuDNN, Jacobi and
+                 quasi-Newton over `rnnf_hidden` x `rnnf_lengths` x `rnnf_batches` (random
+                 weights; the `rnn-forward` experiment's rows and its map of winners)
     densenet     DenseNet forward by Jacobi over the dense layers (`densenet_checkpoint`,
                  `densenet_batches`; seeded noise images of the model's input shape, since the
                  bench reads no data set): the eager and the CUDA-graph forward against the
@@ -46,7 +49,7 @@ from ffsolve.problems.pixelcnn import PixelCNNSampling, pixelcnn_noise
 from ffsolve.solvers import ConvergenceWarning, get_solver
 
 CASES = ("made-mnist", "made-rgb", "made-batch", "rnn-backprop", "breakeven")
-ALL_CASES = (*CASES, "pixelcnn-mnist", "densenet")
+ALL_CASES = (*CASES, "pixelcnn-mnist", "densenet", "rnn-forward")
 
 #: issue 10's targets: (case, row, quantity, comparison, value)
 TARGETS = [
@@ -90,6 +93,10 @@ class BenchConfig(Config):
     densenet_batches: tuple[int, ...] = spec((1, 64), ge=1)
     densenet_atol: float = spec(1e-3, ge=0.0)
     densenet_image_size: int = spec(28, ge=8)  # the shipped checkpoint's Fashion-MNIST size
+    rnnf_hidden: tuple[int, ...] = spec((4, 64, 256), ge=1)
+    rnnf_lengths: tuple[int, ...] = spec((1000, 10000), ge=1)
+    rnnf_batches: tuple[int, ...] = spec((1, 16), ge=1)
+    rnnf_budget_s: float = spec(240.0, ge=0.0)  # no new shape after this (0: no limit)
 
 
 def _no_tf32(device: torch.device) -> None:
@@ -331,6 +338,28 @@ def _densenet_case(cfg: BenchConfig, ctx: RunContext) -> dict[str, Any]:
     return {"checkpoint": cfg.densenet_checkpoint, "inputs": "seeded noise", "batches": out}
 
 
+def _rnn_forward_case(cfg: BenchConfig, ctx: RunContext) -> dict[str, Any]:
+    """The rnn-forward experiment on the bench's grid: its rows and its map of winners."""
+    from ffsolve.experiments import rnn_forward
+
+    fcfg = rnn_forward.RNNForwardConfig(
+        cells=("gru", "lstm"),
+        hidden=cfg.rnnf_hidden,
+        lengths=cfg.rnnf_lengths,
+        batches=cfg.rnnf_batches,
+        methods=("cudnn", "jacobi", "quasi_newton"),
+        loop_max_length=1,  # the loop is the untimed reference: cuDNN is the baseline
+        time_budget_s=cfg.rnnf_budget_s,
+        repeats=min(cfg.repeats, 3),
+        warmup=min(cfg.warmup, 1),
+        dtype=cfg.dtype,
+        seed=cfg.seed,
+    )
+    out = rnn_forward.run(fcfg, ctx)
+    ctx.log(rnn_forward.winners_table(out["winners"]))
+    return out
+
+
 def _rnn_case(cfg: BenchConfig, ctx: RunContext) -> dict[str, Any]:
     out = []
     for T in cfg.rnn_lengths:
@@ -444,6 +473,7 @@ def run(cfg: BenchConfig, ctx: RunContext) -> dict[str, Any]:
         "breakeven": lambda: _breakeven(cfg, ctx),
         "pixelcnn-mnist": lambda: _pixelcnn_case(cfg, ctx),
         "densenet": lambda: _densenet_case(cfg, ctx),
+        "rnn-forward": lambda: _rnn_forward_case(cfg, ctx),
     }
     for case in dict.fromkeys(cfg.cases):
         ctx.log(f"== {case}")
@@ -518,7 +548,13 @@ def check_targets(records: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def summary(records: dict[str, Any]) -> str:
-    lines = ["issue-10 and issue-11 targets (best measured row):"]
+    lines = []
+    fwd = records.get("cases", {}).get("rnn-forward") or {}
+    if fwd.get("winners"):
+        from ffsolve.experiments.rnn_forward import winners_table
+
+        lines += ["rnn-forward: where each method wins", winners_table(fwd["winners"]), ""]
+    lines.append("issue-10 and issue-11 targets (best measured row):")
     for t in records.get("targets", []):
         m = t.get("measured")
         shown = "-" if m is None else (f"{m:.3g}" if m >= 1e-3 else f"{m:.1e}")

@@ -45,7 +45,7 @@ from ffsolve.plots import plt
 from ffsolve.problems import RecurrenceForward
 from ffsolve.solvers import ConvergenceWarning, get_solver
 
-__all__ = ["RNNForwardConfig", "plot", "run", "summary"]
+__all__ = ["RNNForwardConfig", "plot", "run", "summary", "winners", "winners_table"]
 
 _METHODS = ("cudnn", "sequential", "jacobi", "newton", "quasi_newton")
 
@@ -304,6 +304,7 @@ def run(cfg: RNNForwardConfig, ctx: RunContext) -> dict[str, Any]:
             rows.extend(new)
     _speedups(rows)
     out: dict[str, Any] = {"weights": "random" if trained is None else "trained", "rows": rows}
+    out["winners"] = winners(rows)
     if trained is not None:
         out["checkpoint"] = {
             "path": cfg.checkpoint,
@@ -323,6 +324,57 @@ def _speedups(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         t = cudnn.get(key(r))
         r["vs_cudnn"] = t / r["time_s"] if t is not None and "time_s" in r else None
+
+
+def winners(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Where each method wins: per shape (cell, hidden, T, batch), the fastest row that ran
+    and reached the stopping rule, the runner-up, and the fastest method against cuDNN (None
+    where cuDNN has no time: refused, or not a CUDA run)."""
+    shapes: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        if "time_s" in r and r.get("converged", True):
+            shapes.setdefault((r["cell"], r["hidden"], r["length"], r["batch"]), []).append(r)
+    out = []
+    for (cell, H, T, B), rs in sorted(shapes.items()):
+        rs = sorted(rs, key=lambda r: r["time_s"])
+        best = rs[0]
+        out.append(
+            {
+                "cell": cell,
+                "hidden": H,
+                "length": T,
+                "batch": B,
+                "winner": best["method"],
+                "time_s": best["time_s"],
+                "runner_up": rs[1]["method"] if len(rs) > 1 else None,
+                "margin": rs[1]["time_s"] / best["time_s"] if len(rs) > 1 else None,
+                "best_parallel": next(
+                    (r["method"] for r in rs if r["method"] not in ("cudnn", "sequential")), None
+                ),
+                "best_parallel_vs_cudnn": next(
+                    (r["vs_cudnn"] for r in rs if r["method"] not in ("cudnn", "sequential")),
+                    None,
+                ),
+            }
+        )
+    return out
+
+
+def winners_table(win: list[dict[str, Any]]) -> str:
+    """The map of winners as text: one line per shape."""
+    lines = [
+        f"{'cell':<5} {'H':>4} {'T':>8} {'B':>3} {'fastest':<13} {'ms':>10} {'by':>6}  "
+        f"{'best parallel':<13} {'vs cuDNN':>8}"
+    ]
+    for w in win:
+        by = f"{w['margin']:5.2f}x" if w["margin"] else f"{'-':>6}"
+        vs = w["best_parallel_vs_cudnn"]
+        lines.append(
+            f"{w['cell']:<5} {w['hidden']:>4} {w['length']:>8} {w['batch']:>3} "
+            f"{w['winner']:<13} {w['time_s'] * 1e3:10.2f} {by}  {w['best_parallel'] or '-':<13} "
+            f"{'-' if vs is None else f'{vs:7.2f}x':>8}"
+        )
+    return "\n".join(lines)
 
 
 def plot(records: dict[str, Any], out_dir: Path) -> list[Path]:
@@ -386,6 +438,10 @@ def summary(records: dict[str, Any]) -> str:
             f"{r['cell']:<5} {r['hidden']:>4} {r['length']:>8} {r['batch']:>3} {r['method']:<13} "
             f"{ms} {its:>7} {vs} {diff}  {note}"
         )
+    win = records.get("winners") or winners(records["rows"])
+    if win:
+        lines += ["", "where each method wins (fastest per shape; by: over the runner-up):"]
+        lines.append(winners_table(win))
     return "\n".join(lines)
 
 

@@ -264,10 +264,13 @@ def test_cli_runs_rnn_forward(tmp_path, capsys):
     assert {r["method"] for r in rows} == {
         "cudnn",
         "sequential",
+        "sequential_graph",
         "jacobi",
         "newton",
         "quasi_newton",
     }
+    graph = [r for r in rows if r["method"] == "sequential_graph"]
+    assert graph and all(r["skipped"] == "no CUDA graph on cpu" for r in graph)
     for r in rows:
         if r["method"] in ("jacobi", "newton", "quasi_newton"):
             assert r["converged"] and r["iters"] <= r["length"] and r["max_diff"] < 1e-14

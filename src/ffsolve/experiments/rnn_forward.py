@@ -9,6 +9,8 @@ inputs x ~ N(0, 1) give one `RecurrenceForward` problem; every method computes h
   sequences) is caught and recorded.
 - `sequential`: the plain loop of the cell (ffsolve's `sequential`), timed up to
   `loop_max_length`; longer sequences use it once, untimed, as the reference.
+- `sequential_graph`: the same loop captured in one CUDA graph (`capture=True`: T cell
+  calls replayed without launch overhead from Python), CUDA only, up to `loop_max_length`.
 - `jacobi`, `newton`, `quasi_newton`: stopped online at max-abs change <= `atol`.
 
 Per row: median time (`ffsolve.bench.time_call`), iterations, peak device memory (CUDA
@@ -47,7 +49,8 @@ from ffsolve.solvers import ConvergenceWarning, get_solver
 
 __all__ = ["RNNForwardConfig", "plot", "run", "summary", "winners", "winners_table"]
 
-_METHODS = ("cudnn", "sequential", "jacobi", "newton", "quasi_newton")
+_METHODS = ("cudnn", "sequential", "sequential_graph", "jacobi", "newton", "quasi_newton")
+_BASELINES = ("cudnn", "sequential", "sequential_graph")  # the sequential rows
 
 
 @dataclass(frozen=True)
@@ -202,6 +205,9 @@ def _shape_rows(cfg, kind, H, T, B, ctx, trained: _Trained | None = None) -> lis
         row: dict[str, Any] = {**base, "method": method}
         if method == "sequential":
             continue
+        if method == "sequential_graph":
+            rows.append(_graph_loop_row(problem, ref, row, T, device, cfg, ctx))
+            continue
         if method == "cudnn":
             if device.type != "cuda":  # ATen's CPU loop is not cuDNN: no row pretends it is
                 rows.append({**row, "skipped": f"no cuDNN on {device.type}"})
@@ -257,6 +263,22 @@ def _shape_rows(cfg, kind, H, T, B, ctx, trained: _Trained | None = None) -> lis
             }
         )
     return rows
+
+
+def _graph_loop_row(problem, ref, row, T, device, cfg, ctx) -> dict[str, Any]:
+    """The sequential loop captured in one CUDA graph (the capture happens in the warm-up)."""
+    if device.type != "cuda":
+        return {**row, "skipped": f"no CUDA graph on {device.type}"}
+    if cfg.loop_max_length < T:
+        return {**row, "skipped": f"T > loop_max_length ({cfg.loop_max_length})"}
+    seq = get_solver("sequential")
+    try:
+        t, sol, mem = _timed(lambda: seq.solve(problem, record=False, capture=True), device, cfg)
+    except RuntimeError as e:  # a cell that cannot be captured, or out of memory
+        ctx.log(f"    sequential_graph failed: {str(e).splitlines()[0][:120]}")
+        return {**row, "error": str(e).splitlines()[0][:200]}
+    diff = float((sol.value.double() - ref.double()).abs().max())
+    return {**row, "time_s": t, "iters": T, "peak_bytes": mem, "max_diff": diff}
 
 
 def run(cfg: RNNForwardConfig, ctx: RunContext) -> dict[str, Any]:
@@ -349,11 +371,10 @@ def winners(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "runner_up": rs[1]["method"] if len(rs) > 1 else None,
                 "margin": rs[1]["time_s"] / best["time_s"] if len(rs) > 1 else None,
                 "best_parallel": next(
-                    (r["method"] for r in rs if r["method"] not in ("cudnn", "sequential")), None
+                    (r["method"] for r in rs if r["method"] not in _BASELINES), None
                 ),
                 "best_parallel_vs_cudnn": next(
-                    (r["vs_cudnn"] for r in rs if r["method"] not in ("cudnn", "sequential")),
-                    None,
+                    (r["vs_cudnn"] for r in rs if r["method"] not in _BASELINES), None
                 ),
             }
         )

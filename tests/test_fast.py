@@ -254,7 +254,7 @@ def test_bench_cli_tiny_cases(tmp_path, capsys):
     assert rnn["autograd BPTT"]["relative_grad_error"] == 0.0
     assert rnn["jacobi rtol=1e-6"]["relative_grad_error"] < 1e-5
     assert rnn["scan"]["relative_grad_error"] < 1e-5  # exact up to rounding
-    assert rnn["jacobi forward atol 1e-6 + scan"]["relative_grad_error"] < 1e-4
+    assert rnn["jacobi forward atol 1e-5 + scan"]["relative_grad_error"] < 1e-4
     assert len(cases["made-batch"]["batches"]) == 2
     assert any(t["status"] == "pass" for t in rec["targets"])
     assert "issue-10 and issue-11 targets" in capsys.readouterr().out

@@ -392,17 +392,18 @@ def _rnn_length(cfg: BenchConfig, ctx: RunContext, T: int) -> list[dict[str, Any
 
     budget = min(cfg.rnn_budget, T)
     fixed = {"max_iters": budget, "check_every": budget}  # one host read, after the last sweep
-    pfwd = {"forward_method": "jacobi", "forward_options": {"atol": 1e-6, "check_every": 8}}
+    pfwd = {"forward_method": "jacobi", "forward_options": {"atol": 1e-5, "check_every": 8}}
     variants: list[tuple[str, str | None, dict[str, Any]]] = [
         ("autograd BPTT", None, {}),
         (f"jacobi budget {cfg.rnn_budget}", "jacobi", fixed),
         ("jacobi rtol=1e-6", "jacobi", {"rtol": 1e-6, "check_every": 8}),
         (f"jacobi budget {cfg.rnn_budget} autograd sweeps", "jacobi", {**fixed, "fast_vjp": False}),
         ("scan", "scan", {}),
-        # a parallel forward too, so the whole step is parallel; atol > 0: in float32 a wide
-        # state's rounding keeps exact Jacobi moving for about T sweeps
-        (f"jacobi forward atol 1e-6 + jacobi budget {cfg.rnn_budget}", "jacobi", {**fixed, **pfwd}),
-        ("jacobi forward atol 1e-6 + scan", "scan", pfwd),
+        # a parallel forward too, so the whole step is parallel. atol 1e-5: at 1e-6 float32
+        # rounding keeps this wide state moving (1,357 sweeps at T = 3,000 on a CPU, 6,935 at
+        # 10,000); at 1e-5 the forward takes 25 sweeps at any T, gradient error about 3e-6
+        (f"jacobi forward atol 1e-5 + jacobi budget {cfg.rnn_budget}", "jacobi", {**fixed, **pfwd}),
+        ("jacobi forward atol 1e-5 + scan", "scan", pfwd),
     ]
     if ctx.device.type == "cuda":  # captured anew at each backward: shows what that costs
         variants.append(

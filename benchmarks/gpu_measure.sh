@@ -13,16 +13,13 @@ set -u
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/ffsolve-out}
 DEVICE=${DEVICE:-cuda}
+PY=${PYTHON:-python3}
 PART=${PART:-A}
 RUNS=${RUNS:-runs_measure}
 mkdir -p "$OUT" "$RUNS"
-ff() { local limit=$1; shift; echo "== [$(date -u +%T)] ffsolve $*"
-  timeout "$limit" python3 -m ffsolve "$@" --device "$DEVICE" --out "$RUNS" \
-    || echo "!! failed (rc $?): $*"; }
+source "$(dirname "$0")/lib.sh"
 {
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null || true
-  python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
-  echo "commit ${FFSOLVE_COMMIT:-unknown}"; date -u
+  env_lines
   case $PART in
     A)
       ff 110 run pixelcnn-sampling --config configs/pixelcnn_sampling_mnist.yaml ${PC_SET:-}
@@ -35,7 +32,7 @@ ff() { local limit=$1; shift; echo "== [$(date -u +%T)] ffsolve $*"
       ;;
     B)
       # each script writes several files: they land under $RUNS and come back in one .tgz
-      OUT=$RUNS/fast timeout 285 python3 benchmarks/gpu_fast.py --budget-s ${FAST_BUDGET_S:-170} \
+      OUT=$RUNS/fast timeout 285 $PY benchmarks/gpu_fast.py --budget-s ${FAST_BUDGET_S:-170} \
         || echo "!! gpu_fast failed (rc $?)"
       OUT=$RUNS/scan RUNS=$RUNS/scan FWD_BUDGET_S=95 T_FWD=165 T_BWD=85 timeout 270 \
         bash benchmarks/gpu_scan.sh || echo "!! gpu_scan failed (rc $?)"
@@ -49,7 +46,7 @@ ff() { local limit=$1; shift; echo "== [$(date -u +%T)] ffsolve $*"
       ;;
   esac
   echo "== summaries"
-  python3 - "$RUNS" <<'PY' || true
+  $PY - "$RUNS" <<'PY' || true
 import sys, json, pathlib
 from ffsolve.experiments import get_experiment, get_trainer
 for rec in sorted(pathlib.Path(sys.argv[1]).glob("**/records.json")):

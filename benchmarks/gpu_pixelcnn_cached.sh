@@ -15,15 +15,17 @@ set -u
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/ffsolve-out}
 DEVICE=${DEVICE:-cuda}
+PY=${PYTHON:-python3}
 WORK=${WORK:-/tmp/ffsolve-cached}
 rm -rf "$WORK/runs"
 mkdir -p "$OUT" "$WORK/runs"
+RUNS=$WORK/runs
 MNIST=checkpoints/pixelcnnpp_mnist
 RGB=checkpoints/pixelcnnpp_rgb
 T1=${T1:-140} T2=${T2:-180} T3=${T3:-180}
 BATCHES=${BATCHES:-[1, 4, 16, 64]}
 if [ "${TINY:-0}" = 1 ]; then
-  python3 - "$WORK" <<'EOF'
+  $PY - "$WORK" <<'EOF'
 import sys, torch
 from ffsolve.models.pixelcnnpp import PixelCNNpp, PixelCNNppConfig, save_pixelcnnpp
 for name, C in [("tiny_mnist", 1), ("tiny_rgb", 3)]:
@@ -37,13 +39,9 @@ EOF
 else
   SMALL=()
 fi
-ff() { local limit=$1; shift; echo "== [$(date -u +%T)] ffsolve $*"
-  timeout "$limit" python3 -m ffsolve "$@" --device "$DEVICE" --out "$WORK/runs" \
-    || echo "!! failed (rc $?): $*"; }
+source "$(dirname "$0")/lib.sh"
 {
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null || true
-  python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
-  echo "commit ${FFSOLVE_COMMIT:-unknown}"; date -u
+  env_lines
   ff "$T1" run pixelcnn-sampling --config configs/pixelcnn_sampling_mnist.yaml \
     --set checkpoint="$MNIST" "${SMALL[@]}"
   ff "$T2" run pixelcnn-sampling --config configs/pixelcnn_sampling_rgb.yaml \
@@ -53,7 +51,7 @@ ff() { local limit=$1; shift; echo "== [$(date -u +%T)] ffsolve $*"
     --set repeats=1 --set warmup=1 --set "batches=$BATCHES"
   date -u
   echo "== summaries"
-  python3 - "$WORK/runs" <<'EOF'
+  $PY - "$WORK/runs" <<'EOF'
 import json, sys
 from pathlib import Path
 from ffsolve.experiments.pixelcnn_sampling import summary

@@ -11,16 +11,16 @@ set -u
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/ffsolve-out}
 DEVICE=${DEVICE:-cuda}
+PY=${PYTHON:-python3}
 WORK=${WORK:-/tmp/ffsolve-reproduce}
 STEPS=${STEPS:-made-mnist made-rgb breakeven densenet-bc densenet-201 rnn-backprop}
 rm -rf "$WORK/runs"
 mkdir -p "$OUT" "$WORK/runs"
+source "$(dirname "$0")/lib.sh"
 {
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null || true
-  python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
-  echo "commit ${FFSOLVE_COMMIT:-unknown}"; date -u
+  env_lines
   # shellcheck disable=SC2086
-  timeout "${LIMIT:-560}" python3 -m ffsolve reproduce --device "$DEVICE" --out "$WORK/runs" \
+  timeout "${LIMIT:-560}" $PY -m ffsolve reproduce --device "$DEVICE" --out "$WORK/runs" \
     --steps $STEPS --mnist-dir .carry/sub/mnist --fmnist-dir .carry/sub/fmnist \
     --override rnn-backprop:repeats=3 ${EXTRA:-} || echo "!! reproduce failed or timed out (rc $?)"
   date -u

@@ -7,17 +7,18 @@ set -u
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/ffsolve-out}
 DEVICE=${DEVICE:-cuda}
+PY=${PYTHON:-python3}
 WORK=${WORK:-/tmp/ffsolve-wide}
 rm -rf "$WORK/runs"; mkdir -p "$OUT" "$WORK/runs"
+source "$(dirname "$0")/lib.sh"
 {
-  nvidia-smi --query-gpu=name,driver_version --format=csv 2>/dev/null || true
-  echo "commit ${FFSOLVE_COMMIT:-unknown}"; date -u
-  timeout "${L1:-150}" python3 -m ffsolve run rnn-forward --config configs/rnn_forward.yaml \
+  env_lines
+  timeout "${L1:-150}" $PY -m ffsolve run rnn-forward --config configs/rnn_forward.yaml \
     --set "cells=[gru, lstm]" --set "hidden=[${HIDDEN:-256}]" --set "lengths=[${LENGTHS:-10000, 100000}]" \
     --set "batches=[${BATCHES:-1, 4}]" --set "methods=[cudnn, jacobi, quasi_newton]" \
     --set loop_max_length=1 --set time_budget_s=${BUDGET_S:-100} ${EXTRA1:-} \
     --device "$DEVICE" --out "$WORK/runs" || echo "!! rnn-forward failed (rc $?)"
-  timeout "${L2:-150}" python3 -m ffsolve bench pixelcnn-mnist ${EXTRA2:-} --device "$DEVICE" \
+  timeout "${L2:-150}" $PY -m ffsolve bench pixelcnn-mnist ${EXTRA2:-} --device "$DEVICE" \
     --out "$WORK/runs" || echo "!! bench pixelcnn-mnist failed (rc $?)"
   date -u
 } 2>&1 | tee "$OUT/log_wide.txt"

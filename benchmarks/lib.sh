@@ -1,17 +1,27 @@
 # Shared by the benchmarks/gpu_*.sh scripts: source it after setting OUT, DEVICE, RUNS, PY.
-#   env_header FILE        GPU, torch and CUDA versions, commit and date, into $OUT/FILE and stdout
-#   step NAME SECONDS ARGS one `ffsolve ARGS` with a time limit, its output in $OUT/NAME.log;
-#                          a failure or timeout is logged and the script goes on
+#   env_lines              GPU, torch and CUDA versions, commit and date, on stdout
+#   env_header FILE        the same into $OUT/FILE and on stdout
+#   ff SECONDS ARGS        one `ffsolve ARGS` with a time limit, its output on stdout
+#   step NAME SECONDS ARGS one `ffsolve ARGS` with a time limit, its output in $OUT/NAME.log
+# A failure or timeout of ff or step is logged and the script goes on.
+
+env_lines() {
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null || echo "no nvidia-smi"
+  $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+  # the device copy's .git names the session's base commit: FFSOLVE_COMMIT wins
+  echo "commit ${FFSOLVE_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
+  date -u
+}
 
 env_header() {
-  {
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null || echo "no nvidia-smi"
-    $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
-    # the device copy's .git names the session's base commit: FFSOLVE_COMMIT wins
-    echo "commit ${FFSOLVE_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
-    date -u
-  } > "$OUT/$1" 2>&1
+  env_lines > "$OUT/$1" 2>&1
   cat "$OUT/$1"
+}
+
+ff() {
+  local limit=$1; shift
+  echo "== [$(date -u +%T)] ffsolve $*"
+  timeout "$limit" $PY -m ffsolve "$@" --device "$DEVICE" --out "$RUNS" || echo "!! failed (rc $?): $*"
 }
 
 step() {

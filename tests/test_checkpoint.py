@@ -38,16 +38,24 @@ def test_train_state_refuses_other_training_settings(tmp_path):
     import torch
 
     from ffsolve.checkpoint import load_train_state, save_train_state
-    from ffsolve.errors import ConfigError
+    from ffsolve.errors import CheckpointError, ConfigError
 
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     path = tmp_path / "m.resume.pt"
-    save_train_state(path, model, opt, None, 3, {"config": {"lr": 0.1, "hidden": 8}})
-    state = load_train_state(path, model, opt, config={"lr": 0.1, "hidden": 8})
+    g = torch.Generator().manual_seed(5)
+    torch.rand(3, generator=g)
+    save_train_state(path, model, opt, None, 3, config={"lr": 0.1, "hidden": 8}, generator=g)
+    expected = torch.rand(4, generator=g)  # what the data generator draws next
+    g2 = torch.Generator().manual_seed(0)
+    state = load_train_state(path, model, opt, config={"lr": 0.1, "hidden": 8}, generator=g2)
     assert state["epoch"] == 3
+    assert torch.equal(torch.rand(4, generator=g2), expected)  # the generator resumes too
     with pytest.raises(ConfigError, match="other values of: hidden"):
         load_train_state(path, model, opt, config={"lr": 0.1, "hidden": 16})
+    save_train_state(path, model, opt, None, 3)  # saved without a generator
+    with pytest.raises(CheckpointError, match="no data generator state"):
+        load_train_state(path, model, opt, generator=g2)
 
 
 def test_an_explicit_commit_wins_over_the_checkout(monkeypatch):

@@ -326,6 +326,9 @@ def save_train_state(
     scheduler: Any | None,
     epoch: int,
     extra: dict[str, Any] | None = None,
+    *,
+    config: dict[str, Any] | None = None,
+    generator: torch.Generator | None = None,
 ) -> Path:
     """Save what resuming needs, atomically, to `path` (see `train_state_path`).
 
@@ -333,9 +336,16 @@ def save_train_state(
         path: the resume file.
         model, optimizer, scheduler: their state_dicts are saved (scheduler may be None).
         epoch: the number of epochs completed.
-        extra: tensors, numbers, strings, lists and dicts (e.g. a data generator's state,
-            the history so far); no other objects (loading refuses arbitrary pickles).
+        extra: tensors, numbers, strings, lists and dicts (e.g. the history so far); no other
+            objects (loading refuses arbitrary pickles).
+        config: the training settings a resumed run must share (`load_train_state` checks).
+        generator: the data generator, restored by `load_train_state(..., generator=)`.
     """
+    extra = dict(extra or {})
+    if config is not None:
+        extra["config"] = config
+    if generator is not None:
+        extra["generator"] = generator.get_state()
     state = {
         "format_version": FORMAT_VERSION,
         "epoch": int(epoch),
@@ -344,7 +354,7 @@ def save_train_state(
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": _cuda_rng(model),
-        "extra": extra or {},
+        "extra": extra,
     }
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
@@ -357,13 +367,16 @@ def load_train_state(
     optimizer: torch.optim.Optimizer,
     scheduler: Any | None = None,
     config: dict[str, Any] | None = None,
+    generator: torch.Generator | None = None,
 ) -> dict[str, Any]:
     """Restore model, optimizer, scheduler and torch's RNGs from `path` (in place).
 
     Args:
         config: when given, the training settings a resumed run must share with the saved
-            one (stored as `extra["config"]` when saving); a difference is a ConfigError
-            naming the fields.
+            one (`save_train_state(..., config=)`); a difference is a ConfigError naming the
+            fields.
+        generator: when given, restored to the state saved with `save_train_state(...,
+            generator=)`.
 
     Returns:
         {"epoch": epochs completed, "extra": the saved extra dict}.
@@ -392,6 +405,10 @@ def load_train_state(
         theirs = extra.get("config") or {}
         diff = sorted(k for k in {*config, *theirs} if theirs.get(k) != config.get(k))
         raise ConfigError(f"{p} was made with other values of: {', '.join(diff)}")
+    if generator is not None:
+        if "generator" not in extra:
+            raise CheckpointError(f"{p} holds no data generator state")
+        generator.set_state(extra["generator"].cpu())
     torch.set_rng_state(state["torch_rng"].cpu())
     device = _device_of(model)
     if state.get("cuda_rng") is not None and device.type == "cuda":

@@ -11,7 +11,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["mosaic", "plot_curves", "plot_traces", "plt", "show_images"]
+__all__ = ["mosaic", "plot_curves", "plot_traces", "plt", "save_figure", "show_images"]
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int = 110) -> Path:
+    """Lay the figure out, write it to `path`, close it; returns the path."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return Path(path)
 
 
 def plot_traces(
@@ -37,10 +45,7 @@ def plot_traces(
     ax2.legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def mosaic(images: Sequence, cols: int) -> tuple[Any, str | None]:
@@ -96,7 +101,4 @@ def plot_curves(
         ax.legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -505,8 +505,7 @@ def _lookup(records: dict[str, Any], case: str, row: str, what: str) -> list[flo
         for r in entry["rows"]:
             if "error" in r or r["method"] == "autograd BPTT":
                 continue
-            # records without "solver": the backward is named last in the label
-            solver = r.get("solver") or r["method"].split(" + ")[-1].split()[0]
+            solver = r["solver"]  # the backward's method
             if what == "scan backward x vs autograd":
                 if solver == "scan" and "backward_speedup" in r:
                     vals.append(r["backward_speedup"])
@@ -571,7 +570,7 @@ def plot(records: dict[str, Any], out_dir: Path) -> list[Path]:
     lengths = data.get("lengths") or []
     if not lengths:
         return []
-    from ffsolve.plots import plt
+    from ffsolve.plots import plt, save_figure
 
     fig, ax = plt.subplots(figsize=(6, 4))
     methods = {r["method"] for e in lengths for r in e["rows"] if "backward_speedup" in r}
@@ -588,11 +587,7 @@ def plot(records: dict[str, Any], out_dir: Path) -> list[Path]:
     ax.set_ylabel("backward speed-up vs autograd BPTT")
     ax.set_title(records.get("env", {}).get("device_name", ""))
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out_dir / "rnn_speedup.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [save_figure(fig, out_dir / "rnn_speedup.png")]
 
 
 register_experiment(

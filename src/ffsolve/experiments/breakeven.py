@@ -19,7 +19,7 @@ from ffsolve.config import Config, spec
 from ffsolve.experiments import Experiment, RunContext, register_experiment
 from ffsolve.experiments.causal import DTYPE_NAMES, dtype_of
 from ffsolve.models.causal import CausalMLP, CausalMLPConfig
-from ffsolve.plots import plt
+from ffsolve.plots import plt, save_figure
 from ffsolve.problems.base import FunctionProblem
 from ffsolve.progress import track
 from ffsolve.solvers import ConvergenceWarning, get_solver
@@ -89,11 +89,7 @@ def plot(records: dict[str, Any], out_dir: Path) -> list[Path]:
     ax.set_ylabel("break-even Jacobi iterations (measured)")
     ax.set_title(f"{records['env']['device_name']}")
     ax.legend()
-    fig.tight_layout()
-    path = out_dir / "break_even.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [save_figure(fig, out_dir / "break_even.png")]
 
 
 def summary(records: dict[str, Any]) -> str:

@@ -119,8 +119,7 @@ def train(cfg: DenseNetTrainConfig, ctx: RunContext) -> dict[str, Any]:
     step, progress, epoch, elapsed0 = 0, 0.0, 0, 0.0
     same = config_to_dict(cfg)  # a resumed run continues the same training, nothing else
     if ctx.resume:
-        state = load_train_state(state_path, model, opt, config=same)
-        g.set_state(state["extra"]["generator"])
+        state = load_train_state(state_path, model, opt, config=same, generator=g)
         epoch, step = state["epoch"], state["extra"]["step"]
         elapsed0, history = state["extra"]["elapsed_s"], state["extra"]["history"]
         progress = max(step / total, elapsed0 / budget)
@@ -164,8 +163,8 @@ def train(cfg: DenseNetTrainConfig, ctx: RunContext) -> dict[str, Any]:
             f"  epoch {epoch:3d}  loss {train_loss:.4f}  test acc {test_acc:.4f}  "
             f"lr {opt.param_groups[0]['lr']:.4f}  ({elapsed:.0f} s)"
         )
-        resume = {"config": same, "generator": g.get_state(), "step": step, "history": history}
-        save_train_state(state_path, model, opt, None, epoch, {**resume, "elapsed_s": elapsed})
+        resume = {"step": step, "history": history, "elapsed_s": elapsed}
+        save_train_state(state_path, model, opt, None, epoch, resume, config=same, generator=g)
     model = model.to(memory_format=torch.contiguous_format).cpu().eval()
     final_acc = accuracy(model.to(ctx.device), x_test, y_test, mean, std, ctx.device)
     extra = {

@@ -130,8 +130,7 @@ def train(cfg: GRUCharTrainConfig, ctx: RunContext) -> dict[str, Any]:
     g = torch.Generator().manual_seed(cfg.seed)
     same = {k: v for k, v in config_to_dict(cfg).items() if k != "save_every"}
     if ctx.resume:
-        state = load_train_state(state_path, model, opt, sched, config=same)
-        g.set_state(state["extra"]["generator"])
+        state = load_train_state(state_path, model, opt, sched, config=same, generator=g)
         history = state["extra"]["history"]
         start = state["epoch"] + 1
         ctx.log(f"  resuming after epoch {state['epoch']} from {state_path}")
@@ -156,8 +155,9 @@ def train(cfg: GRUCharTrainConfig, ctx: RunContext) -> dict[str, Any]:
         }
         saved = save_char_gru(path, model, heldout, meta)
         if epoch < cfg.epochs:
-            resume = {"config": same, "generator": g.get_state(), "history": history}
-            save_train_state(state_path, model, opt, sched, epoch, resume)
+            save_train_state(
+                state_path, model, opt, sched, epoch, {"history": history}, config=same, generator=g
+            )
         return saved
 
     t0 = time.perf_counter() - (history[-1]["elapsed_s"] or 0.0)

@@ -23,7 +23,7 @@ from ffsolve.errors import ConfigError
 from ffsolve.experiments import Experiment, RunContext, register_experiment
 from ffsolve.experiments.causal import DTYPE_NAMES, dtype_of
 from ffsolve.models.made import load_made
-from ffsolve.plots import mosaic, plt
+from ffsolve.plots import mosaic, plt, save_figure
 from ffsolve.problems.autoregressive import MADESampling, logistic_noise
 from ffsolve.solvers import Solver
 
@@ -250,10 +250,7 @@ def plot(records: dict[str, Any], out_dir: Path) -> list[Path]:
     fig.suptitle(
         f"MADE sampling, {records['data']['name']}, D={records['length']} ({where})", fontsize=9
     )
-    fig.tight_layout()
-    paths.append(out_dir / "convergence.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(save_figure(fig, out_dir / "convergence.png"))
 
     strips, seq = records.get("strips", {}), records.get("sequential_frames", {})
     jac = strips.get("jacobi")
@@ -284,10 +281,7 @@ def plot(records: dict[str, Any], out_dir: Path) -> list[Path]:
             f"top: sequential ({seq.get('baseline', '')}) at equal wall-clock; bottom: Jacobi",
             fontsize=8,
         )
-        fig.tight_layout()
-        paths.append(out_dir / "strips.png")
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+        paths.append(save_figure(fig, out_dir / "strips.png", dpi=120))
 
     grid = records["grid"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 5.4))
@@ -297,10 +291,7 @@ def plot(records: dict[str, Any], out_dir: Path) -> list[Path]:
         ax.imshow(arr, cmap=cmap, vmin=0, vmax=255)
         ax.set_title(f"{key} (same noise)", fontsize=9)
         ax.axis("off")
-    fig.tight_layout()
-    paths.append(out_dir / "samples.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(save_figure(fig, out_dir / "samples.png"))
     return paths
 
 

@@ -110,8 +110,7 @@ def train(cfg: MADETrainConfig, ctx: RunContext) -> dict[str, Any]:
     # what must not change across a resume (save_every may)
     same = {k: v for k, v in config_to_dict(cfg).items() if k != "save_every"}
     if ctx.resume:
-        state = load_train_state(state_path, model, opt, sched, config=same)
-        g.set_state(state["extra"]["generator"])
+        state = load_train_state(state_path, model, opt, sched, config=same, generator=g)
         history = state["extra"]["history"]
         start = state["epoch"] + 1
         ctx.log(f"  resuming after epoch {state['epoch']} from {state_path}")
@@ -143,8 +142,9 @@ def train(cfg: MADETrainConfig, ctx: RunContext) -> dict[str, Any]:
             meta["test_bits_per_dim_float32"] = history[-1]["test_bpd"]
         saved = save_made(path, kept, meta, storage_dtype=storage)
         if not final:
-            resume = {"config": same, "generator": g.get_state(), "history": history}
-            save_train_state(state_path, model, opt, sched, epoch, resume)
+            save_train_state(
+                state_path, model, opt, sched, epoch, {"history": history}, config=same, generator=g
+            )
         return saved
 
     t0 = time.perf_counter() - (history[-1]["elapsed_s"] or 0.0)

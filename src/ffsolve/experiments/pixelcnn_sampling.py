@@ -31,7 +31,7 @@ from ffsolve.bench import MethodSpec, compare, format_table, trace_solve
 from ffsolve.config import Config, spec
 from ffsolve.experiments import Experiment, RunContext, register_experiment
 from ffsolve.models.pixelcnnpp import load_pixelcnnpp
-from ffsolve.plots import plt, show_images
+from ffsolve.plots import plt, save_figure, show_images
 from ffsolve.problems.pixelcnn import PixelCNNSampling, pixelcnn_noise
 from ffsolve.solvers import ConvergenceWarning, get_solver
 
@@ -316,10 +316,7 @@ def plot(records: dict[str, Any], out_dir: Path) -> list[Path]:
         for ax in axes:
             ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    paths.append(out_dir / "convergence.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(save_figure(fig, out_dir / "convergence.png"))
 
     for label, grid in records.get("grids", {}).items():
         keys = list(grid)
@@ -333,20 +330,14 @@ def plot(records: dict[str, Any], out_dir: Path) -> list[Path]:
         fig.suptitle(
             f"top: sequential at equal wall-clock (pixels done); bottom: {label}", fontsize=8
         )
-        fig.tight_layout()
         safe = "".join(ch if ch.isalnum() else "_" for ch in label).strip("_")
-        paths.append(out_dir / f"grid_{safe}.png")
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+        paths.append(save_figure(fig, out_dir / f"grid_{safe}.png", dpi=120))
 
     final = records["final"]
     fig, axes = plt.subplots(1, len(final), figsize=(3.2 * len(final), 3.6), squeeze=False)
     for ax, (label, imgs) in zip(axes[0], final.items(), strict=True):
         show_images(ax, imgs, int(np.ceil(np.sqrt(len(imgs)))), f"{label} (same noise)")
-    fig.tight_layout()
-    paths.append(out_dir / "samples.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(save_figure(fig, out_dir / "samples.png"))
     return paths
 
 

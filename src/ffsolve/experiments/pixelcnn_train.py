@@ -144,9 +144,9 @@ def train(cfg: PixelCNNTrainConfig, ctx: RunContext) -> dict[str, Any]:
     g = torch.Generator().manual_seed(cfg.seed)
     history: list[dict[str, Any]] = []
     start_epoch, step, elapsed0, skipped = 1, 0, 0.0, 0
+    same = dataclasses.asdict(model_cfg)  # a resumed run trains the same model
     if resume and rpath.is_file():
-        st = load_train_state(rpath, model, opt, sched, config=dataclasses.asdict(model_cfg))
-        g.set_state(st["extra"]["generator"].cpu())
+        st = load_train_state(rpath, model, opt, sched, config=same, generator=g)
         start_epoch = st["epoch"] + 1
         step, elapsed0, history = (st["extra"][k] for k in ("step", "elapsed_s", "history"))
         ctx.log(f"resumed from {rpath}: epoch {start_epoch}, step {step}, {elapsed0:.0f} s")
@@ -162,15 +162,11 @@ def train(cfg: PixelCNNTrainConfig, ctx: RunContext) -> dict[str, Any]:
     last_save = time.perf_counter()
 
     def save_state(epochs_done: int) -> None:
-        extra = {
-            "generator": g.get_state(),
-            "step": step,
-            "elapsed_s": time.perf_counter() - t0,
-            "history": history,
-            "config": dataclasses.asdict(model_cfg),  # a resumed run trains the same model
-        }
+        extra = {"step": step, "elapsed_s": time.perf_counter() - t0, "history": history}
         rpath.parent.mkdir(parents=True, exist_ok=True)
-        save_train_state(rpath, model, opt, sched, epochs_done, extra)  # atomic
+        save_train_state(  # atomic
+            rpath, model, opt, sched, epochs_done, extra, config=same, generator=g
+        )
 
     out_of_time = False
     epoch = start_epoch

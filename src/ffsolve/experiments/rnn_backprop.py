@@ -42,7 +42,7 @@ from ffsolve.errors import ConfigError
 from ffsolve.experiments import Experiment, RunContext, register_experiment
 from ffsolve.experiments.causal import dtype_of
 from ffsolve.models.rnn import VanillaRNN, VanillaRNNConfig
-from ffsolve.plots import plt
+from ffsolve.plots import plt, save_figure
 from ffsolve.progress import track
 from ffsolve.solvers import METHODS, ConvergenceWarning
 
@@ -503,10 +503,7 @@ def plot(records: dict[str, Any], out_dir: Path) -> list[Path]:
         ax.set_title(f"{'at initialisation' if state == 'init' else 'after training'}, {n} seqs")
         ax.legend(fontsize=8)
     fig.suptitle(f"RNN BPTT by Jacobi: gradient error, T={records['length']}")
-    fig.tight_layout()
-    paths.append(out_dir / "grad_error.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(save_figure(fig, out_dir / "grad_error.png"))
 
     for name, xlabel in (("loss_vs_time", "wall-clock (s)"), ("loss_vs_step", "step")):
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -522,10 +519,7 @@ def plot(records: dict[str, Any], out_dir: Path) -> list[Path]:
         ax.set_ylabel(f"EMA loss (decay {decay}), mean over repeats")
         ax.set_title(f"RNN BPTT, {device}")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        paths.append(out_dir / f"{name}.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        paths.append(save_figure(fig, out_dir / f"{name}.png"))
     return paths
 
 

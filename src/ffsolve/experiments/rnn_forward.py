@@ -43,7 +43,7 @@ from ffsolve.errors import ConfigError
 from ffsolve.experiments import Experiment, RunContext, register_experiment
 from ffsolve.experiments.causal import dtype_of
 from ffsolve.models.char_gru import load_char_gru
-from ffsolve.plots import plt
+from ffsolve.plots import plt, save_figure
 from ffsolve.problems import RecurrenceForward
 from ffsolve.solvers import ConvergenceWarning, get_solver
 
@@ -360,6 +360,7 @@ def winners(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for (cell, H, T, B), rs in sorted(shapes.items()):
         rs = sorted(rs, key=lambda r: r["time_s"])
         best = rs[0]
+        parallel = next((r for r in rs if r["method"] not in _BASELINES), {})
         out.append(
             {
                 "cell": cell,
@@ -370,12 +371,8 @@ def winners(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "time_s": best["time_s"],
                 "runner_up": rs[1]["method"] if len(rs) > 1 else None,
                 "margin": rs[1]["time_s"] / best["time_s"] if len(rs) > 1 else None,
-                "best_parallel": next(
-                    (r["method"] for r in rs if r["method"] not in _BASELINES), None
-                ),
-                "best_parallel_vs_cudnn": next(
-                    (r["vs_cudnn"] for r in rs if r["method"] not in _BASELINES), None
-                ),
+                "best_parallel": parallel.get("method"),
+                "best_parallel_vs_cudnn": parallel.get("vs_cudnn"),
             }
         )
     return out
@@ -430,11 +427,7 @@ def plot(records: dict[str, Any], out_dir: Path) -> list[Path]:
         ax.axis("off")
     weights = records.get("weights", "random")
     fig.suptitle(f"rnn-forward on {records['env']['device_name']} ({weights} weights)")
-    fig.tight_layout()
-    path = out_dir / "rnn_forward.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [save_figure(fig, out_dir / "rnn_forward.png")]
 
 
 def summary(records: dict[str, Any]) -> str:

@@ -288,6 +288,13 @@ def test_reproduce_cli_tiny_report(tmp_path, capsys):
     assert main(["reproduce", "--override", "nope:x=1", "--out", str(tmp_path)]) == 2
     assert main(["reproduce", "--steps", "nope", "--out", str(tmp_path)]) == 2
     assert main(["reproduce", "--from", f"made-mnist={tmp_path}", "--out", str(tmp_path)]) == 2
+    capsys.readouterr()
+    argv = ["reproduce", "--steps", "densenet-bc", "--fmnist-dir", str(tmp_path / "absent")]
+    assert main([*argv, "--device", "cpu", "--out", str(tmp_path / "bad")]) == 0
+    err = capsys.readouterr().err  # missing data: one line, the next step would still run
+    assert "densenet-bc failed: Fashion-MNIST folder" in err and "Traceback" not in err
+    (bad,) = (tmp_path / "bad" / "reproduce").iterdir()
+    assert "failed: DataError" in (bad / "REPORT.md").read_text()
 
 
 def test_reproduce_from_earlier_runs(tmp_path, capsys):

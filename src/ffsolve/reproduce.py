@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -249,7 +250,10 @@ def reproduce(args: argparse.Namespace, execute: Callable[..., Path]) -> Path:
                     "run", step.experiment, get_experiment(step.experiment), run_args, overrides
                 )
             except Exception as e:  # the next step still runs
-                traceback.print_exc()
+                if isinstance(e, FFSolveError):  # bad input or missing data: one line
+                    print(f"ffsolve: reproduce: {step.key} failed: {e}", file=sys.stderr)
+                else:  # a bug: the traceback helps
+                    traceback.print_exc()
                 sections.append(f"## {step.key}\n\nfailed: {type(e).__name__}: {e}\n")
                 continue
         records = read_records(run_dir)

@@ -411,6 +411,35 @@ def test_cli_runs_rnn_backprop_and_plot_redraws(tmp_path, capsys):
     assert all((run_dir / name).is_file() for name in pngs)
 
 
+def test_rnn_backprop_rows_with_a_parallel_forward(tmp_path, capsys):
+    """forward_rows repeat a row with the states by Jacobi: exact at atol 0 (float64), so the
+    loss curve is BPTT's; a long synthetic side passes, a long MNIST side does not."""
+    args = ["run", "rnn-backprop", "--device", "cpu", "--out", str(tmp_path)]
+    sets = ["data=synthetic", "side=5", "hidden=6", "steps=3", "repeats=1", "budgets=[3]",
+            "error_sequences=1", "warmup=0", "dtype=float64", "tol_row=false",
+            "autograd_row=false", "forward_rows=[scan, jacobi-3]", "forward_atol=0.0"]  # fmt: skip
+    for s in sets:
+        args += ["--set", s]
+    assert main(args) == 0
+    assert "loss vs bptt" in (out := capsys.readouterr().out) and "fwd sweeps" in out
+    (run_dir,) = (tmp_path / "rnn-backprop").iterdir()
+    rec = json.loads((run_dir / "records.json").read_text())
+    methods = {m["method"]: m for m in rec["methods"]}
+    assert list(methods) == ["bptt", "jacobi-3", "scan", "scan+jacobi-fwd", "jacobi-3+jacobi-fwd"]
+    fwd = methods["scan+jacobi-fwd"]
+    assert fwd["options"]["forward_method"] == "jacobi" and fwd["solver"] == "scan"
+    assert fwd["max_loss_rel_diff_vs_bptt"] < 1e-12 and fwd["max_grad_error"] < 1e-12
+    assert 1 <= fwd["mean_forward_iters_per_step"] <= 25
+    assert methods["scan"]["mean_forward_iters_per_step"] is None
+    assert methods["bptt"]["max_loss_rel_diff_vs_bptt"] == 0.0
+    dev = {k: m["max_loss_rel_diff_vs_bptt"] for k, m in methods.items()}
+    assert dev["jacobi-3+jacobi-fwd"] == dev["jacobi-3"]  # the exact forward changes nothing
+    for bad, msg in (("forward_rows=[bptt]", "forward_rows must be"), ("side=30", "side 28")):
+        base = ["run", "rnn-backprop", "--device", "cpu", "--out", str(tmp_path)]
+        assert main([*base, "--set", bad]) == 2
+        assert msg in capsys.readouterr().err
+
+
 def test_cli_missing_mnist_is_a_one_line_error(tmp_path, capsys):
     args = ["run", "rnn-backprop", "--device", "cpu", "--out", str(tmp_path)]
     args += ["--set", f"data_dir={tmp_path / 'nowhere'}"]

@@ -46,6 +46,27 @@ def test_scan_equals_the_sequential_loop(dense, B, T, F, chunk):
     assert sol.num_iters == 1 and sol.all_converged
 
 
+def test_scan_is_one_direct_sweep_with_its_record_and_a_located_nan():
+    """scan skips the iteration bookkeeping: one sweep, every position certified, the change
+    from the start as its one-row trace; NaN in the result names iteration 1 and the step."""
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(2, 11, 3, 3, dtype=D64, generator=g) / 3
+    b = torch.randn(2, 11, 3, dtype=D64, generator=g)
+    seen = []
+    sol = ffsolve.solve(
+        LinearRecurrenceProblem(A, b), method="scan", callback=lambda k, x: seen.append(k)
+    )
+    assert sol.num_iters == 1 and sol.num_evals == 1 and seen == [1]
+    assert sol.converged.tolist() == [True, True] and sol.stats["iters_per_item"] == [1, 1]
+    assert sol.certified.tolist() == [[11, 11]]
+    torch.testing.assert_close(sol.residuals[0], _loop(A, b).abs().amax(dim=(1, 2)))
+    quiet = ffsolve.solve(LinearRecurrenceProblem(A, b), method="scan", record=False)
+    assert quiet.residuals is None
+    b[1, 6, 2] = float("nan")
+    with pytest.raises(ffsolve.NonFiniteError, match="iteration 1, position 6"):
+        ffsolve.solve(LinearRecurrenceProblem(A, b), method="scan", record=False)
+
+
 def test_scan_matvec_kind_and_errors():
     g = torch.Generator().manual_seed(0)
     A = torch.randn(2, 9, 3, 3, dtype=D64, generator=g) / 2

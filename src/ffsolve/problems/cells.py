@@ -32,10 +32,22 @@ from torch.nn import functional as F
 
 from ffsolve.models.rnn import VanillaRNN
 
-__all__ = ["StepVJP", "vjp_operands"]
+__all__ = ["StepVJP", "known", "vjp_operands"]
 
 #: a -> J^T a for every row at once, (N, F) -> (N, F).
 StepVJP = Callable[[Tensor], Tensor]
+
+
+def _kind(cell: Any) -> str | None:
+    """Which known structure `cell` has: "vanilla", "rnn", "gru", "lstm", or None."""
+    if inspect.ismethod(cell) and isinstance(cell.__self__, VanillaRNN):
+        return "vanilla" if cell.__func__ is VanillaRNN.step else None
+    return {nn.RNNCell: "rnn", nn.GRUCell: "gru", nn.LSTMCell: "lstm"}.get(type(cell))
+
+
+def known(cell: Any) -> bool:
+    """True when `vjp_operands` knows the cell's structure (it then never returns None)."""
+    return _kind(cell) is not None
 
 
 def vjp_operands(cell: Any, h_prev: Tensor, xs: Tensor) -> StepVJP | None:
@@ -51,24 +63,23 @@ def vjp_operands(cell: Any, h_prev: Tensor, xs: Tensor) -> StepVJP | None:
         A function a (N, F) -> J^T a (N, F) (capturable: static shapes, no host reads), or None
         when the cell's structure is not known here (the caller uses autograd instead).
     """
+    kind = _kind(cell)
     with torch.no_grad():
         h, x = h_prev.detach(), xs.detach()
-        if inspect.ismethod(cell) and isinstance(cell.__self__, VanillaRNN):
-            if cell.__func__ is not VanillaRNN.step:
-                return None
+        if kind == "vanilla":
             m = cell.__self__
             pre = F.linear(h, m.W_h) + F.linear(x, m.W_x, m.b_h)  # (N, F)
             return _elementwise_then_matmul(torch.sigmoid(pre), m.W_h)  # softplus' = sigmoid
-        if type(cell) is nn.RNNCell:
+        if kind == "rnn":
             pre = F.linear(x, cell.weight_ih, cell.bias_ih) + F.linear(
                 h, cell.weight_hh, cell.bias_hh
             )
             tanh = cell.nonlinearity == "tanh"
             d = 1 - torch.tanh(pre) ** 2 if tanh else (pre > 0).to(pre.dtype)
             return _elementwise_then_matmul(d, cell.weight_hh)
-        if type(cell) is nn.GRUCell:
+        if kind == "gru":
             return _gru(cell, h, x)
-        if type(cell) is nn.LSTMCell:
+        if kind == "lstm":
             return _lstm(cell, h, x)
     return None
 

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.nn.functional import linear as F_linear
 
 from ffsolve.problems.base import LinearRecurrence, Problem, _rows_by_vjp
-from ffsolve.problems.cells import vjp_operands
+from ffsolve.problems.cells import known, vjp_operands
 
 __all__ = [
     "RecurrenceAdjoint",
@@ -192,9 +192,11 @@ class RecurrenceAdjoint(Problem):
             if xs_grad:
                 self._xr.requires_grad_()
             self._out = cell(self._hp, self._xr)  # (B*T, F)
-        # J^T a for every row by elementwise products and one matmul, when the cell is known
-        self._fast = vjp_operands(structure or cell, self._hp, self._xr) if fast else None
-        self.capturable = self._fast is not None
+        # J^T a for every row by elementwise products and one matmul, when the cell is known;
+        # the operands are formed at the first sweep (a scan never needs them)
+        self._structure = structure or cell
+        self.capturable = fast and known(self._structure)
+        self._fast: Callable[[Tensor], Tensor] | None = None
 
     def initial(self) -> Tensor:
         return torch.zeros_like(self._g)
@@ -202,7 +204,10 @@ class RecurrenceAdjoint(Problem):
     def _vjp(self, adj: Tensor) -> Tensor:
         """Every J_t^T a_t at once: adj (B, T, F) reversed -> (B, T, F) whose row s is
         J_{T-s}^T a_{T-s} (one backward pass through the stored all-steps graph)."""
-        if self._fast is not None:
+        if self.capturable:
+            if self._fast is None:
+                self._fast = vjp_operands(self._structure, self._hp, self._xr)
+                assert self._fast is not None  # `known` said so
             B, T, F = self.shape
             return self._fast(adj.reshape(B * T, F)).view(B, T, F)
         if not self._out.requires_grad:  # the cell ignores its state: no coupling in time

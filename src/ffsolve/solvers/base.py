@@ -143,6 +143,11 @@ class Solver:
     #: the sweep has static shapes and no host-side work (its chunks may be captured)
     capturable: ClassVar[bool] = True
 
+    #: one sweep of the whole sequence IS the solution (a direct method, e.g. `scan`): the
+    #: loop runs it once and certifies every position without comparing iterates (on a GPU
+    #: the iteration bookkeeping would cost more kernels than a small direct solve)
+    direct: ClassVar[bool] = False
+
     def static_region(self) -> bool:
         """True when `region` ignores the certified prefix (no host read needed per sweep)."""
         return True
@@ -154,7 +159,10 @@ class Solver:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     def _raise_nonfinite(self, state: _Canonical, iteration: int, current: int) -> None:
-        pos = _first_nonfinite(state.v)
+        self._raise_nonfinite_in(state.v, iteration, current)
+
+    def _raise_nonfinite_in(self, v: Tensor, iteration: int, current: int) -> None:
+        pos = _first_nonfinite(v)
         where = f"position {pos}" if pos is not None else "a position no longer non-finite"
         if iteration != current:
             where += f" (located in the iterate of iteration {current})"
@@ -193,6 +201,8 @@ class Solver:
         check_stopping(atol, rtol, max_iters, check_every)
         if max_iters is None:
             max_iters = self.default_max_iters(T)
+        if self.direct:
+            return self._solve_direct(problem, init, record, callback)
         init_ok = torch.isfinite(init).all().long()  # read with the first chunk's flags
         problem.prepare()
 
@@ -249,6 +259,37 @@ class Solver:
         if not all_done:
             _report_failure(self.name, sol, max_iters, raise_on_failure)
         return sol
+
+    def _solve_direct(
+        self,
+        problem: Problem,
+        init: Tensor,
+        record: bool,
+        callback: Callable[[int, Tensor], None] | None,
+    ) -> Solution:
+        """A direct method's solve: one sweep over every position, one host read (NaN/Inf)."""
+        s = _canon(init, problem)
+        problem.prepare()
+        new = s.flat(self.sweep(problem, s, 0, s.T))  # (B, T, F)
+        # |x| < inf is false for NaN and Inf; the residual trace is the change from the start
+        res = (new - s.v).abs().amax(dim=(1, 2)) if record else None  # (B,)
+        finite = (res if res is not None else new.abs()).amax() < math.inf
+        if not bool(finite):  # the one host read
+            self._raise_nonfinite_in(new, 1, 1)
+        value = new.reshape(s.shape)
+        if callback is not None:
+            callback(1, value)
+        B, dev = s.B, s.x.device
+        stats = {"iters_per_item": [1] * B, "certified_final": [s.T] * B, **self.options()}
+        return Solution(
+            value,
+            torch.ones(B, dtype=torch.bool, device=dev),
+            1,
+            self.evals_per_sweep(problem, 0, s.T),
+            None if res is None else res[None].to(s.x.dtype),  # (1, B)
+            torch.full((1, B), s.T, dtype=torch.long, device=dev) if record else None,
+            stats,
+        )
 
 
 #: Sweeps per host read (and per CUDA-graph replay) when the loop is captured.

@@ -44,6 +44,9 @@ def _apply(A: Tensor, v: Tensor, diagonal: bool) -> Tensor:
 def _scan_chunk(A: Tensor, b: Tensor, diagonal: bool) -> Tensor:
     """Inclusive Hillis-Steele scan: x_t = A_t x_{t-1} + b_t with x_{-1} = 0 on one chunk.
 
+    Time-major inside (a free view for B = 1), so every shifted slice is one contiguous
+    batch of matrices: a level is one fused multiply-add for b and one product for A.
+
     Args:
         A: (B, n, F, F) or (B, n, F) when diagonal.
         b: (B, n, F).
@@ -51,16 +54,25 @@ def _scan_chunk(A: Tensor, b: Tensor, diagonal: bool) -> Tensor:
     Returns:
         (B, n, F).
     """
-    n = b.shape[1]
+    B, n, F = b.shape
+    A = A.transpose(0, 1).contiguous()  # (n, B, F, F) or (n, B, F)
+    b = b.transpose(0, 1).contiguous()  # (n, B, F)
     off = 1
     while off < n:
         # after this step, (A[t], b[t]) is the composition of the maps t-2*off+1 .. t
-        b = torch.cat([b[:, :off], _apply(A[:, off:], b[:, :-off], diagonal) + b[:, off:]], 1)
+        if diagonal:
+            new = torch.addcmul(b[off:], A[off:], b[:-off])
+        else:
+            m = (n - off) * B
+            new = torch.baddbmm(
+                b[off:].reshape(m, F, 1), A[off:].reshape(m, F, F), b[:-off].reshape(m, F, 1)
+            ).view(n - off, B, F)
+        b = torch.cat([b[:off], new])
         if 2 * off < n:  # the last step needs no products of matrices
-            AA = A[:, off:] * A[:, :-off] if diagonal else A[:, off:] @ A[:, :-off]
-            A = torch.cat([A[:, :off], AA], dim=1)
+            AA = A[off:] * A[:-off] if diagonal else torch.matmul(A[off:], A[:-off])
+            A = torch.cat([A[:off], AA])
         off *= 2
-    return b
+    return b.transpose(0, 1)
 
 
 def _dense_of(matvec: Callable[[Tensor], Tensor], B: int, n: int, F: int, like: Tensor) -> Tensor:
@@ -92,7 +104,7 @@ def affine_scan(
     B, T, F = b.shape
     diagonal = rec.kind == "diagonal"
     chunk = chunk or auto_chunk(B, T, F, rec.kind)
-    out = torch.empty_like(b)
+    out = None if chunk >= T else torch.empty_like(b)  # one chunk: its scan is the answer
     carry = h0
     for s in range(0, T, chunk):
         e = min(T, s + chunk)
@@ -105,8 +117,11 @@ def affine_scan(
         if carry is not None:  # fold the state entering the chunk into its first offset
             bb = torch.cat([bb[:, :1] + _apply(A[:, 0], carry, diagonal)[:, None], bb[:, 1:]], 1)
         x = _scan_chunk(A, bb, diagonal)  # (B, e - s, F)
+        if out is None:
+            return x.contiguous()
         out[:, s:e] = x
         carry = x[:, -1]
+    assert out is not None  # more than one chunk
     return out
 
 
@@ -153,6 +168,7 @@ class Scan(Solver):
     name: ClassVar[str] = "scan"
     # chunks of the scan are sized on the host from the problem's shapes: never captured
     capturable: ClassVar[bool] = False
+    direct: ClassVar[bool] = True  # one sweep is the solution: no iteration bookkeeping
     chunk: int | None = None
 
     def validate(self, length: int) -> None:

@@ -3,7 +3,8 @@
 # batch 1, SGD) trained on long synthetic sequences by BPTT, autograd, Jacobi and scan
 # backward, and the same rows with a Jacobi forward (atol 1e-5), in one GPU call (~5 min):
 #   1. T = 10,000 (side 100), 10 steps after one warm-up step per row;
-#   2. T = 1,024 (side 32), 30 steps after two warm-up steps.
+#   2. T = 1,024 (side 32), 30 steps after two warm-up steps;
+#   3. benchmarks/gpu_profile_scan.py: a profile of one scan backward at T = 100.
 # Every row trains a copy of the same weights on the same sequences; the summary's
 # "loss vs bptt" is the largest relative difference of a step's loss from BPTT's.
 # Run from the repository root:  FFSOLVE_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_rnn_long.sh
@@ -37,3 +38,6 @@ echo "== total $(( $(date +%s) - start )) s"
 for name in rnn_long_T10000 rnn_long_T1024; do
   echo "-- $name"; grep -v '^figure:\|^records:' "$OUT/$name.log" | tail -n 16
 done
+# 3. where a scan backward's time goes at T = 100 (tables only, printed into its log)
+timeout 90 $PY benchmarks/gpu_profile_scan.py "$DEVICE" > "$OUT/profile_scan.log" 2>&1 || echo "!! profile failed"
+grep "^== " "$OUT/profile_scan.log"

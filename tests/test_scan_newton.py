@@ -62,6 +62,9 @@ def test_scan_is_one_direct_sweep_with_its_record_and_a_located_nan():
     torch.testing.assert_close(sol.residuals[0], _loop(A, b).abs().amax(dim=(1, 2)))
     quiet = ffsolve.solve(LinearRecurrenceProblem(A, b), method="scan", record=False)
     assert quiet.residuals is None
+    assert sol.stats["graph"] is True  # a CUDA graph per small chunk shape (eager on a CPU)
+    with pytest.raises(TypeError, match="graph must be True or False"):
+        ffsolve.solve(LinearRecurrenceProblem(A, b), method="scan", graph="yes")
     b[1, 6, 2] = float("nan")
     with pytest.raises(ffsolve.NonFiniteError, match="iteration 1, position 6"):
         ffsolve.solve(LinearRecurrenceProblem(A, b), method="scan", record=False)

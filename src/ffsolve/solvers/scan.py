@@ -6,6 +6,10 @@ inclusive scan, in plain tensor ops). Dense A_t cost B T F^2 memory, so the time
 into chunks solved one after another (the last state of a chunk carries into the next): memory
 stays O(B T F) plus one chunk of matrices, and the depth is (T / chunk) * ceil(log2 chunk).
 
+On CUDA a small chunk's scan (at most `GRAPH_ELEMENTS` coefficients) is replayed from a CUDA
+graph captured once per shape and cached (`clear_graphs` frees them): its ~4 log2(n) kernels
+cost one launch, which is what a scan of a short sequence spends its time on.
+
 Exact zeros stay exact: where every b_s of a prefix is zero, every scanned value of that
 prefix is a sum of products with a zero factor, hence exactly zero (for finite A). The Newton
 methods rely on it (see `ffsolve.solvers.newton`).
@@ -13,6 +17,7 @@ methods rely on it (see `ffsolve.solvers.newton`).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -21,13 +26,20 @@ import torch
 from torch import Tensor
 
 from ffsolve.problems.base import LinearRecurrence, Problem
-from ffsolve.solvers.base import Solver, _Canonical
+from ffsolve.solvers.base import Solver, _Canonical, _capture
 
-__all__ = ["Scan", "affine_scan", "linear_scan", "auto_chunk"]
+__all__ = ["Scan", "affine_scan", "linear_scan", "auto_chunk", "clear_graphs"]
 
 #: Elements of one chunk of dense matrices when the chunk is chosen automatically (2^25 floats:
 #: 128 MiB in float32; the scan holds about three such buffers at once).
 CHUNK_ELEMENTS = 1 << 25
+
+#: Largest chunk (coefficients) whose scan is replayed from a cached CUDA graph (8 MiB in
+#: float32: past it the kernels' own work outweighs their launches).
+GRAPH_ELEMENTS = 1 << 21
+
+#: Cached graphs kept at once (least recently used dropped first).
+GRAPH_CACHE = 8
 
 
 def auto_chunk(B: int, T: int, F: int, kind: str) -> int:
@@ -75,6 +87,57 @@ def _scan_chunk(A: Tensor, b: Tensor, diagonal: bool) -> Tensor:
     return b.transpose(0, 1)
 
 
+class _ChunkGraph:
+    """One chunk shape's scan captured in a CUDA graph, with static input buffers."""
+
+    def __init__(self, A: Tensor, b: Tensor, diagonal: bool) -> None:
+        self.A, self.b = A.clone(), b.clone()
+        self.out = b  # replaced by the captured output (a tensor of the graph's pool)
+
+        def body() -> None:
+            self.out = _scan_chunk(self.A, self.b, diagonal)
+
+        self.graph = _capture(body, 1)
+
+    def __call__(self, A: Tensor, b: Tensor) -> Tensor:
+        self.A.copy_(A)
+        self.b.copy_(b)
+        self.graph.replay()
+        return self.out.clone(memory_format=torch.contiguous_format)  # the next replay reuses it
+
+
+_GRAPHS: OrderedDict[tuple[Any, ...], _ChunkGraph] = OrderedDict()
+
+
+def clear_graphs() -> None:
+    """Drop every cached scan graph (and the device memory of its buffers)."""
+    _GRAPHS.clear()
+
+
+def _graphable(A: Tensor, b: Tensor) -> bool:
+    """A small CUDA chunk, outside any capture, with nothing to differentiate through."""
+    return (
+        A.is_cuda
+        and A.numel() <= GRAPH_ELEMENTS
+        and not torch.cuda.is_current_stream_capturing()
+        and not (torch.is_grad_enabled() and (A.requires_grad or b.requires_grad))
+    )
+
+
+def _scan_chunk_graphed(A: Tensor, b: Tensor, diagonal: bool) -> Tensor:
+    """`_scan_chunk` by a replay of the cached graph of its shape (captured at first use)."""
+    key = (tuple(A.shape), tuple(b.shape), A.dtype, b.dtype, A.device, diagonal)
+    graph = _GRAPHS.get(key)
+    if graph is None:
+        graph = _ChunkGraph(A, b, diagonal)
+        _GRAPHS[key] = graph
+        while len(_GRAPHS) > GRAPH_CACHE:
+            _GRAPHS.popitem(last=False)
+    else:
+        _GRAPHS.move_to_end(key)
+    return graph(A, b)
+
+
 def _dense_of(matvec: Callable[[Tensor], Tensor], B: int, n: int, F: int, like: Tensor) -> Tensor:
     """The (B, n, F, F) matrices of a matvec, one basis vector at a time."""
     eye = torch.eye(F, dtype=like.dtype, device=like.device)
@@ -88,6 +151,7 @@ def affine_scan(
     chunk: int | None = None,
     h0: Tensor | None = None,
     transform: Callable[[Tensor], Tensor] | None = None,
+    graph: bool = False,
 ) -> Tensor:
     """x_t = A_t x_{t-1} + b_t for t = 0..T-1, x_{-1} = h0 (or 0), by chunked scans.
 
@@ -96,6 +160,7 @@ def affine_scan(
         chunk: time steps per chunk (None: `auto_chunk`).
         h0: (B, F) the state before position 0; None for zero.
         transform: applied to each chunk's coefficients before use (e.g. a damping factor).
+        graph: replay small CUDA chunks from cached CUDA graphs (see the module docstring).
 
     Returns:
         (B, T, F).
@@ -116,7 +181,10 @@ def affine_scan(
         bb = b[:, s:e]
         if carry is not None:  # fold the state entering the chunk into its first offset
             bb = torch.cat([bb[:, :1] + _apply(A[:, 0], carry, diagonal)[:, None], bb[:, 1:]], 1)
-        x = _scan_chunk(A, bb, diagonal)  # (B, e - s, F)
+        if graph and _graphable(A, bb):
+            x = _scan_chunk_graphed(A, bb, diagonal)  # (B, e - s, F)
+        else:
+            x = _scan_chunk(A, bb, diagonal)
         if out is None:
             return x.contiguous()
         out[:, s:e] = x
@@ -159,6 +227,8 @@ class Scan(Solver):
 
     Attributes:
         chunk: time steps per chunk of matrices (None: about 2^25 coefficients per chunk).
+        graph: on CUDA, replay the scan of a small chunk (at most 2^21 coefficients) from a
+            CUDA graph cached per shape: one launch instead of ~4 log2(chunk) kernels.
 
     Example:
         >>> sol = ffsolve.solve(LinearRecurrenceProblem(A, b), method="scan")
@@ -170,10 +240,13 @@ class Scan(Solver):
     capturable: ClassVar[bool] = False
     direct: ClassVar[bool] = True  # one sweep is the solution: no iteration bookkeeping
     chunk: int | None = None
+    graph: bool = True
 
     def validate(self, length: int) -> None:
         if self.chunk is not None and (isinstance(self.chunk, bool) or self.chunk < 1):
             raise ValueError(f"chunk must be a positive int, got {self.chunk}")
+        if not isinstance(self.graph, bool):
+            raise TypeError(f"graph must be True or False, got {self.graph!r}")
 
     def sweep(self, problem: Problem, state: _Canonical, start: int, stop: int) -> Tensor:
         rec = problem.linear_recurrence()
@@ -182,7 +255,7 @@ class Scan(Solver):
                 f"linear_recurrence() gave b {tuple(rec.b.shape)}, expected "
                 f"{(state.B, state.T, state.F)}"
             )
-        return affine_scan(rec, chunk=self.chunk)[:, start:stop]  # (B, n, F)
+        return affine_scan(rec, chunk=self.chunk, graph=self.graph)[:, start:stop]  # (B, n, F)
 
     def guaranteed(self, certified: Tensor, length: int) -> Tensor:
         return torch.full_like(certified, length)  # an exact solve certifies every position
@@ -191,4 +264,4 @@ class Scan(Solver):
         return 1
 
     def options(self) -> dict[str, Any]:
-        return {"chunk": self.chunk}
+        return {"chunk": self.chunk, "graph": self.graph}

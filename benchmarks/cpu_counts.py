@@ -3,7 +3,8 @@
 1. aten ops of one captured-loop step of Jacobi on the shipped MADE MNIST (batch 100, exact,
    record=False), split into the model's sweep and the loop's bookkeeping;
 2. aten ops of one backward of the paper's RNN (hidden 128, T = 100) by `scan`, with the
-   model's closed-form `step_jacobian` and with the generic path (vector-Jacobian products);
+   model's closed-form `step_jacobian` and with the generic path (vector-Jacobian products),
+   and the kernels of the chunk's scan alone (what a CUDA graph replays on a GPU);
 3. FLOPs of a PixelCNN++ forward (shipped MNIST batch 16, RGB batch 4);
 4. sweeps of a Jacobi forward of the paper's RNN (float32) at atol 1e-6 and 1e-5, T from 100
    to 10,000, and the largest difference from the loop.
@@ -94,6 +95,13 @@ def scan_backward_ops() -> None:
             torch.autograd.grad(loss, params)
         print(f"2. scan backward, T = 100, {label}: {sum(c.ops.values())} ops, "
               f"{c.kernels()} of them kernels")  # fmt: skip
+    # the part a CUDA graph replays on a GPU (one launch and 3 copies there)
+    from ffsolve.solvers.scan import _scan_chunk
+
+    A, b = torch.rand(1, 100, 128, 128), torch.rand(1, 100, 128)
+    with Count() as c:
+        _scan_chunk(A, b, False)
+    print(f"2. of which the chunk's scan (T = 100, F = 128): {c.kernels()} kernels")
 
 
 def pixelcnn_flops() -> None:

@@ -92,13 +92,15 @@ class Solution:
 class _Canonical:
     """A contiguous state with a (B, T, F) view that aliases it."""
 
-    def __init__(self, x: Tensor, dim: int) -> None:
+    def __init__(self, x: Tensor, dim: int, copy: bool = True) -> None:
         if x.numel() == 0:  # a view of zero elements cannot be reshaped to (B, T, F)
             raise ValueError(
                 f"the initial iterate of shape {tuple(x.shape)} is empty (a zero-size batch or "
                 "feature dimension): nothing to solve"
             )
-        self.x = x.detach().clone(memory_format=torch.contiguous_format)
+        # copy=False: x itself (made contiguous), for a solve that never writes the state
+        x = x.detach()
+        self.x = x.clone(memory_format=torch.contiguous_format) if copy else x.contiguous()
         self.dim = dim
         self.shape = self.x.shape
         self.B, self.T, self.F = canonical_shape(self.shape, dim)
@@ -268,13 +270,15 @@ class Solver:
         callback: Callable[[int, Tensor], None] | None,
     ) -> Solution:
         """A direct method's solve: one sweep over every position, one host read (NaN/Inf)."""
-        s = _canon(init, problem)
+        s = _Canonical(init, problem.dim, copy=False)  # a sweep never writes the state
         problem.prepare()
         new = s.flat(self.sweep(problem, s, 0, s.T))  # (B, T, F)
-        # |x| < inf is false for NaN and Inf; the residual trace is the change from the start
-        res = (new - s.v).abs().amax(dim=(1, 2)) if record else None  # (B,)
-        finite = (res if res is not None else new.abs()).amax() < math.inf
-        if not bool(finite):  # the one host read
+        # the residual trace is the change from the start; a max-abs norm is NaN or Inf where
+        # the values are, so it doubles as the NaN/Inf flag (few kernels: launches cost here)
+        inf = math.inf
+        res = torch.linalg.vector_norm(new - s.v, ord=inf, dim=(1, 2)) if record else None
+        flag = res.tolist() if res is not None else [float(torch.linalg.vector_norm(new, inf))]
+        if not all(math.isfinite(v) for v in flag):  # the one host read
             self._raise_nonfinite_in(new, 1, 1)
         value = new.reshape(s.shape)
         if callback is not None:
@@ -286,7 +290,7 @@ class Solver:
             torch.ones(B, dtype=torch.bool, device=dev),
             1,
             self.evals_per_sweep(problem, 0, s.T),
-            None if res is None else res[None].to(s.x.dtype),  # (1, B)
+            None if res is None else res[None],  # (1, B)
             torch.full((1, B), s.T, dtype=torch.long, device=dev) if record else None,
             stats,
         )

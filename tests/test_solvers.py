@@ -142,6 +142,26 @@ def test_check_every_keeps_exact_count(check_every):
     assert b.num_evals >= b.num_iters
 
 
+@pytest.mark.parametrize("chunks", [(8, 2), (1, 3), (64, 4)])
+def test_check_every_pair_reads_a_first_chunk_then_smaller_ones(chunks):
+    """check_every=(first, then): same answer, count and traces; the sweeps run (frozen ones
+    included) follow the schedule, so the waste past convergence is below `then`."""
+    model = dense(T=40, gain=3.0)
+    x0 = torch.randn(3, 40, 3, dtype=torch.float64)
+    a = ffsolve.solve(model, x0, method="jacobi")
+    b = ffsolve.solve(model, x0, method="jacobi", check_every=chunks)
+    assert a.num_iters == b.num_iters and torch.equal(a.value, b.value)
+    assert torch.equal(a.residuals, b.residuals) and torch.equal(a.certified, b.certified)
+    first, then = chunks
+    n = a.num_iters
+    expected = min(first, 40) if n <= first else first + then * -(-(n - first) // then)
+    assert b.stats["sweeps_run"] == expected and b.stats["check_every"] == list(chunks)
+    assert 0 <= b.stats["sweeps_run"] - n < (then if n > first else first)
+    for bad, err in (((8,), ValueError), ((8, 0), ValueError), ([8, 2], TypeError)):
+        with pytest.raises(err, match="check_every"):
+            ffsolve.solve(model, x0, method="jacobi", check_every=bad)
+
+
 def test_tolerance_stops_earlier_and_is_close():
     model = dense(T=40, gain=3.0)
     x0 = torch.randn(3, 40, 3, dtype=torch.float64)

@@ -280,7 +280,7 @@ def backprop_through(
     max_iters: int | None = None,
     batch_first: bool = True,
     record: bool = True,
-    check_every: int | None = None,
+    check_every: int | tuple[int, int] | None = None,
     raise_on_failure: bool = False,
     jacobian: Callable[[Tensor, Tensor, bool], Tensor] | None = None,
     forward_method: str | Solver | None = None,

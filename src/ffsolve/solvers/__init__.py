@@ -70,7 +70,7 @@ def solve(
     max_iters: int | None = None,
     *,
     record: bool = True,
-    check_every: int | None = None,
+    check_every: int | tuple[int, int] | None = None,
     raise_on_failure: bool = False,
     callback: Callable[[int, Tensor], None] | None = None,
     capture: bool | str = "auto",
@@ -96,7 +96,8 @@ def solve(
         record: keep residual and certified-prefix traces (turn off for timing).
         check_every: read the convergence flag on the host every this many sweeps (the
             iteration count, value and traces stay those of stopping at convergence: the
-            device step freezes once done). Default: 1 eager, 16 when captured.
+            device step freezes once done), or a pair (first, then): a first chunk of
+            `first` sweeps, then chunks of `then`. Default: 1 eager, (16, 4) when captured.
         raise_on_failure: raise ConvergenceError instead of warning when max_iters is hit.
         callback: called as callback(k, x) after iteration k with the current iterate (a live
             buffer: clone what you keep); off in timed runs.

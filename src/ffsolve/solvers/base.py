@@ -181,7 +181,7 @@ class Solver:
         rtol: float = 0.0,
         max_iters: int | None = None,
         record: bool = True,
-        check_every: int | None = None,
+        check_every: int | tuple[int, int] | None = None,
         raise_on_failure: bool = False,
         callback: Callable[[int, Tensor], None] | None = None,
         capture: bool | str = "auto",
@@ -199,8 +199,9 @@ class Solver:
         init = problem.initial()
         mode = _capture_mode(capture, self, problem, init.device, callback)
         if check_every is None:
-            check_every = DEFAULT_CHUNK if mode == "graph" else 1
+            check_every = DEFAULT_CHUNKS if mode == "graph" else 1
         check_stopping(atol, rtol, max_iters, check_every)
+        first, then = _chunks(check_every)
         if max_iters is None:
             max_iters = self.default_max_iters(T)
         if self.direct:
@@ -211,12 +212,13 @@ class Solver:
         loop = _Loop.build(self, problem, init, atol, rtol, max_iters, record, mode, check_every)
         s = loop.state
         static = self.static_region()
-        chunk = min(check_every, max_iters) if static and callback is None else 1
+        chunked = static and callback is None  # else one sweep per host read
         k_host = 0  # the device count, as last read (exact: frozen steps do not count)
         sweeps = 0  # steps run, frozen ones included (model calls really made)
         num_evals = 0
         while True:
             if static:
+                chunk = min(first if sweeps == 0 else then, max_iters) if chunked else 1
                 loop.run(chunk, callback, sweeps)
                 sweeps += chunk
                 num_evals += chunk * loop.evals
@@ -249,8 +251,8 @@ class Solver:
             "certified_final": cert_final,
             **self.options(),
         }
-        if check_every > 1:
-            stats["check_every"] = check_every
+        if max(first, then) > 1:
+            stats["check_every"] = check_every if first == then else [first, then]
             stats["sweeps_run"] = sweeps
         if mode == "graph":
             stats["captured"] = True
@@ -296,8 +298,17 @@ class Solver:
         )
 
 
-#: Sweeps per host read (and per CUDA-graph replay) when the loop is captured.
-DEFAULT_CHUNK = 16
+#: Sweeps per host read (and per CUDA-graph replay) when the loop is captured: a first
+#: chunk of 16, then chunks of 4, so that a solve needing a few sweeps more than 16 (or 32...)
+#: runs at most 3 frozen sweeps past convergence instead of up to 15.
+DEFAULT_CHUNKS = (16, 4)
+
+
+def _chunks(check_every: int | tuple[int, int]) -> tuple[int, int]:
+    """(first chunk, later chunks) of a validated `check_every`."""
+    if isinstance(check_every, tuple):
+        return check_every
+    return check_every, check_every
 
 
 def _capture_mode(
@@ -368,7 +379,7 @@ class _Loop:
         self.evals = solver.evals_per_sweep(problem, self.start, self.stop)
         self.cert_min = 0
         self.mode = "eager"
-        self.graph: Any = None
+        self.graphs: dict[int, Any] = {}  # captured chunks, by number of steps
 
     @classmethod
     def build(cls, solver, problem, init, atol, rtol, max_iters, record, mode, check_every):
@@ -452,10 +463,10 @@ class _Loop:
                     callback(base + i + 1, self.state.x)
             return
         with torch.no_grad():
-            if self.graph is None:
-                self.graph = _capture(lambda: self.step(self.start, self.stop), n)
+            if n not in self.graphs:
+                self.graphs[n] = _capture(lambda: self.step(self.start, self.stop), n)
             else:
-                self.graph.replay()
+                self.graphs[n].replay()
 
 
 def _capture(body: Callable[[], None], n: int) -> Any:
@@ -476,19 +487,26 @@ def _capture(body: Callable[[], None], n: int) -> Any:
 
 
 def check_stopping(
-    atol: float, rtol: float, max_iters: int | None, check_every: int | None
+    atol: float,
+    rtol: float,
+    max_iters: int | None,
+    check_every: int | tuple[int, int] | None,
 ) -> None:
     """Validate the stopping options shared by every solve (and by callers that defer one).
 
     atol and rtol must be finite numbers >= 0 (NaN would never certify a position, inf would
-    certify every one); max_iters and check_every ints >= 1 (or None: their defaults).
+    certify every one); max_iters an int >= 1 and check_every an int >= 1 or a pair of them
+    (first chunk, later chunks), or None: their defaults.
     """
     for name, value in (("atol", atol), ("rtol", rtol)):
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"{name} must be a float, got {type(value).__name__}")
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-    for name, value in (("max_iters", max_iters), ("check_every", check_every)):
+    chunks = check_every if isinstance(check_every, tuple) else (check_every,)
+    if isinstance(check_every, tuple) and len(check_every) != 2:
+        raise ValueError(f"check_every must be an int or a pair (first, then), got {check_every}")
+    for name, value in [("max_iters", max_iters), *(("check_every", c) for c in chunks)]:
         if value is None:  # max_iters: the method's bound; check_every: the mode's default
             continue
         if isinstance(value, bool) or not isinstance(value, int):

@@ -45,7 +45,7 @@ class Sequential(Solver):
         rtol: float = 0.0,
         max_iters: int | None = None,
         record: bool = True,
-        check_every: int | None = None,
+        check_every: int | tuple[int, int] | None = None,
         raise_on_failure: bool = False,
         callback: Callable[[int, Tensor], None] | None = None,
         capture: bool | str = "auto",

@@ -6,6 +6,7 @@ them). A schedule trades frozen sweeps past convergence against host reads.
 From the repository root:  PYTHONPATH=src python benchmarks/gpu_made_chunks.py [cuda|cpu]
 """
 
+import os
 import subprocess
 import sys
 import time
@@ -20,9 +21,11 @@ from ffsolve.solvers import get_solver
 
 dev = torch.device(sys.argv[1] if len(sys.argv) > 1 else "cuda")
 tiny = dev.type == "cpu"
+# the device copy's .git names the session's base commit: FFSOLVE_COMMIT wins
 head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+commit = os.environ.get("FFSOLVE_COMMIT") or head.stdout.strip()
 name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
-print(f"{name}, torch {torch.__version__}, commit {head.stdout.strip()}, "
+print(f"{name}, torch {torch.__version__}, commit {commit}, "
       f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")  # fmt: skip
 model, meta = load_made("checkpoints/made_mnist", dev)
 bounds = logit_bounds(float(meta["data"]["lam"]))

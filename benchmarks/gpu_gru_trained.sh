@@ -11,14 +11,8 @@
 # Each step's failure or timeout is logged and the next one runs; the run directories are packed
 # into $OUT/runs_gru_trained.tgz and the summaries printed last.
 set -u
-export PYTHONPATH=src PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/ffsolve-out}
-DEVICE=${DEVICE:-cuda}
-RUNS=${RUNS:-runs_gru_trained}
-mkdir -p "$OUT" "$RUNS"
-PY=${PYTHON:-python3}
 source "$(dirname "$0")/lib.sh"
-env_header env_gru_trained.txt
+setup gru_trained
 
 if [ "${TINY:-0}" = 1 ]; then
   TRAINED=(--set "lengths=[50,300]" --set "batches=[2]" --set repeats=1 --set warmup=0)

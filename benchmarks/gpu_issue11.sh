@@ -8,14 +8,8 @@
 # Run from the repository root:  FFSOLVE_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_issue11.sh
 # A CPU smoke run with tiny settings: TINY=1 DEVICE=cpu bash benchmarks/gpu_issue11.sh
 set -u
-export PYTHONPATH=src PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/ffsolve-out}
-DEVICE=${DEVICE:-cuda}
-RUNS=${RUNS:-runs_issue11}
-PY=${PYTHON:-python3}
-mkdir -p "$OUT" "$RUNS"
 source "$(dirname "$0")/lib.sh"
-env_header env_issue11.txt
+setup issue11
 if [ "${TINY:-0}" = 1 ]; then
   BWD=(--set "rnn_lengths=[20]" --set repeats=1 --set warmup=0)
   FWD=(--set "hidden=[4]" --set "lengths=[30]" --set "batches=[2]" --set repeats=1 --set warmup=0)

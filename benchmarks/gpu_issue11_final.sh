@@ -10,14 +10,8 @@
 # Run from the repository root:  FFSOLVE_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_issue11_final.sh
 # A CPU smoke run with tiny settings: TINY=1 DEVICE=cpu bash benchmarks/gpu_issue11_final.sh
 set -u
-export PYTHONPATH=src PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/ffsolve-out}
-DEVICE=${DEVICE:-cuda}
-RUNS=${RUNS:-runs_issue11_final}
-PY=${PYTHON:-python3}
-mkdir -p "$OUT" "$RUNS"
 source "$(dirname "$0")/lib.sh"
-env_header env_issue11_final.txt
+setup issue11_final
 FWD=(--config configs/rnn_forward.yaml --set "cells=[gru, lstm]" --set repeats=3)
 if [ "${TINY:-0}" = 1 ]; then
   BWD=(--set "rnn_lengths=[20]" --set repeats=1 --set warmup=0)

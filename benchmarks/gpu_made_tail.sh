@@ -6,14 +6,8 @@
 # Run from the repository root:  FFSOLVE_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_made_tail.sh
 # A CPU smoke run: TINY=1 DEVICE=cpu bash benchmarks/gpu_made_tail.sh
 set -u
-export PYTHONPATH=src PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/ffsolve-out}
-DEVICE=${DEVICE:-cuda}
-RUNS=${RUNS:-runs_made_tail}
-PY=${PYTHON:-python3}
-mkdir -p "$OUT" "$RUNS"
 source "$(dirname "$0")/lib.sh"
-env_header env_made_tail.txt
+setup made_tail
 if [ "${TINY:-0}" = 1 ]; then
   ARGS=(--set batch=2 --set "batches=[1, 2]" --set repeats=1 --set warmup=0); L=300
 else

@@ -10,14 +10,8 @@
 # Run from the repository root:  FFSOLVE_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_rnn_long.sh
 # A CPU smoke run with tiny settings: TINY=1 DEVICE=cpu bash benchmarks/gpu_rnn_long.sh
 set -u
-export PYTHONPATH=src PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/ffsolve-out}
-DEVICE=${DEVICE:-cuda}
-RUNS=${RUNS:-runs_rnn_long}
-PY=${PYTHON:-python3}
-mkdir -p "$OUT" "$RUNS"
 source "$(dirname "$0")/lib.sh"
-env_header env_rnn_long.txt
+setup rnn_long
 COMMON=(--config configs/rnn_backprop.yaml --set data=synthetic --set repeats=1
         --set "budgets=[24]" --set tol_row=false --set "extra_methods=[scan]"
         --set "forward_rows=[scan, jacobi-24]" --set forward_atol=1.0e-5 --set error_sequences=1)

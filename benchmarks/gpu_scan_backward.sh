@@ -6,14 +6,8 @@
 # Run from the repository root:  FFSOLVE_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_scan_backward.sh
 # A CPU smoke run with tiny settings: TINY=1 DEVICE=cpu bash benchmarks/gpu_scan_backward.sh
 set -u
-export PYTHONPATH=src PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/ffsolve-out}
-DEVICE=${DEVICE:-cuda}
-RUNS=${RUNS:-runs_scan_backward}
-PY=${PYTHON:-python3}
-mkdir -p "$OUT" "$RUNS"
 source "$(dirname "$0")/lib.sh"
-env_header env_scan_backward.txt
+setup scan_backward
 if [ "${TINY:-0}" = 1 ]; then
   BWD=(--set "rnn_lengths=[20]" --set repeats=1 --set warmup=0); L1=120
 else

@@ -5,14 +5,8 @@
 # Run from the repository root:  FFSOLVE_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_scan_repeat.sh
 # A CPU smoke run: TINY=1 DEVICE=cpu bash benchmarks/gpu_scan_repeat.sh
 set -u
-export PYTHONPATH=src PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/ffsolve-out}
-DEVICE=${DEVICE:-cuda}
-RUNS=${RUNS:-runs_scan_repeat}
-PY=${PYTHON:-python3}
-mkdir -p "$OUT" "$RUNS"
 source "$(dirname "$0")/lib.sh"
-env_header env_scan_repeat.txt
+setup scan_repeat
 if [ "${TINY:-0}" = 1 ]; then ARGS=(--set "rnn_lengths=[20]" --set repeats=1 --set warmup=0)
 else ARGS=(--set "rnn_lengths=[100]" --set repeats=15); fi
 for i in 1 2 3; do

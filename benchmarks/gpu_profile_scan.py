@@ -95,7 +95,28 @@ for graph in (True, False):
     )
 
 
+for seed in (1, 2):  # the second backward replays the captured graph on new inputs
+    xg = torch.rand(1, T + 1, 1, generator=torch.Generator().manual_seed(seed)).to(dev)
+    ref_g = torch.autograd.grad(F.mse_loss(rnn.readout(rnn(xg[:, :-1])[1]), xg[:, 1:]), params)
+    hs, info = ffsolve.backprop_through(
+        rnn.step, rnn.initial_state(1), xg[:, :-1], "scan", params=params[:3], graph_backward=True
+    )
+    got_g = torch.autograd.grad(F.mse_loss(rnn.readout(hs), xg[:, 1:]), params)
+    rel = float(
+        torch.cat([(a - b).flatten() for a, b in zip(got_g, ref_g, strict=True)]).norm()
+        / torch.cat([a.flatten() for a in ref_g]).norm()
+    )
+    graphed = bool(info.solution.stats.get("graphed_backward"))
+    ok = rel < 1e-5 and (graphed or dev.type != "cuda")
+    print(f"{'PASS' if ok else 'FAIL'} scan graph_backward (input {seed}, graphed {graphed}) vs "
+          f"autograd: relative error {rel:.1e}")  # fmt: skip
+
+
 def loss_of_method(method):
+    if method == "scan graph_backward":
+        hs, _ = ffsolve.backprop_through(rnn.step, rnn.initial_state(1), x[:, :-1], "scan",
+                                         params=params[:3], graph_backward=True)  # fmt: skip
+        return F.mse_loss(rnn.readout(hs), x[:, 1:])
     if method == "scan graph=False":
         hs, _ = ffsolve.backprop_through(
             rnn.step, rnn.initial_state(1), x[:, :-1], "scan", params=params[:3], graph=False
@@ -104,7 +125,7 @@ def loss_of_method(method):
     return loss_of(method)
 
 
-for method in (None, "scan", "scan graph=False"):
+for method in (None, "scan", "scan graph=False", "scan graph_backward"):
     name = method or "autograd"
     loss = loss_of_method(method)
     for _ in range(5):

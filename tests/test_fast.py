@@ -397,3 +397,61 @@ def test_bench_rnn_forward_case_maps_the_winners(tmp_path, capsys):
         rows = [r for r in case["rows"] if (r["cell"], r["length"]) == (w["cell"], w["length"])]
         assert w["time_s"] == min(r["time_s"] for r in rows if "time_s" in r)
     assert "where each method wins" in capsys.readouterr().out
+
+
+def test_graph_backward_replays_the_scan_backward(monkeypatch):
+    """graph_backward: the backward is captured once per key and replayed on fresh inputs,
+    reading the parameters in place; gradients equal the ordinary scan backward's bitwise
+    (the same kernels); NaN in the adjoints is located; a failed capture falls back."""
+    import ffsolve.backprop as bp
+
+    monkeypatch.setattr(bp, "_capture", lambda body, n: (body(), _EagerGraph(body, n))[1])
+    monkeypatch.setattr(bp, "_graphable", lambda plan, hs: plan.graph_backward)
+    bp.clear_graphed_backwards()
+    rnn = VanillaRNN(VanillaRNNConfig(hidden=6, seed=0)).double()
+    params = [rnn.W_h, rnn.W_x, rnn.b_h]
+
+    def grads(x, graph, weight=None):
+        hs, info = ffsolve.backprop_through(
+            rnn.step, rnn.initial_state(2), x, "scan", params=params, graph_backward=graph
+        )
+        out = rnn.readout(hs) ** 2
+        loss = (out if weight is None else out * weight).sum()
+        return torch.autograd.grad(loss, params), info
+
+    def check(x, replays):
+        ref, _ = grads(x, False)
+        got, info = grads(x, True)
+        for a, b in zip(ref, got, strict=True):
+            assert torch.equal(a, b)
+        assert info.solution.stats["graphed_backward"] and info.solution.num_iters == 1
+        (entry,) = bp._GRAPHED.values()
+        assert entry.graph.replays == replays
+
+    for seed in (0, 1):  # the second backward replays the cached graph on new inputs
+        check(
+            torch.rand(2, 9, 1, dtype=D64, generator=torch.Generator().manual_seed(seed)), seed + 1
+        )
+    with torch.no_grad():
+        rnn.W_h.mul_(0.5)  # an optimizer-like update in place: the replay reads it
+    x = torch.rand(2, 9, 1, dtype=D64, generator=torch.Generator().manual_seed(2))
+    check(x, 3)
+    weight = torch.ones(2, 9, 1, dtype=D64)
+    weight[1, 6] = float("nan")  # dL/dh_7 is NaN: adjoint position 9 - 7 = 2 in reversed time
+    with pytest.raises(ffsolve.NonFiniteError, match="iteration 1, position 2"):
+        grads(x, True, weight)
+    with pytest.raises(ValueError, match="direct method"):
+        ffsolve.backprop_through(rnn.step, rnn.initial_state(2), x, "jacobi", graph_backward=True)
+    with pytest.raises(TypeError, match="graph_backward must be"):
+        ffsolve.backprop_through(rnn.step, rnn.initial_state(2), x, "scan", graph_backward=1)
+
+    def broken(body, n):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(bp, "_capture", broken)
+    bp.clear_graphed_backwards()
+    ref, _ = grads(x, False)
+    with pytest.warns(RuntimeWarning, match="capturing the backward failed"):
+        got, info = grads(x, True)
+    assert all(torch.equal(a, b) for a, b in zip(ref, got, strict=True))
+    assert "graphed_backward" not in info.solution.stats  # the ordinary backward ran

@@ -4,11 +4,19 @@ solved by any core method (see `ffsolve.problems.recurrence` for the system).
 The forward pass is the ordinary sequential loop; `.backward()` builds a `RecurrenceAdjoint`
 problem, solves it with the chosen solver and accumulates the gradients into the cell's
 parameters, h_0 and xs exactly like autograd would.
+
+With a direct method (`scan`) on CUDA, `graph_backward=True` replays that whole backward
+(adjoint problem, solve, input gradients) from one CUDA graph captured at the first backward
+of a shape and cached: a short sequence's backward is a few dozen small kernels whose
+launches, not their work, are its cost.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
+import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +28,7 @@ from torch.autograd.function import once_differentiable
 from ffsolve.problems.recurrence import RecurrenceAdjoint, RecurrenceForward, torch_cell_jacobian
 from ffsolve.problems.recurrence import StateLayout as _Layout
 from ffsolve.solvers import NonFiniteError, Solution, Solver, get_solver
-from ffsolve.solvers.base import check_stopping
+from ffsolve.solvers.base import _capture, check_stopping
 
 __all__ = ["BackpropInfo", "backprop_through"]
 
@@ -111,6 +119,8 @@ class _Plan:
         self.forward: tuple[Solver, dict[str, Any]] | None = None  # a parallel forward
         self.structure: Any = None  # the cell as given (its structure may give a fast VJP)
         self.fast = True
+        self.jacobian_given: Any = None  # the caller's `jacobian` (part of a graph's key)
+        self.graph_backward = False
 
     def cell(self, h: Tensor, x: Tensor) -> Tensor:
         """The cell on flat states: (N, F), (N, *D) -> (N, F)."""
@@ -164,27 +174,134 @@ class _BPTTFunction(torch.autograd.Function):
         plan: _Plan = ctx.plan
         h0, xs, hs, *params = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        h_prev = torch.cat([h0.detach()[:, None], hs[:, :-1]], dim=1)  # (B, T, F): h_0..h_{T-1}
-        xs_grad = bool(needs[2])
-        problem = RecurrenceAdjoint(
-            plan.cell,
-            h_prev,
-            xs,
-            grad_hs,
-            xs_grad=xs_grad,
-            chain=ctx.chain,
-            jacobian=plan.jacobian,
-            structure=plan.structure,
-            fast=plan.fast,
-        )
-        sol = plan.solver.solve(problem, **plan.solve_kwargs)
-        plan.info.solution = sol
+        inputs = (h0, xs, hs, grad_hs)
+        graphed = _graphed_backward(plan, inputs, params, needs) if _graphable(plan, hs) else None
+        if graphed is not None:
+            dh0, dxs, dwanted = graphed(plan, inputs)
+        else:
+            dh0, dxs, dwanted, sol = _adjoint_grads(plan, inputs, params, needs, ctx.chain)
+            plan.info.solution = sol
         plan.info.backward_calls += 1
-        wanted = [p for p, n in zip(params, needs[3:], strict=True) if n]
-        dh0, dxs, dwanted = problem.input_grads(sol.value, wanted)
         it = iter(dwanted)
         dparams = [next(it) if n else None for n in needs[3:]]
         return (None, dh0 if needs[1] else None, dxs, *dparams)
+
+
+def _adjoint_grads(
+    plan: _Plan,
+    inputs: Sequence[Tensor],
+    params: Sequence[Tensor],
+    needs: Sequence[bool],
+    chain: Any = None,
+    direct: bool = False,
+) -> tuple[Tensor, Tensor | None, list[Tensor | None], Any]:
+    """The backward's work: the adjoint problem, its solve, the input gradients.
+
+    Returns:
+        (dL/dh0, dL/dxs or None, [dL/dp for the params that need one], the Solution; with
+        `direct`, the adjoints instead, unchecked and with no host read: a capturable body).
+    """
+    h0, xs, hs, grad_hs = inputs
+    h_prev = torch.cat([h0.detach()[:, None], hs[:, :-1]], dim=1)  # (B, T, F): h_0..h_{T-1}
+    problem = RecurrenceAdjoint(
+        plan.cell,
+        h_prev,
+        xs,
+        grad_hs,
+        xs_grad=bool(needs[2]),
+        chain=chain,
+        jacobian=plan.jacobian,
+        structure=plan.structure,
+        fast=plan.fast,
+    )
+    if direct:
+        sol: Any = plan.solver.direct_value(problem)
+        adjoints = sol
+    else:
+        sol = plan.solver.solve(problem, **plan.solve_kwargs)
+        adjoints = sol.value
+    wanted = [p for p, n in zip(params, needs[3:], strict=True) if n]
+    dh0, dxs, dwanted = problem.input_grads(adjoints, wanted)
+    return dh0, dxs, dwanted, sol
+
+
+#: Captured backward passes by cell, parameters and shapes (least recently used dropped).
+_GRAPHED: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+GRAPHED_CACHE = 4
+
+
+def clear_graphed_backwards() -> None:
+    """Drop every captured backward (`graph_backward=True`) and its device memory."""
+    _GRAPHED.clear()
+
+
+def _graphable(plan: _Plan, hs: Tensor) -> bool:
+    return plan.graph_backward and hs.is_cuda and not torch.cuda.is_current_stream_capturing()
+
+
+class _GraphedBackward:
+    """A direct method's whole backward captured in one CUDA graph over static copies of its
+    inputs (h0, xs, hs, grad_hs); the cell's parameters are read where they live, so in-place
+    updates (optimizer steps) are seen by every replay."""
+
+    def __init__(self, plan: _Plan, inputs, params, needs) -> None:
+        self.inputs = [t.detach().clone() for t in inputs]
+        self.out: Any = None
+
+        def body() -> None:
+            dh0, dxs, dwanted, adjoints = _adjoint_grads(
+                plan, self.inputs, params, needs, direct=True
+            )
+            flag = torch.linalg.vector_norm(adjoints, ord=math.inf)  # NaN/Inf where they are
+            self.out = (dh0, dxs, dwanted, adjoints, flag)
+
+        self.graph = _capture(body, 1)
+
+    def __call__(self, plan: _Plan, inputs: Sequence[Tensor]) -> tuple[Any, Any, list[Any]]:
+        """Replay on these inputs; the gradients (copies) and `plan.info.solution`."""
+        for static, t in zip(self.inputs, inputs, strict=True):
+            static.copy_(t)
+        self.graph.replay()
+        dh0, dxs, dwanted, adjoints, flag = self.out
+        solver = plan.solver
+        if not math.isfinite(float(flag)):  # the one host read
+            solver._raise_nonfinite_in(adjoints.flatten(2), 1, 1)
+        B, T = adjoints.shape[:2]
+        stats = {"graphed_backward": True, **solver.options()}
+        plan.info.solution = Solution(  # the replay's buffers are reused: copies leave
+            adjoints.clone(), torch.ones(B, dtype=torch.bool, device=adjoints.device), 1, 1,
+            stats=stats,
+        )  # fmt: skip
+        copy = [None if g is None else g.clone() for g in (dh0, dxs, *dwanted)]
+        return copy[0], copy[1], copy[2:]
+
+
+def _graphed_backward(plan: _Plan, inputs, params, needs) -> _GraphedBackward | None:
+    """The cached captured backward of this key (captured now at first use); None when a
+    capture failed for it (the ordinary backward runs, with one warning per key)."""
+    h0, xs, hs, grad_hs = inputs
+    shapes = tuple((tuple(t.shape), t.dtype, t.device) for t in inputs)
+    key = (
+        plan.structure, plan.jacobian_given, plan.solver, plan.fast, plan.layout.features,
+        tuple((p.data_ptr(), tuple(p.shape), p.dtype) for p in params), tuple(needs), shapes,
+    )  # fmt: skip
+    if key in _GRAPHED:
+        _GRAPHED.move_to_end(key)
+        return _GRAPHED[key]
+    try:
+        graphed: _GraphedBackward | None = _GraphedBackward(plan, inputs, params, needs)
+    except Exception as e:  # never let an optimisation break a backward
+        warnings.warn(
+            f"graph_backward: capturing the backward failed ({type(e).__name__}: {e}); this "
+            "shape runs the ordinary backward",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        graphed = None
+    _GRAPHED[key] = graphed
+    while len(_GRAPHED) > GRAPHED_CACHE:
+        _GRAPHED.popitem(last=False)
+    return graphed
 
 
 def _check_finite_hidden(hs: Tensor) -> None:
@@ -287,6 +404,7 @@ def backprop_through(
     forward_options: dict[str, Any] | None = None,
     capture: bool | str = False,
     fast_vjp: bool = True,
+    graph_backward: bool = False,
     **options: Any,
 ) -> tuple[State, BackpropInfo]:
     """Run h_t = cell(h_{t-1}, x_t) for t = 1..T sequentially; back-propagate by `method`.
@@ -334,6 +452,13 @@ def backprop_through(
         fast_vjp: for a `VanillaRNN.step` or a torch `RNNCell`/`GRUCell`/`LSTMCell`, sweep with
             J^T a formed from operands computed once (`ffsolve.problems.cells`: elementwise
             products and one matmul, no autograd call per sweep); False: autograd per sweep.
+        graph_backward: with a direct method (`scan`) on CUDA, replay the whole backward from
+            a CUDA graph captured at the first backward of these shapes and cached by cell,
+            parameters (their storage: in-place updates are seen) and shapes, at most
+            `GRAPHED_CACHE` of them (`ffsolve.backprop.clear_graphed_backwards()` frees them).
+            The adjoints are checked for NaN/Inf after each replay; no residual trace is kept.
+            Elsewhere (a CPU) the ordinary backward runs. A capture that fails warns once and
+            that shape runs the ordinary backward.
 
     Returns:
         (hs, info): the states h_1..h_T, (B, T, *S) (a tuple for a tuple state; time-major
@@ -415,6 +540,15 @@ def backprop_through(
     plan.jacobian = jacobian if jacobian is not None else torch_cell_jacobian(cell)
     plan.structure = cell
     plan.fast = fast_vjp
+    plan.jacobian_given = jacobian
+    if not isinstance(graph_backward, bool):
+        raise TypeError(f"graph_backward must be True or False, got {graph_backward!r}")
+    if graph_backward and not solver.direct:
+        raise ValueError(
+            f"graph_backward needs a direct method (scan); {solver.name} iterates and reads "
+            "its convergence on the host"
+        )
+    plan.graph_backward = graph_backward
     h0_flat = layout.flatten(parts)  # (B, F)
     if torch.is_grad_enabled():
         # one step with a graph: checks the cell's output and finds tensors it uses that

@@ -411,6 +411,8 @@ def _rnn_length(cfg: BenchConfig, ctx: RunContext, T: int) -> list[dict[str, Any
         variants.append(
             (f"jacobi budget {cfg.rnn_budget} graph", "jacobi", {**fixed, "capture": True})
         )
+        # the whole scan backward replayed from one graph cached per shape
+        variants.append(("scan graph_backward", "scan", {"graph_backward": True}))
     rows, ref = [], None
     for label, method, kw in variants:
         try:

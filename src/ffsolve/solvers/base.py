@@ -264,6 +264,20 @@ class Solver:
             _report_failure(self.name, sol, max_iters, raise_on_failure)
         return sol
 
+    def direct_value(self, problem: Problem) -> Tensor:
+        """A direct method's solution with no check and no host read (what a CUDA graph can
+        capture; `solve` is the checked path): the one sweep's value, shaped like the state.
+        The caller owns the NaN/Inf check."""
+        if not self.direct:
+            raise TypeError(f"{self.name} is not a direct method (it iterates): use solve()")
+        self.validate(problem.length)
+        s = _Canonical(problem.initial(), problem.dim, copy=False)
+        return self._direct_sweep(problem, s).reshape(s.shape)
+
+    def _direct_sweep(self, problem: Problem, s: _Canonical) -> Tensor:
+        problem.prepare()
+        return self.sweep(problem, s, 0, s.T)
+
     def _solve_direct(
         self,
         problem: Problem,
@@ -273,8 +287,7 @@ class Solver:
     ) -> Solution:
         """A direct method's solve: one sweep over every position, one host read (NaN/Inf)."""
         s = _Canonical(init, problem.dim, copy=False)  # a sweep never writes the state
-        problem.prepare()
-        new = s.flat(self.sweep(problem, s, 0, s.T))  # (B, T, F)
+        new = s.flat(self._direct_sweep(problem, s))  # (B, T, F)
         # the residual trace is the change from the start; a max-abs norm is NaN or Inf where
         # the values are, so it doubles as the NaN/Inf flag (few kernels: launches cost here)
         inf = math.inf

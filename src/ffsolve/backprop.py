@@ -5,9 +5,10 @@ The forward pass is the ordinary sequential loop; `.backward()` builds a `Recurr
 problem, solves it with the chosen solver and accumulates the gradients into the cell's
 parameters, h_0 and xs exactly like autograd would.
 
-With a direct method (`scan`) on CUDA, `graph_backward=True` replays that whole backward
-(adjoint problem, solve, input gradients) from one CUDA graph captured at the first backward
-of a shape and cached: a short sequence's backward is a few dozen small kernels whose
+With a direct method (`scan`) on CUDA, `graph_backward=True` replays the backward up to the
+adjoints (adjoint problem, Jacobians, scan) from one CUDA graph captured at the first
+backward of a shape and cached, and runs the input gradients eagerly through the autograd
+graph that capture recorded: a short sequence's backward is a few dozen small kernels whose
 launches, not their work, are its cost.
 """
 
@@ -177,7 +178,7 @@ class _BPTTFunction(torch.autograd.Function):
         inputs = (h0, xs, hs, grad_hs)
         graphed = _graphed_backward(plan, inputs, params, needs) if _graphable(plan, hs) else None
         if graphed is not None:
-            dh0, dxs, dwanted = graphed(plan, inputs)
+            dh0, dxs, dwanted = graphed(plan, inputs, params, needs)
         else:
             dh0, dxs, dwanted, sol = _adjoint_grads(plan, inputs, params, needs, ctx.chain)
             plan.info.solution = sol
@@ -193,17 +194,25 @@ def _adjoint_grads(
     params: Sequence[Tensor],
     needs: Sequence[bool],
     chain: Any = None,
-    direct: bool = False,
-) -> tuple[Tensor, Tensor | None, list[Tensor | None], Any]:
+) -> tuple[Tensor, Tensor | None, list[Tensor | None], Solution]:
     """The backward's work: the adjoint problem, its solve, the input gradients.
 
     Returns:
-        (dL/dh0, dL/dxs or None, [dL/dp for the params that need one], the Solution; with
-        `direct`, the adjoints instead, unchecked and with no host read: a capturable body).
+        (dL/dh0, dL/dxs or None, [dL/dp for the params that need one], the Solution).
     """
+    problem = _adjoint_problem(plan, inputs, needs, chain)
+    sol = plan.solver.solve(problem, **plan.solve_kwargs)
+    wanted = [p for p, n in zip(params, needs[3:], strict=True) if n]
+    dh0, dxs, dwanted = problem.input_grads(sol.value, wanted)
+    return dh0, dxs, dwanted, sol
+
+
+def _adjoint_problem(
+    plan: _Plan, inputs: Sequence[Tensor], needs: Sequence[bool], chain: Any = None
+) -> RecurrenceAdjoint:
     h0, xs, hs, grad_hs = inputs
     h_prev = torch.cat([h0.detach()[:, None], hs[:, :-1]], dim=1)  # (B, T, F): h_0..h_{T-1}
-    problem = RecurrenceAdjoint(
+    return RecurrenceAdjoint(
         plan.cell,
         h_prev,
         xs,
@@ -214,15 +223,6 @@ def _adjoint_grads(
         structure=plan.structure,
         fast=plan.fast,
     )
-    if direct:
-        sol: Any = plan.solver.direct_value(problem)
-        adjoints = sol
-    else:
-        sol = plan.solver.solve(problem, **plan.solve_kwargs)
-        adjoints = sol.value
-    wanted = [p for p, n in zip(params, needs[3:], strict=True) if n]
-    dh0, dxs, dwanted = problem.input_grads(adjoints, wanted)
-    return dh0, dxs, dwanted, sol
 
 
 #: Captured backward passes by cell, parameters and shapes (least recently used dropped).
@@ -240,40 +240,46 @@ def _graphable(plan: _Plan, hs: Tensor) -> bool:
 
 
 class _GraphedBackward:
-    """A direct method's whole backward captured in one CUDA graph over static copies of its
-    inputs (h0, xs, hs, grad_hs); the cell's parameters are read where they live, so in-place
-    updates (optimizer steps) are seen by every replay."""
+    """A direct method's backward up to the adjoints, captured in one CUDA graph over static
+    copies of its inputs (h0, xs, hs, grad_hs): the adjoint problem with the cell's forward
+    on every step (its autograd graph recorded once, its saved values rewritten by each
+    replay), the Jacobians, the scan and a NaN/Inf flag. The input gradients then run eagerly
+    through that recorded graph (a backward inside a capture would wait on the parameters'
+    gradient streams, which invalidates the capture). The parameters are read where they
+    live, so in-place updates (optimizer steps) are seen by every replay."""
 
-    def __init__(self, plan: _Plan, inputs, params, needs) -> None:
+    def __init__(self, plan: _Plan, inputs, needs) -> None:
         self.inputs = [t.detach().clone() for t in inputs]
         self.out: Any = None
 
         def body() -> None:
-            dh0, dxs, dwanted, adjoints = _adjoint_grads(
-                plan, self.inputs, params, needs, direct=True
-            )
+            problem = _adjoint_problem(plan, self.inputs, needs)
+            adjoints = plan.solver.direct_value(problem)
             flag = torch.linalg.vector_norm(adjoints, ord=math.inf)  # NaN/Inf where they are
-            self.out = (dh0, dxs, dwanted, adjoints, flag)
+            self.out = (problem, adjoints, flag)
 
         self.graph = _capture(body, 1)
 
-    def __call__(self, plan: _Plan, inputs: Sequence[Tensor]) -> tuple[Any, Any, list[Any]]:
-        """Replay on these inputs; the gradients (copies) and `plan.info.solution`."""
+    def __call__(
+        self, plan: _Plan, inputs: Sequence[Tensor], params: Sequence[Tensor], needs
+    ) -> tuple[Any, Any, list[Any]]:
+        """Replay on these inputs; the gradients and `plan.info.solution`."""
         for static, t in zip(self.inputs, inputs, strict=True):
             static.copy_(t)
         self.graph.replay()
-        dh0, dxs, dwanted, adjoints, flag = self.out
+        problem, adjoints, flag = self.out
         solver = plan.solver
         if not math.isfinite(float(flag)):  # the one host read
             solver._raise_nonfinite_in(adjoints.flatten(2), 1, 1)
-        B, T = adjoints.shape[:2]
+        wanted = [p for p, n in zip(params, needs[3:], strict=True) if n]
+        dh0, dxs, dwanted = problem.input_grads(adjoints, wanted, retain_graph=True)
+        B = adjoints.shape[0]
         stats = {"graphed_backward": True, **solver.options()}
-        plan.info.solution = Solution(  # the replay's buffers are reused: copies leave
+        plan.info.solution = Solution(  # the replay's buffers are reused: a copy leaves
             adjoints.clone(), torch.ones(B, dtype=torch.bool, device=adjoints.device), 1, 1,
             stats=stats,
         )  # fmt: skip
-        copy = [None if g is None else g.clone() for g in (dh0, dxs, *dwanted)]
-        return copy[0], copy[1], copy[2:]
+        return dh0, dxs, dwanted
 
 
 def _graphed_backward(plan: _Plan, inputs, params, needs) -> _GraphedBackward | None:
@@ -289,7 +295,7 @@ def _graphed_backward(plan: _Plan, inputs, params, needs) -> _GraphedBackward | 
         _GRAPHED.move_to_end(key)
         return _GRAPHED[key]
     try:
-        graphed: _GraphedBackward | None = _GraphedBackward(plan, inputs, params, needs)
+        graphed: _GraphedBackward | None = _GraphedBackward(plan, inputs, needs)
     except Exception as e:  # never let an optimisation break a backward
         warnings.warn(
             f"graph_backward: capturing the backward failed ({type(e).__name__}: {e}); this "
@@ -452,8 +458,9 @@ def backprop_through(
         fast_vjp: for a `VanillaRNN.step` or a torch `RNNCell`/`GRUCell`/`LSTMCell`, sweep with
             J^T a formed from operands computed once (`ffsolve.problems.cells`: elementwise
             products and one matmul, no autograd call per sweep); False: autograd per sweep.
-        graph_backward: with a direct method (`scan`) on CUDA, replay the whole backward from
-            a CUDA graph captured at the first backward of these shapes and cached by cell,
+        graph_backward: with a direct method (`scan`) on CUDA, replay the backward up to the
+            adjoints (the input gradients then run eagerly) from a CUDA graph captured at the
+            first backward of these shapes and cached by cell,
             parameters (their storage: in-place updates are seen) and shapes, at most
             `GRAPHED_CACHE` of them (`ffsolve.backprop.clear_graphed_backwards()` frees them).
             The adjoints are checked for NaN/Inf after each replay; no residual trace is kept.

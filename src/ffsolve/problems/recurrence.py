@@ -293,13 +293,15 @@ class RecurrenceAdjoint(Problem):
         return chain
 
     def input_grads(
-        self, adjoints: Tensor, params: Sequence[Tensor] = ()
+        self, adjoints: Tensor, params: Sequence[Tensor] = (), retain_graph: bool = False
     ) -> tuple[Tensor, Tensor | None, list[Tensor | None]]:
         """Gradients of the loss w.r.t. h_0, xs and `params`, given the adjoints.
 
         Args:
             adjoints: (B, T, F) in reversed time, e.g. a `Solution.value` of this problem.
             params: tensors the cell uses (its parameters); None for any it does not use.
+            retain_graph: keep the all-steps graph for another call (a captured backward
+                replays the forward that recorded it).
 
         Returns:
             (dL/dh_0 (B, F), dL/dxs (B, T, *D) or None unless `xs_grad`, [dL/dp for params]).
@@ -314,6 +316,7 @@ class RecurrenceAdjoint(Problem):
                 inputs,
                 grad_outputs=adjoints.reshape(self._out.shape),
                 allow_unused=True,
+                retain_graph=retain_graph,
             )
         dhp = grads[0]
         dh0 = self._h0.new_zeros(B, F) if dhp is None else dhp.view(B, T, F)[:, T - 1]

@@ -433,7 +433,8 @@ def test_graph_backward_replays_the_scan_backward(monkeypatch):
             torch.rand(2, 9, 1, dtype=D64, generator=torch.Generator().manual_seed(seed)), seed + 1
         )
     with torch.no_grad():
-        rnn.W_h.mul_(0.5)  # an optimizer-like update in place: the replay reads it
+        rnn.W_h.mul_(0.5)  # an optimizer-like update in place: the replay reads it, and the
+        # gradients are recorded anew (autograd refuses a graph saved before the update)
     x = torch.rand(2, 9, 1, dtype=D64, generator=torch.Generator().manual_seed(2))
     check(x, 3)
     weight = torch.ones(2, 9, 1, dtype=D64)

@@ -7,8 +7,8 @@ parameters, h_0 and xs exactly like autograd would.
 
 With a direct method (`scan`) on CUDA, `graph_backward=True` replays the backward up to the
 adjoints (adjoint problem, Jacobians, scan) from one CUDA graph captured at the first
-backward of a shape and cached, and runs the input gradients eagerly through the autograd
-graph that capture recorded: a short sequence's backward is a few dozen small kernels whose
+backward of a shape and cached, and runs the input gradients (the cell's forward on every
+step and its backward) eagerly: a short sequence's backward is a few dozen small kernels whose
 launches, not their work, are its cost.
 """
 
@@ -241,12 +241,12 @@ def _graphable(plan: _Plan, hs: Tensor) -> bool:
 
 class _GraphedBackward:
     """A direct method's backward up to the adjoints, captured in one CUDA graph over static
-    copies of its inputs (h0, xs, hs, grad_hs): the adjoint problem with the cell's forward
-    on every step (its autograd graph recorded once, its saved values rewritten by each
-    replay), the Jacobians, the scan and a NaN/Inf flag. The input gradients then run eagerly
-    through that recorded graph (a backward inside a capture would wait on the parameters'
-    gradient streams, which invalidates the capture). The parameters are read where they
-    live, so in-place updates (optimizer steps) are seen by every replay."""
+    copies of its inputs (h0, xs, hs, grad_hs): the adjoint problem's rows, the Jacobians,
+    the scan and a NaN/Inf flag. The input gradients then run eagerly: the cell's forward on
+    the replayed rows and its backward (a backward inside the capture waits on the
+    parameters' gradient streams, which invalidates it, and a graph recorded once is refused
+    after an in-place update of the parameters). The parameters are read where they live,
+    so in-place updates (optimizer steps) are seen by every replay."""
 
     def __init__(self, plan: _Plan, inputs, needs) -> None:
         self.inputs = [t.detach().clone() for t in inputs]
@@ -272,7 +272,8 @@ class _GraphedBackward:
         if not math.isfinite(float(flag)):  # the one host read
             solver._raise_nonfinite_in(adjoints.flatten(2), 1, 1)
         wanted = [p for p, n in zip(params, needs[3:], strict=True) if n]
-        dh0, dxs, dwanted = problem.input_grads(adjoints, wanted, retain_graph=True)
+        problem.rerecord()  # the cell's forward on the replayed rows, recorded eagerly
+        dh0, dxs, dwanted = problem.input_grads(adjoints, wanted)
         B = adjoints.shape[0]
         stats = {"graphed_backward": True, **solver.options()}
         plan.info.solution = Solution(  # the replay's buffers are reused: a copy leaves

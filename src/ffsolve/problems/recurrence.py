@@ -292,6 +292,15 @@ class RecurrenceAdjoint(Problem):
                 chain.append(h)
         return chain
 
+    def rerecord(self) -> None:
+        """Record the all-steps graph anew from the current rows (after a CUDA graph replay
+        rewrote them): autograd refuses a graph recorded before an in-place update of the
+        cell's parameters, such as an optimizer step."""
+        with torch.enable_grad():
+            self._hp = self._hp.detach().requires_grad_()
+            self._xr = self._xr.detach().requires_grad_(self._xs_grad)
+            self._out = self.cell(self._hp, self._xr)
+
     def input_grads(
         self, adjoints: Tensor, params: Sequence[Tensor] = (), retain_graph: bool = False
     ) -> tuple[Tensor, Tensor | None, list[Tensor | None]]:

@@ -31,7 +31,7 @@ from ffsolve.problems.recurrence import StateLayout as _Layout
 from ffsolve.solvers import NonFiniteError, Solution, Solver, get_solver
 from ffsolve.solvers.base import _capture, check_stopping
 
-__all__ = ["BackpropInfo", "backprop_through"]
+__all__ = ["BackpropInfo", "backprop_through", "clear_graphed_backwards"]
 
 #: A recurrent state: one tensor (B, *shape) or a tuple of them (e.g. an LSTM's (h, c)).
 State = Tensor | tuple[Tensor, ...]

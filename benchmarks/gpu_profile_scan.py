@@ -79,16 +79,21 @@ for B, n, F_, dense in (
             f"{'PASS' if ok else 'FAIL'} graph scan B={B} n={n} F={F_} dense={dense} rep={rep}: "
             f"max |scan - loop| {err:.1e}, bitwise eager {same}"
         )
-ref_g = torch.autograd.grad(loss_of(None), params)
+
+
+def scan_vs_autograd(xin, **options):
+    """Relative error of the scan's gradients against autograd's, and the backprop info."""
+    ref = torch.autograd.grad(F.mse_loss(rnn.readout(rnn(xin[:, :-1])[1]), xin[:, 1:]), params)
+    hs, info = ffsolve.backprop_through(
+        rnn.step, rnn.initial_state(1), xin[:, :-1], "scan", params=params[:3], **options
+    )
+    got = torch.autograd.grad(F.mse_loss(rnn.readout(hs), xin[:, 1:]), params)
+    diff = torch.cat([(a - b).flatten() for a, b in zip(got, ref, strict=True)])
+    return float(diff.norm() / torch.cat([a.flatten() for a in ref]).norm()), info
+
+
 for graph in (True, False):
-    hs, _ = ffsolve.backprop_through(
-        rnn.step, rnn.initial_state(1), x[:, :-1], "scan", params=params[:3], graph=graph
-    )
-    got_g = torch.autograd.grad(F.mse_loss(rnn.readout(hs), x[:, 1:]), params)
-    rel = float(
-        torch.cat([(a - b).flatten() for a, b in zip(got_g, ref_g, strict=True)]).norm()
-        / torch.cat([a.flatten() for a in ref_g]).norm()
-    )
+    rel, _ = scan_vs_autograd(x, graph=graph)
     print(
         f"{'PASS' if rel < 1e-5 else 'FAIL'} scan gradients (graph={graph}) vs autograd: "
         f"relative error {rel:.1e}"
@@ -97,15 +102,7 @@ for graph in (True, False):
 
 for seed in (1, 2):  # the second backward replays the captured graph on new inputs
     xg = torch.rand(1, T + 1, 1, generator=torch.Generator().manual_seed(seed)).to(dev)
-    ref_g = torch.autograd.grad(F.mse_loss(rnn.readout(rnn(xg[:, :-1])[1]), xg[:, 1:]), params)
-    hs, info = ffsolve.backprop_through(
-        rnn.step, rnn.initial_state(1), xg[:, :-1], "scan", params=params[:3], graph_backward=True
-    )
-    got_g = torch.autograd.grad(F.mse_loss(rnn.readout(hs), xg[:, 1:]), params)
-    rel = float(
-        torch.cat([(a - b).flatten() for a, b in zip(got_g, ref_g, strict=True)]).norm()
-        / torch.cat([a.flatten() for a in ref_g]).norm()
-    )
+    rel, info = scan_vs_autograd(xg, graph_backward=True)
     graphed = bool(info.solution.stats.get("graphed_backward"))
     ok = rel < 1e-5 and (graphed or dev.type != "cuda")
     print(f"{'PASS' if ok else 'FAIL'} scan graph_backward (input {seed}, graphed {graphed}) vs "

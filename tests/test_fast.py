@@ -446,6 +446,10 @@ def test_graph_backward_replays_the_scan_backward(monkeypatch):
     with pytest.raises(TypeError, match="graph_backward must be"):
         ffsolve.backprop_through(rnn.step, rnn.initial_state(2), x, "scan", graph_backward=1)
 
+    for T in range(3, 3 + bp.GRAPHED_CACHE + 2):  # new shapes: the least recent graphs go
+        grads(torch.rand(2, T, 1, dtype=D64), True)
+    assert len(bp._GRAPHED) == bp.GRAPHED_CACHE
+
     def broken(body, n):
         raise RuntimeError("operation not permitted when stream is capturing")
 

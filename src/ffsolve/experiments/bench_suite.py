@@ -113,45 +113,49 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _rows(specs, cfg, ctx) -> list[dict[str, Any]]:
     """Time each (label, method, problem, kwargs); the first row's value is the reference."""
-    rows, ref = [], None
+    calls = []
     for label, method, problem, kw in specs:
         solver = get_solver(method, **kw.pop("options", {}))
 
         def call(solver=solver, problem=problem, kw=kw):
-            with torch.no_grad():
-                return solver.solve(problem, record=False, **kw)
+            sol = solver.solve(problem, record=False, **kw)
+            return sol.value, sol.num_iters, {"captured": bool(sol.stats.get("captured"))}
 
-        try:
-            m = measure(call, ctx.device, cfg.warmup, cfg.repeats)
-        except Exception as e:  # one failing row is reported, the others still run
-            ctx.log(f"  {label:<34} FAILED: {type(e).__name__}: {e}")
-            rows.append({"method": label, "error": f"{type(e).__name__}: {e}"})
-            continue
-        sol = m.pop("result")
-        if ref is None:
-            ref = sol.value.clone()
-        diff = _max_diff(sol.value, ref)
-        row = {
-            "method": label,
-            "solver": method,
-            "num_iters": sol.num_iters,
-            "captured": bool(sol.stats.get("captured", False)),
-            "max_abs_diff_vs_sequential": diff,
-            "equal_to_sequential": diff == 0.0,
-            **m,
-        }
-        rows.append(row)
-        ctx.log(
-            f"  {label:<34} {row['median_s'] * 1e3:10.3f} ms  [{row['min_s'] * 1e3:.3f}, "
-            f"{row['max_s'] * 1e3:.3f}]  iters={sol.num_iters:<5} "
-            f"graph={'y' if row['captured'] else 'n'}  max|diff|={diff:.1e}  "
-            f"peak={row['peak_mem_mb']:.1f} MB"
-        )
+        calls.append((label, method, call))
+    rows = _timed_rows(calls, cfg, ctx, width=34)
     ok = _vs_strongest(rows)
     naive = next((r for r in ok if r["method"] == "sequential naive eager"), None)
     if naive is not None:
         for r in ok:
             r["speedup_vs_naive_eager"] = naive["median_s"] / r["median_s"]
+    return rows
+
+
+def _timed_rows(calls, cfg, ctx, width: int) -> list[dict[str, Any]]:
+    """Time each (label, solver, fn) with fn() -> (value, iterations, extra row fields), under
+    no_grad; the first timed row's value is the reference of max|diff|. A failing row is
+    recorded and logged, and the others still run."""
+    rows, ref = [], None
+    for label, solver, fn in calls:
+        try:
+            with torch.no_grad():
+                m = measure(fn, ctx.device, cfg.warmup, cfg.repeats)
+        except Exception as e:  # one failing row is reported, the others still run
+            ctx.log(f"  {label:<{width}} FAILED: {type(e).__name__}: {e}")
+            rows.append({"method": label, "error": f"{type(e).__name__}: {e}"})
+            continue
+        value, iters, extra = m.pop("result")
+        ref = value.clone() if ref is None else ref
+        diff = _max_diff(value, ref)
+        row = {"method": label, "solver": solver, "num_iters": int(iters), **extra}
+        row |= {"max_abs_diff_vs_sequential": diff, "equal_to_sequential": diff == 0.0, **m}
+        rows.append(row)
+        graph = f"graph={'y' if extra['captured'] else 'n'}  " if "captured" in extra else ""
+        ctx.log(
+            f"  {label:<{width}} {m['median_s'] * 1e3:10.3f} ms  [{m['min_s'] * 1e3:.3f}, "
+            f"{m['max_s'] * 1e3:.3f}]  iters={iters:<5} {graph}max|diff|={diff:.1e}  "
+            f"peak={m['peak_mem_mb']:.1f} MB"
+        )
     return rows
 
 
@@ -268,12 +272,12 @@ def _pixelcnn_case(cfg: BenchConfig, ctx: RunContext) -> dict[str, Any]:
 
 
 def _densenet_calls(model, images, cfg: BenchConfig, cuda: bool) -> list[tuple[str, str, Any]]:
-    """(label, solver, call -> (logits, iterations)) of one batch of the densenet case."""
+    """(label, solver, call -> (logits, iterations, {})) of one batch of the densenet case."""
     from ffsolve.experiments.densenet_jacobi import StaticJacobi, capture_graph, sweep_options
     from ffsolve.problems.layered import DenseNetLayers
 
     def forward():
-        return model(images), model.num_layers
+        return model(images), model.num_layers, {}
 
     calls: list[tuple[str, str, Any]] = [("sequential forward (eager)", "sequential", forward)]
     if cuda:
@@ -281,7 +285,7 @@ def _densenet_calls(model, images, cfg: BenchConfig, cuda: bool) -> list[tuple[s
 
         def graph_forward():
             replay()
-            return graph_out, model.num_layers
+            return graph_out, model.num_layers, {}
 
         calls.append(("sequential forward (CUDA graph)", "sequential", graph_forward))
     options = sweep_options("fused-unfold")
@@ -291,13 +295,13 @@ def _densenet_calls(model, images, cfg: BenchConfig, cuda: bool) -> list[tuple[s
         def solve(atol=atol):
             problem.stem_out = model.stem(images)  # the stem is part of the forward
             s = get_solver("jacobi").solve(problem, atol=atol, record=False)
-            return problem.logits(s.value), s.num_iters
+            return problem.logits(s.value), s.num_iters, {}
 
         calls.append((f"jacobi fused-unfold, atol={atol:g}", "jacobi", solve))
         if cuda:
             static = StaticJacobi(DenseNetLayers(model, images, **options), atol, capture=True)
             label = f"jacobi fused-unfold, atol={atol:g}, static CUDA graph"
-            calls.append((label, "jacobi", lambda s=static: s(images)))
+            calls.append((label, "jacobi", lambda s=static: (*s(images), {})))
     return calls
 
 
@@ -315,26 +319,9 @@ def _densenet_case(cfg: BenchConfig, ctx: RunContext) -> dict[str, Any]:
         images = torch.randn(B, model.config.in_channels, size, size, generator=g)
         images = images.to(ctx.device, dtype_of(cfg.dtype))
         ctx.log(f" batch {B}")
-        rows, ref = [], None
         with torch.no_grad():
             calls = _densenet_calls(model, images, cfg, ctx.device.type == "cuda")
-        for label, solver, fn in calls:
-            try:
-                with torch.no_grad():
-                    m = measure(fn, ctx.device, cfg.warmup, cfg.repeats)
-            except Exception as e:  # one failing row is reported, the others still run
-                ctx.log(f"  {label:<48} FAILED: {type(e).__name__}: {e}")
-                rows.append({"method": label, "error": f"{type(e).__name__}: {e}"})
-                continue
-            logits, iters = m.pop("result")
-            ref = logits.clone() if ref is None else ref
-            diff = _max_diff(logits, ref)
-            row = {"method": label, "solver": solver, "num_iters": int(iters)}
-            rows.append({**row, "max_abs_diff_vs_sequential": diff, **m})
-            ctx.log(
-                f"  {label:<48} {m['median_s'] * 1e3:9.3f} ms  iters={iters:<4} "
-                f"max|diff|={diff:.1e}  peak={m['peak_mem_mb']:.1f} MB"
-            )
+        rows = _timed_rows(calls, cfg, ctx, width=48)
         _vs_strongest(rows)
         out.append({"batch": B, "rows": rows})
     return {"checkpoint": cfg.densenet_checkpoint, "inputs": "seeded noise", "batches": out}

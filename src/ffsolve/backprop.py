@@ -17,7 +17,6 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +28,7 @@ from torch.autograd.function import once_differentiable
 from ffsolve.problems.recurrence import RecurrenceAdjoint, RecurrenceForward, torch_cell_jacobian
 from ffsolve.problems.recurrence import StateLayout as _Layout
 from ffsolve.solvers import NonFiniteError, Solution, Solver, get_solver
-from ffsolve.solvers.base import _capture, check_stopping
+from ffsolve.solvers.base import GraphCache, _capture, check_stopping
 
 __all__ = ["BackpropInfo", "backprop_through", "clear_graphed_backwards"]
 
@@ -226,8 +225,8 @@ def _adjoint_problem(
 
 
 #: Captured backward passes by cell, parameters and shapes (least recently used dropped).
-_GRAPHED: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
 GRAPHED_CACHE = 4
+_GRAPHED = GraphCache(GRAPHED_CACHE)
 
 
 def clear_graphed_backwards() -> None:
@@ -243,10 +242,11 @@ class _GraphedBackward:
     """A direct method's backward up to the adjoints, captured in one CUDA graph over static
     copies of its inputs (h0, xs, hs, grad_hs): the adjoint problem's rows, the Jacobians,
     the scan and a NaN/Inf flag. The input gradients then run eagerly: the cell's forward on
-    the replayed rows and its backward (a backward inside the capture waits on the
-    parameters' gradient streams, which invalidates it, and a graph recorded once is refused
-    after an in-place update of the parameters). The parameters are read where they live,
-    so in-place updates (optimizer steps) are seen by every replay."""
+    the replayed rows, recorded anew at every call, and its backward (a backward inside the
+    capture waits on the parameters' gradient streams, which invalidates it, and a graph
+    recorded once is refused after an in-place update of the parameters). The parameters
+    are read where they live, so in-place updates (optimizer steps) are seen by every
+    replay."""
 
     def __init__(self, plan: _Plan, inputs, needs) -> None:
         self.inputs = [t.detach().clone() for t in inputs]
@@ -270,9 +270,9 @@ class _GraphedBackward:
         problem, adjoints, flag = self.out
         solver = plan.solver
         if not math.isfinite(float(flag)):  # the one host read
-            solver._raise_nonfinite_in(adjoints.flatten(2), 1, 1)
+            solver._raise_nonfinite_in(adjoints, 1, 1)
         wanted = [p for p, n in zip(params, needs[3:], strict=True) if n]
-        problem.rerecord()  # the cell's forward on the replayed rows, recorded eagerly
+        problem.rerecord()  # the cell's forward on the replayed rows, recorded now
         dh0, dxs, dwanted = problem.input_grads(adjoints, wanted)
         B = adjoints.shape[0]
         stats = {"graphed_backward": True, **solver.options()}
@@ -286,29 +286,25 @@ class _GraphedBackward:
 def _graphed_backward(plan: _Plan, inputs, params, needs) -> _GraphedBackward | None:
     """The cached captured backward of this key (captured now at first use); None when a
     capture failed for it (the ordinary backward runs, with one warning per key)."""
-    h0, xs, hs, grad_hs = inputs
     shapes = tuple((tuple(t.shape), t.dtype, t.device) for t in inputs)
     key = (
         plan.structure, plan.jacobian_given, plan.solver, plan.fast, plan.layout.features,
         tuple((p.data_ptr(), tuple(p.shape), p.dtype) for p in params), tuple(needs), shapes,
     )  # fmt: skip
-    if key in _GRAPHED:
-        _GRAPHED.move_to_end(key)
-        return _GRAPHED[key]
-    try:
-        graphed: _GraphedBackward | None = _GraphedBackward(plan, inputs, needs)
-    except Exception as e:  # never let an optimisation break a backward
-        warnings.warn(
-            f"graph_backward: capturing the backward failed ({type(e).__name__}: {e}); this "
-            "shape runs the ordinary backward",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        graphed = None
-    _GRAPHED[key] = graphed
-    while len(_GRAPHED) > GRAPHED_CACHE:
-        _GRAPHED.popitem(last=False)
-    return graphed
+
+    def make() -> _GraphedBackward | None:
+        try:
+            return _GraphedBackward(plan, inputs, needs)
+        except Exception as e:  # never let an optimisation break a backward
+            warnings.warn(
+                f"graph_backward: capturing the backward failed ({type(e).__name__}: {e}); "
+                "this shape runs the ordinary backward",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return None
+
+    return _GRAPHED.get(key, make)
 
 
 def _check_finite_hidden(hs: Tensor) -> None:

@@ -183,15 +183,11 @@ class RecurrenceAdjoint(Problem):
         self._chain = list(chain) if chain is not None else None
         self._xs_grad = xs_grad
         self._jacobian = jacobian
-        with torch.enable_grad():
-            # the graph of every step at once, in reversed time: row b*T + s holds step T-s,
-            # whose input state is h_{T-s-1} and output h_{T-s}
-            self._hp = h_prev.detach().flip(1).reshape(B * T, F).requires_grad_()  # (B*T, F)
-            xr = xs.detach().flip(1)
-            self._xr = xr.reshape(B * T, *xs.shape[2:])  # (B*T, *D)
-            if xs_grad:
-                self._xr.requires_grad_()
-            self._out = cell(self._hp, self._xr)  # (B*T, F)
+        # every step at once, in reversed time: row b*T + s holds step T-s, whose input state
+        # is h_{T-s-1} and output h_{T-s}; its autograd graph is recorded at first need
+        self._hp = h_prev.detach().flip(1).reshape(B * T, F)  # (B*T, F)
+        self._xr = xs.detach().flip(1).reshape(B * T, *xs.shape[2:])  # (B*T, *D)
+        self._out: Tensor | None = None
         # J^T a for every row by elementwise products and one matmul, when the cell is known;
         # the operands are formed at the first sweep (a scan never needs them)
         self._structure = structure or cell
@@ -210,12 +206,13 @@ class RecurrenceAdjoint(Problem):
                 assert self._fast is not None  # `known` said so
             B, T, F = self.shape
             return self._fast(adj.reshape(B * T, F)).view(B, T, F)
-        if not self._out.requires_grad:  # the cell ignores its state: no coupling in time
+        out = self._recorded()
+        if not out.requires_grad:  # the cell ignores its state: no coupling in time
             return torch.zeros_like(adj)
         (u,) = torch.autograd.grad(
-            self._out,
+            out,
             self._hp,
-            grad_outputs=adj.reshape(self._out.shape),
+            grad_outputs=adj.reshape(out.shape),
             retain_graph=True,
             allow_unused=True,
         )
@@ -292,40 +289,39 @@ class RecurrenceAdjoint(Problem):
                 chain.append(h)
         return chain
 
-    def rerecord(self) -> None:
-        """Record the all-steps graph anew from the current rows (after a CUDA graph replay
-        rewrote them): autograd refuses a graph recorded before an in-place update of the
-        cell's parameters, such as an optimizer step."""
+    def rerecord(self) -> Tensor:
+        """Record the all-steps graph (the cell on every row at once) from the current rows,
+        anew: after a CUDA graph replay rewrote them, since autograd refuses a graph recorded
+        before an in-place update of the cell's parameters, such as an optimizer step."""
         with torch.enable_grad():
             self._hp = self._hp.detach().requires_grad_()
             self._xr = self._xr.detach().requires_grad_(self._xs_grad)
-            self._out = self.cell(self._hp, self._xr)
+            self._out = self.cell(self._hp, self._xr)  # (B*T, F)
+        return self._out
+
+    def _recorded(self) -> Tensor:
+        return self._out if self._out is not None else self.rerecord()
 
     def input_grads(
-        self, adjoints: Tensor, params: Sequence[Tensor] = (), retain_graph: bool = False
+        self, adjoints: Tensor, params: Sequence[Tensor] = ()
     ) -> tuple[Tensor, Tensor | None, list[Tensor | None]]:
         """Gradients of the loss w.r.t. h_0, xs and `params`, given the adjoints.
 
         Args:
             adjoints: (B, T, F) in reversed time, e.g. a `Solution.value` of this problem.
             params: tensors the cell uses (its parameters); None for any it does not use.
-            retain_graph: keep the all-steps graph for another call (a captured backward
-                replays the forward that recorded it).
 
         Returns:
             (dL/dh_0 (B, F), dL/dxs (B, T, *D) or None unless `xs_grad`, [dL/dp for params]).
         """
         B, T, F = self.shape
+        out = self._recorded()  # before the inputs: recording makes the rows leaves
         inputs = [self._hp, *([self._xr] if self._xs_grad else []), *params]
-        if not self._out.requires_grad:
+        if not out.requires_grad:
             grads: Sequence[Tensor | None] = [None] * len(inputs)
         else:
             grads = torch.autograd.grad(
-                self._out,
-                inputs,
-                grad_outputs=adjoints.reshape(self._out.shape),
-                allow_unused=True,
-                retain_graph=retain_graph,
+                out, inputs, grad_outputs=adjoints.reshape(out.shape), allow_unused=True
             )
         dhp = grads[0]
         dh0 = self._h0.new_zeros(B, F) if dhp is None else dhp.view(B, T, F)[:, T - 1]

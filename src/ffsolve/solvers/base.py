@@ -28,6 +28,7 @@ import dataclasses
 import math
 import numbers
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -480,6 +481,34 @@ class _Loop:
                 self.graphs[n] = _capture(lambda: self.step(self.start, self.stop), n)
             else:
                 self.graphs[n].replay()
+
+
+class GraphCache:
+    """Captured CUDA graphs (with their buffers) by key, the least recently used dropped once
+    more than `size` are kept: what a cached graph holds stays on the device until then."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict[Any, Any] = OrderedDict()
+
+    def get(self, key: Any, make: Callable[[], Any]) -> Any:
+        """The entry of `key`, made now by `make()` at first use."""
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        value = self._items[key] = make()
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        self._items.clear()
+
+    def values(self) -> list[Any]:
+        return list(self._items.values())
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 def _capture(body: Callable[[], None], n: int) -> Any:

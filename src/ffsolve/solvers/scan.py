@@ -17,7 +17,6 @@ methods rely on it (see `ffsolve.solvers.newton`).
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -26,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ffsolve.problems.base import LinearRecurrence, Problem
-from ffsolve.solvers.base import Solver, _Canonical, _capture
+from ffsolve.solvers.base import GraphCache, Solver, _Canonical, _capture
 
 __all__ = ["Scan", "affine_scan", "linear_scan", "auto_chunk", "clear_graphs"]
 
@@ -106,7 +105,7 @@ class _ChunkGraph:
         return self.out.clone(memory_format=torch.contiguous_format)  # the next replay reuses it
 
 
-_GRAPHS: OrderedDict[tuple[Any, ...], _ChunkGraph] = OrderedDict()
+_GRAPHS = GraphCache(GRAPH_CACHE)
 
 
 def clear_graphs() -> None:
@@ -127,15 +126,7 @@ def _graphable(A: Tensor, b: Tensor) -> bool:
 def _scan_chunk_graphed(A: Tensor, b: Tensor, diagonal: bool) -> Tensor:
     """`_scan_chunk` by a replay of the cached graph of its shape (captured at first use)."""
     key = (tuple(A.shape), tuple(b.shape), A.dtype, b.dtype, A.device, diagonal)
-    graph = _GRAPHS.get(key)
-    if graph is None:
-        graph = _ChunkGraph(A, b, diagonal)
-        _GRAPHS[key] = graph
-        while len(_GRAPHS) > GRAPH_CACHE:
-            _GRAPHS.popitem(last=False)
-    else:
-        _GRAPHS.move_to_end(key)
-    return graph(A, b)
+    return _GRAPHS.get(key, lambda: _ChunkGraph(A, b, diagonal))(A, b)
 
 
 def _dense_of(matvec: Callable[[Tensor], Tensor], B: int, n: int, F: int, like: Tensor) -> Tensor:

@@ -121,17 +121,7 @@ class _Method:
 
 
 def _methods(cfg: RNNBackpropConfig) -> list[_Method]:
-    methods = [_Method("bptt", "sequential", {})]
-    # a fixed budget needs no convergence test per sweep: read the flags once, at the end
-    # (no host synchronisation per sweep on a GPU)
-    methods += [
-        _Method(f"jacobi-{k}", "jacobi", {"max_iters": k, "check_every": k}, True)
-        for k in cfg.budgets
-    ]
-    if cfg.tol_row:
-        tol = {"atol": cfg.tol_atol, "rtol": cfg.tol_rtol}
-        methods.append(_Method("jacobi-tol", "jacobi", tol))
-    methods += [_Method(name, name, {}) for name in cfg.extra_methods]
+    methods = _backward_methods(cfg)
     by_label = {m.label: m for m in methods}
     forward = {
         "forward_method": cfg.forward_method,
@@ -151,6 +141,21 @@ def _methods(cfg: RNNBackpropConfig) -> list[_Method]:
     return methods
 
 
+def _backward_methods(cfg: RNNBackpropConfig) -> list[_Method]:
+    """BPTT and the rows that solve the adjoints another way, all with the loop forward."""
+    methods = [_Method("bptt", "sequential", {})]
+    # a fixed budget needs no convergence test per sweep: read the flags once, at the end
+    # (no host synchronisation per sweep on a GPU)
+    methods += [
+        _Method(f"jacobi-{k}", "jacobi", {"max_iters": k, "check_every": k}, True)
+        for k in cfg.budgets
+    ]
+    if cfg.tol_row:
+        tol = {"atol": cfg.tol_atol, "rtol": cfg.tol_rtol}
+        methods.append(_Method("jacobi-tol", "jacobi", tol))
+    return methods + [_Method(name, name, {}) for name in cfg.extra_methods]
+
+
 def _check(cfg: RNNBackpropConfig) -> None:
     """What the field ranges (checked on construction) cannot say alone."""
     if not cfg.budgets or len(set(cfg.budgets)) != len(cfg.budgets):
@@ -165,8 +170,7 @@ def _check(cfg: RNNBackpropConfig) -> None:
             f"extra_methods must be distinct names from {', '.join(METHODS)} other than "
             f"sequential and jacobi (rows of their own), got {list(cfg.extra_methods)}"
         )
-    rows = [f"jacobi-{k}" for k in cfg.budgets] + list(cfg.extra_methods)
-    rows += ["jacobi-tol"] if cfg.tol_row else []
+    rows = [m.label for m in _backward_methods(cfg)[1:]]  # the parallel ones
     bad = [r for r in cfg.forward_rows if r not in rows]
     if bad or len(set(cfg.forward_rows)) != len(cfg.forward_rows):
         raise ConfigError(
@@ -484,7 +488,7 @@ def _run(cfg: RNNBackpropConfig, ctx: RunContext, dtype: torch.dtype) -> dict[st
             for a, b in zip(x["loss"], y["loss"], strict=True)
         )
         its = [i for x in rs for i in x["iters"] if i is not None]
-        fits = [i for x in rs for i in x.get("forward_iters", []) if i is not None]
+        fits = [i for x in rs for i in x["forward_iters"] if i is not None]
         conv = [c for x in rs for c in x["converged"] if c is not None]
         total = statistics.fmean(totals)
         table.append(

@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(PY) -m ffsolve demo
 
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -m 'not gpu'
 
 lint: $(STAMP)
 	.venv/bin/ruff check src tests benchmarks

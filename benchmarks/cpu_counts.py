@@ -28,7 +28,7 @@ from ffsolve.models.made import load_made
 from ffsolve.models.pixelcnnpp import load_pixelcnnpp
 from ffsolve.models.rnn import VanillaRNN, VanillaRNNConfig
 from ffsolve.problems import RecurrenceForward
-from ffsolve.problems.autoregressive import MADESampling, logistic_noise
+from ffsolve.problems.made import MADESampling, logistic_noise
 from ffsolve.solvers import base, get_solver
 
 VIEWS = {"view", "_unsafe_view", "slice", "select", "unsqueeze", "squeeze", "expand", "t",

@@ -33,7 +33,7 @@ import ffsolve
 from ffsolve.data import logit_bounds
 from ffsolve.models.made import MADE, MADEConfig, load_made
 from ffsolve.models.rnn import VanillaRNN, VanillaRNNConfig
-from ffsolve.problems.autoregressive import MADESampling, logistic_noise
+from ffsolve.problems.made import MADESampling, logistic_noise
 from ffsolve.solvers import ConvergenceWarning
 
 RESULTS: list[tuple[str, bool, str]] = []

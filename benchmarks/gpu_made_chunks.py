@@ -16,7 +16,7 @@ import torch
 from ffsolve.bench import measure
 from ffsolve.data import logit_bounds
 from ffsolve.models.made import load_made
-from ffsolve.problems.autoregressive import MADESampling, logistic_noise
+from ffsolve.problems.made import MADESampling, logistic_noise
 from ffsolve.solvers import get_solver
 
 dev = torch.device(sys.argv[1] if len(sys.argv) > 1 else "cuda")

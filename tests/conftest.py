@@ -23,3 +23,42 @@ try:
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 except ImportError:  # hypothesis is a dev extra; its tests skip without it
     pass
+
+
+class EagerGraph:
+    """Stands in for torch.cuda.CUDAGraph: replay() runs the captured body eagerly."""
+
+    def __init__(self, body, n):
+        self.body, self.n, self.replays = body, n, 0
+
+    def replay(self):
+        self.replays += 1
+        for _ in range(self.n):
+            self.body()
+
+
+@pytest.fixture
+def fake_graphs(monkeypatch):
+    """Make capture=True run on the CPU with eager replays of the same recorded work (the
+    warm-up is real work, as on the GPU); "auto" stays eager on the CPU. Returns the list of
+    fake graphs made."""
+    import ffsolve.backprop
+    import ffsolve.graphs
+    import ffsolve.solvers.loop
+
+    made = []
+
+    def capture(body, times=1, warmup=None):
+        for _ in range(times if warmup is None else warmup):
+            body()
+        graph = EagerGraph(body, times)
+        made.append(graph)
+        return graph
+
+    def captures(stopping, device, **kw):
+        return stopping.capture is True
+
+    monkeypatch.setattr(ffsolve.graphs, "capture", capture)
+    monkeypatch.setattr(ffsolve.solvers.loop, "captures", captures)
+    monkeypatch.setattr(ffsolve.backprop, "captures", captures)
+    return made

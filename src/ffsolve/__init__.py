@@ -1,7 +1,11 @@
 """ffsolve: exact parallel solving of sequential neural computation.
 
-sol = ffsolve.solve(fn, x0, method="jacobi")
-hs, info = ffsolve.backprop_through(cell, h0, xs, method="jacobi")   # BPTT by Jacobi
+    sol = ffsolve.solve(fn, x0, method="jacobi")                          # == "sequential"
+    hs, info = ffsolve.backprop_through(cell, h0, xs, method="scan")       # BPTT in parallel
+
+Users import from three places: `ffsolve` (this module: solve, Stopping, Solution, METHODS,
+backprop_through, the errors), `ffsolve.problems` (every problem class) and `ffsolve.models`
+(every model and its loader).
 """
 
 from ffsolve.backprop import BackpropInfo, backprop_through
@@ -20,6 +24,7 @@ from ffsolve.solvers import (
     NonFiniteError,
     Solution,
     Solver,
+    Stopping,
     get_solver,
     linear_scan,
     solve,
@@ -41,6 +46,7 @@ __all__ = [
     "RecurrenceForward",
     "Solution",
     "Solver",
+    "Stopping",
     "backprop_through",
     "get_solver",
     "linear_scan",

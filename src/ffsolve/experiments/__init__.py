@@ -1,12 +1,17 @@
-"""Experiments and trainers, each registered by name; the command line looks them up here.
+"""Experiments and trainers, each one module that registers itself; found by discovery.
 
-An experiment is one module with a config dataclass, `run(config, ctx) -> records` and
-`plot(records, out_dir) -> paths`; it registers itself with `register_experiment`.
+An experiment module holds a config dataclass, `run(config, ctx) -> records`,
+`plot(records, out_dir) -> paths` and `summary(records) -> str`, and says where it takes
+part beyond `ffsolve run`: the runs `ffsolve reproduce` makes of it (`steps`) with the rows it
+sets beside the paper's numbers (`paper`), and the cases of `ffsolve bench` (`bench`). Every
+module of this package is imported by `all_experiments()`, so a new experiment is one new
+module (plus its config file): nothing else names it.
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,16 +20,18 @@ from typing import Any
 import torch
 
 __all__ = [
-    "Experiment",
-    "Trainer",
-    "RunContext",
+    "Case",
     "DEMO",
-    "EXPERIMENTS",
-    "TRAINERS",
-    "register_experiment",
-    "register_trainer",
+    "Experiment",
+    "RunContext",
+    "Step",
+    "Trainer",
+    "all_experiments",
+    "all_trainers",
     "get_experiment",
     "get_trainer",
+    "register_experiment",
+    "register_trainer",
 ]
 
 
@@ -42,13 +49,58 @@ class RunContext:
 
 
 @dataclass(frozen=True)
+class Step:
+    """One run `ffsolve reproduce` makes of an experiment.
+
+    Attributes:
+        key: its name in the report (e.g. "made-mnist").
+        overrides: `key=value` config fields on top of `config`.
+        config: a config file under the repository's `configs/`, or None.
+        data: the data set it reads ("mnist", "fashion-mnist"), whose folder reproduce's
+            `--mnist-dir` / `--fmnist-dir` set as `data_dir`.
+        checkpoint: a checkpoint it needs (reported as missing before anything runs).
+    """
+
+    key: str
+    overrides: tuple[str, ...] = ()
+    config: str | None = None
+    data: str | None = None
+    checkpoint: str | None = None
+
+
+@dataclass(frozen=True)
+class Case:
+    """One case of `ffsolve bench`: the experiment run with these overrides.
+
+    Attributes:
+        name: the case's name on the command line (e.g. "made-mnist").
+        overrides: `key=value` config fields.
+        default: run by `ffsolve bench` when no case is named.
+    """
+
+    name: str
+    overrides: tuple[str, ...] = ()
+    default: bool = True
+
+
+@dataclass(frozen=True)
 class Experiment:
+    """A registered experiment (see the module docstring).
+
+    Attributes:
+        paper: (records, step key) -> markdown rows `| setting | quantity | paper | ours |`
+            for the report's table beside the paper's numbers (None: no paper counterpart).
+    """
+
     name: str
     description: str
     config: type
     run: Callable[[Any, RunContext], dict[str, Any]]
     plot: Callable[[dict[str, Any], Path], list[Path]]
-    summary: Callable[[dict[str, Any]], str] | None = None  # the table printed after a run
+    summary: Callable[[dict[str, Any]], str] | None = None
+    paper: Callable[[dict[str, Any], str], list[str]] | None = None
+    steps: tuple[Step, ...] = ()
+    bench: tuple[Case, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -63,22 +115,6 @@ class Trainer:
 EXPERIMENTS: dict[str, Experiment] = {}
 TRAINERS: dict[str, Trainer] = {}
 
-# Modules that register experiments or trainers when imported.
-_MODULES = [
-    "ffsolve.experiments.causal",
-    "ffsolve.experiments.breakeven",
-    "ffsolve.experiments.made_train",
-    "ffsolve.experiments.made_sampling",
-    "ffsolve.experiments.rnn_backprop",
-    "ffsolve.experiments.pixelcnn_train",
-    "ffsolve.experiments.pixelcnn_sampling",
-    "ffsolve.experiments.densenet_train",
-    "ffsolve.experiments.densenet_jacobi",
-    "ffsolve.experiments.rnn_forward",
-    "ffsolve.experiments.bench_suite",
-    "ffsolve.experiments.gru_char_train",
-]
-
 #: What `ffsolve demo` / `make demo` runs: an experiment name and config overrides.
 DEMO: tuple[str, tuple[str, ...]] = (
     "made-sampling",
@@ -87,29 +123,44 @@ DEMO: tuple[str, tuple[str, ...]] = (
 
 
 def register_experiment(exp: Experiment) -> Experiment:
+    """Add an experiment to the table (a second one of the same name is an error)."""
+    old = EXPERIMENTS.get(exp.name)
+    if old is not None and old.run.__module__ != exp.run.__module__:
+        raise ValueError(
+            f"two experiments named {exp.name!r} ({old.run.__module__}, {exp.run.__module__})"
+        )
     EXPERIMENTS[exp.name] = exp
     return exp
 
 
 def register_trainer(trainer: Trainer) -> Trainer:
+    """Add a trainer to the table (a second one of the same name is an error)."""
+    old = TRAINERS.get(trainer.name)
+    if old is not None and old.train.__module__ != trainer.train.__module__:
+        raise ValueError(f"two trainers named {trainer.name!r}")
     TRAINERS[trainer.name] = trainer
     return trainer
 
 
-def _load() -> None:
-    for mod in _MODULES:
-        importlib.import_module(mod)
+def discover() -> list[str]:
+    """Import every module of this package (each registers what it holds); their names."""
+    names = []
+    for info in pkgutil.iter_modules(__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
+            names.append(info.name)
+    return names
 
 
 def get_experiment(name: str) -> Experiment:
-    _load()
+    discover()
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; valid: {', '.join(sorted(EXPERIMENTS))}")
     return EXPERIMENTS[name]
 
 
 def get_trainer(name: str) -> Trainer:
-    _load()
+    discover()
     if name not in TRAINERS:
         valid = ", ".join(sorted(TRAINERS)) or "none yet"
         raise ValueError(f"unknown model {name!r} to train; valid: {valid}")
@@ -117,10 +168,10 @@ def get_trainer(name: str) -> Trainer:
 
 
 def all_experiments() -> dict[str, Experiment]:
-    _load()
+    discover()
     return dict(EXPERIMENTS)
 
 
 def all_trainers() -> dict[str, Trainer]:
-    _load()
+    discover()
     return dict(TRAINERS)

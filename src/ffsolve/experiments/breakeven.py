@@ -14,14 +14,14 @@ from typing import Any
 
 import torch
 
-from ffsolve.bench import time_call
+from ffsolve.bench import measure
 from ffsolve.config import Config, spec
-from ffsolve.experiments import Experiment, RunContext, register_experiment
-from ffsolve.experiments.causal import DTYPE_NAMES, dtype_of
+from ffsolve.experiments import Case, Experiment, RunContext, Step, register_experiment
 from ffsolve.models.causal import CausalMLP, CausalMLPConfig
 from ffsolve.plots import plt, save_figure
-from ffsolve.problems.base import FunctionProblem
+from ffsolve.problems import FunctionProblem
 from ffsolve.progress import track
+from ffsolve.runtime import DTYPE_NAMES, dtype_of, exact_arithmetic
 from ffsolve.solvers import ConvergenceWarning, get_solver
 
 
@@ -38,6 +38,7 @@ class BreakEvenConfig(Config):
 
 
 def run(cfg: BreakEvenConfig, ctx: RunContext) -> dict[str, Any]:
+    exact_arithmetic(ctx.device)
     dtype = dtype_of(cfg.dtype)
     seq, jac = get_solver("sequential"), get_solver("jacobi")
     rows = []
@@ -49,15 +50,16 @@ def run(cfg: BreakEvenConfig, ctx: RunContext) -> dict[str, Any]:
             problem = FunctionProblem(model, x0)
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)
-                t_seq, _, _ = time_call(
-                    lambda p=problem: seq.solve(p, record=False), ctx.device, repeats=cfg.repeats
-                )
+                t_seq = measure(
+                    lambda p=problem: seq.solve(p, record=False), ctx.device, 1, cfg.repeats
+                )["median_s"]
                 n = min(cfg.probe_iters, T)
-                t_jac, _, _ = time_call(
+                t_jac = measure(
                     lambda p=problem, n=n: jac.solve(p, max_iters=n, record=False),
                     ctx.device,
-                    repeats=cfg.repeats,
-                )
+                    1,
+                    cfg.repeats,
+                )["median_s"]
             per_iter = t_jac / n
             row = {
                 "length": T,
@@ -107,5 +109,7 @@ register_experiment(
         run=run,
         plot=plot,
         summary=summary,
+        steps=(Step("breakeven"),),
+        bench=(Case("breakeven", ("repeats=7",)),),
     )
 )

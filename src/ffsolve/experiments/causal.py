@@ -1,4 +1,4 @@
-"""The built-in triangular system: a random causal MLP solved by every method."""
+"""`ffsolve run causal-net`: a random causal MLP (a dense triangular system) by every method."""
 
 from __future__ import annotations
 
@@ -8,20 +8,14 @@ from typing import Any
 
 import torch
 
-from ffsolve.bench import MethodSpec, compare, format_table
+from ffsolve.bench import format_table, solver_row, timed_rows
 from ffsolve.config import Config, spec
+from ffsolve.errors import ConfigError
 from ffsolve.experiments import Experiment, RunContext, register_experiment
 from ffsolve.models.causal import CausalMLP, CausalMLPConfig
 from ffsolve.plots import plot_traces
-from ffsolve.problems.base import FunctionProblem
-
-_DTYPES = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
-DTYPE_NAMES = tuple(_DTYPES)
+from ffsolve.problems import FunctionProblem
+from ffsolve.runtime import DTYPE_NAMES, dtype_of, exact_arithmetic
 
 
 @dataclass(frozen=True)
@@ -32,35 +26,43 @@ class CausalConfig(Config):
     depth: int = spec(2, ge=1)
     gain: float = spec(1.5, ge=0.0)
     batch: int = spec(16, ge=1)
-    block_size: int = spec(16, ge=1)  # at most length (checked by the solver)
+    block_size: int = spec(16, ge=1)  # jacobi_gs and gs_jacobi blocks, at most length
     window: int = spec(32, ge=1)
     dtype: str = spec("float32", choices=DTYPE_NAMES)
     repeats: int = spec(3, ge=1)
     seed: int = spec(0, ge=0)
 
-
-def dtype_of(name: str) -> torch.dtype:
-    if name not in _DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; valid: {', '.join(_DTYPES)}")
-    return _DTYPES[name]
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.block_size > self.length:
+            raise ConfigError(
+                f"CausalConfig.block_size={self.block_size} is larger than length={self.length}"
+            )
 
 
 def run(cfg: CausalConfig, ctx: RunContext) -> dict[str, Any]:
+    exact_arithmetic(ctx.device)
     dtype = dtype_of(cfg.dtype)
     model_cfg = CausalMLPConfig(cfg.length, cfg.channels, cfg.hidden, cfg.depth, cfg.gain, cfg.seed)
     model = CausalMLP(model_cfg).to(device=ctx.device, dtype=dtype).eval()
     g = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)
     x0 = torch.randn(cfg.batch, cfg.length, cfg.channels, generator=g).to(ctx.device, dtype)
     problem = FunctionProblem(model, x0, dim=1)
-    specs = [
-        MethodSpec.of("sequential", "sequential"),
-        MethodSpec.of("jacobi", "jacobi"),
-        MethodSpec.of(f"jacobi_gs(block={cfg.block_size})", "jacobi_gs", block_size=cfg.block_size),
-        MethodSpec.of(f"gs_jacobi(block={cfg.block_size})", "gs_jacobi", block_size=cfg.block_size),
-        MethodSpec.of(f"gs_jacobi(window={cfg.window})", "gs_jacobi", window=cfg.window),
+    K, W = cfg.block_size, cfg.window
+    rows = [
+        solver_row("sequential", "sequential", problem),
+        solver_row("jacobi", "jacobi", problem),
+        solver_row(f"jacobi_gs(block={K})", "jacobi_gs", problem, block_size=K),
+        solver_row(f"gs_jacobi(block={K})", "gs_jacobi", problem, block_size=K),
+        solver_row(f"gs_jacobi(window={W})", "gs_jacobi", problem, window=W),
     ]
     ctx.log(f"causal MLP: T={cfg.length}, C={cfg.channels}, batch={cfg.batch}, {cfg.dtype}")
-    records, _ = compare(problem, specs, ctx.device, repeats=cfg.repeats, log=ctx.log)
+    records, outcomes = timed_rows(rows, ctx.device, repeats=cfg.repeats, log=ctx.log)
+    ref = outcomes["sequential"].value
+    for row, rec in zip(rows, records, strict=True):
+        if row.kind != "sequential" and "error" not in rec:
+            rec["traces"] = row.trace(ref, ctx.device)
+            rec["traces"].pop("snapshots")
     return {"methods": records, "length": cfg.length}
 
 

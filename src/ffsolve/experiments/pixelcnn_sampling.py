@@ -11,14 +11,13 @@ the problem's cheap paths: jacobi_gs sweeps rows with cached single-pixel steps,
 window runs a forward cropped to the rows it needs. `batches` adds a sweep of the batch size:
 the fastest parallel method of the main table against the cached sequential loop.
 
-Speed as the issue measured it: weight normalisation is folded into plain weights once,
-cudnn.benchmark is on, and on CUDA the forward (plus the sampling arithmetic) is captured in a
-CUDA graph that both the sequential loop and the parallel sweeps replay.
+Weight normalisation is folded into plain weights once, cudnn.benchmark is on, and on CUDA
+(`capture`) the forward (plus the sampling arithmetic) is captured in a CUDA graph that both
+the sequential loop and the parallel sweeps replay.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +26,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from ffsolve.bench import MethodSpec, compare, format_table, trace_solve
+from ffsolve.bench import Row, format_table, solver_row, timed_rows
 from ffsolve.config import Config, spec
-from ffsolve.experiments import Experiment, RunContext, register_experiment
+from ffsolve.errors import ConfigError
+from ffsolve.experiments import Case, Experiment, RunContext, Step, register_experiment
 from ffsolve.models.pixelcnnpp import load_pixelcnnpp
 from ffsolve.plots import plt, save_figure, show_images
-from ffsolve.problems.pixelcnn import PixelCNNSampling, pixelcnn_noise
-from ffsolve.solvers import ConvergenceWarning, get_solver
+from ffsolve.problems import PixelCNNSampling, pixelcnn_noise
+from ffsolve.runtime import exact_arithmetic
+from ffsolve.solvers import ConvergenceWarning, Stopping, get_solver
 
 SEQ = "sequential"
 SEQC = "sequential-cached"
@@ -53,10 +54,10 @@ class PixelCNNSamplingConfig(Config):
         atol, rtol: stopping tolerance on the [-1, 1] scale (isclose); 0 is exact equality,
             atol 0.02 a change of at most 0.01 on the [0, 1] scale; the paper's code used
             atol 1e-5 and rtol 1e-3.
-        cuda_graph: capture the forward in a CUDA graph on CUDA (both sides of every ratio).
+        capture: capture the forward in a CUDA graph on CUDA (both sides of every ratio).
         cached: time the cached sequential sampler too (`sequential-cached`) and run the
             hybrids on the problem's cheap paths (cached row sweeps, cropped windows).
-        cached_capture: with `cuda_graph`, capture the whole cached sequential loop in one
+        capture_cached_loop: with `capture`, capture the whole cached sequential loop in one
             CUDA graph (else it runs eagerly, one launch per kernel).
         batches: batch sizes of a sweep (the fastest parallel method of the main table
             against sequential-cached; empty: no sweep).
@@ -73,9 +74,9 @@ class PixelCNNSamplingConfig(Config):
     window_rows: int = spec(15, ge=1)
     atol: float = spec(0.0, ge=0.0)
     rtol: float = spec(0.0, ge=0.0)
-    cuda_graph: bool = True
+    capture: bool = True
     cached: bool = True
-    cached_capture: bool = True
+    capture_cached_loop: bool = True
     batches: tuple[int, ...] = spec((), ge=1, le=64)
     cudnn_benchmark: bool = True
     repeats: int = spec(3, ge=1)
@@ -85,34 +86,37 @@ class PixelCNNSamplingConfig(Config):
     grid_images: int = spec(16, ge=1)
 
 
-def _specs(
+def _rows(
     cfg: PixelCNNSamplingConfig,
     W: int,
-    plain: PixelCNNSampling | None = None,
-    cached: PixelCNNSampling | None = None,
-) -> list[MethodSpec]:
-    """The rows: sequential (plain, the default problem), sequential-cached and the parallel
-    methods; the hybrids run on the cached problem when there is one."""
-    fast = cached  # the hybrids' problem (None: the default one)
+    plain: PixelCNNSampling | None,
+    cached: PixelCNNSampling | None,
+    methods: tuple[str, ...],
+) -> list[Row]:
+    """The rows: sequential (plain), sequential-cached and the parallel methods; the hybrids
+    run on the cached problem when there is one."""
+    fast = cached or plain  # the hybrids' problem
+    stop = Stopping(atol=cfg.atol, rtol=cfg.rtol)
     table = {
-        "jacobi": lambda: MethodSpec.of("jacobi", "jacobi", plain),
-        "jacobi_gs": lambda: MethodSpec.of(f"jacobi_gs(row={W})", "jacobi_gs", fast, block_size=W),
-        "gs_jacobi": lambda: MethodSpec.of(
+        "jacobi": lambda: solver_row("jacobi", "jacobi", plain or fast, stop),
+        "jacobi_gs": lambda: solver_row(
+            f"jacobi_gs(row={W})", "jacobi_gs", fast, stop, block_size=W
+        ),
+        "gs_jacobi": lambda: solver_row(
             f"gs_jacobi(window={cfg.window_rows} rows)",
             "gs_jacobi",
             fast,
+            stop,
             window=cfg.window_rows * W,
-        ),
+        ),  # fmt: skip
     }
-    rows = [MethodSpec.of(SEQ, "sequential", plain)]
+    rows = []
+    if plain is not None:
+        rows.append(solver_row(SEQ, "sequential", plain))
     if cached is not None:
-        rows.append(_cached_spec(cfg, cached))
-    return [*rows, *(table[m]() for m in cfg.methods)]
-
-
-def _cached_spec(cfg: PixelCNNSamplingConfig, cached: PixelCNNSampling) -> MethodSpec:
-    kw = {} if cached.capturable_stepper else {"capture": False}
-    return MethodSpec(SEQC, get_solver("sequential"), cached, kw)
+        capture = "auto" if cached.capturable_stepper else False
+        rows.append(solver_row(SEQC, "sequential", cached, Stopping(capture=capture)))
+    return [*rows, *(table[m]() for m in methods)]
 
 
 def _probe_capture(cached: PixelCNNSampling, log) -> None:
@@ -126,7 +130,7 @@ def _probe_capture(cached: PixelCNNSampling, log) -> None:
     except Exception as e:  # noqa: BLE001  (any capture failure: keep the eager loop)
         log(f"  capturing the cached sequential loop failed ({type(e).__name__}: {e}); eager")
         cached.capturable_stepper = False
-        cached.__dict__.pop("_ffsolve_graphs", None)
+        cached.graphs.invalidate()
 
 
 def _uint8(problem: PixelCNNSampling, x: torch.Tensor, n: int) -> list:
@@ -136,33 +140,32 @@ def _uint8(problem: PixelCNNSampling, x: torch.Tensor, n: int) -> list:
     return (img[..., 0] if img.shape[-1] == 1 else img).cpu().tolist()
 
 
+def _cached(cfg, model, gumbel, logistic, graph, log) -> PixelCNNSampling:
+    cached = PixelCNNSampling(model, gumbel, logistic, capture=graph, cached=True)
+    cached.capturable_stepper = cached.capturable_stepper and cfg.capture_cached_loop
+    _probe_capture(cached, log)
+    return cached
+
+
 def run(cfg: PixelCNNSamplingConfig, ctx: RunContext) -> dict[str, Any]:
     dev = ctx.device
-    if dev.type == "cuda":  # exactness is checked: no TF32; autotuned convolutions
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+    exact_arithmetic(dev, cfg.cudnn_benchmark)  # equality is checked: no TF32
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
     model, meta = load_pixelcnnpp(cfg.checkpoint, dev)
     model = model.to(dtype[cfg.dtype])
     mcfg = model.config
+    if cfg.window_rows > mcfg.height and "gs_jacobi" in cfg.methods:
+        raise ConfigError(
+            f"window_rows must be at most the image height {mcfg.height}, got {cfg.window_rows}"
+        )
     state_dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
     gen = torch.Generator().manual_seed(cfg.seed)
     shape = (mcfg.channels, mcfg.height, mcfg.width)
     gumbel, logistic = pixelcnn_noise(cfg.batch, shape, mcfg.mixtures, gen, dev, state_dtype)
-    graph = cfg.cuda_graph and dev.type == "cuda"
-    if cfg.window_rows > mcfg.height and "gs_jacobi" in cfg.methods:
-        raise ValueError(
-            f"window_rows must be at most the image height {mcfg.height}, got {cfg.window_rows}"
-        )
-    problem = PixelCNNSampling(model, gumbel, logistic, cuda_graph=graph)
-    cached = None
-    if cfg.cached:
-        cached = PixelCNNSampling(model, gumbel, logistic, cuda_graph=graph, cached=True)
-        cached.capturable_stepper = cached.capturable_stepper and cfg.cached_capture
-        _probe_capture(cached, ctx.log)
-    specs = _specs(cfg, mcfg.width, None, cached)
-    baselines = (SEQ, SEQC) if cached is not None else (SEQ,)
+    graph = cfg.capture and dev.type == "cuda"
+    problem = PixelCNNSampling(model, gumbel, logistic, capture=graph)
+    cached = _cached(cfg, model, gumbel, logistic, graph, ctx.log) if cfg.cached else None
+    rows = _rows(cfg, mcfg.width, problem, cached, cfg.methods)
     ctx.log(
         f"PixelCNN++ {mcfg.channels}x{mcfg.height}x{mcfg.width}, {mcfg.filters} filters "
         f"({meta['data']['name']}, test {meta.get('test_bits_per_dim')} bits/dim), batch "
@@ -171,39 +174,33 @@ def run(cfg: PixelCNNSamplingConfig, ctx: RunContext) -> dict[str, Any]:
     )
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)  # a method that fails is loud
-        records, solved = compare(
-            problem,
-            specs,
-            dev,
-            reference=SEQ,
-            baselines=baselines,
-            warmup=cfg.warmup,
-            repeats=cfg.repeats,
-            atol=cfg.atol,
-            rtol=cfg.rtol,
-            record=False,  # the traces come from `trace_solve` below: no extra solve
-            log=ctx.log,
+        records, solved = timed_rows(
+            rows, dev, warmup=cfg.warmup, repeats=cfg.repeats, reference=SEQ, log=ctx.log
         )
+    failed = [r["method"] for r in records if "error" in r]
+    if SEQ in failed:
+        raise RuntimeError(f"the sequential reference failed: {records[0]['error']}")
     ref = solved[SEQ].value
     T = problem.length
     # the grids show the strongest sequential loop at equal wall-clock
-    seq_time = min(r["wall_time_s"] for r in records if r["solver"] == SEQ)
+    seq_time = min(r["wall_time_s"] for r in records if r["solver"] == SEQ and "error" not in r)
     frames = sorted(set(cfg.frames))
     n_img = min(cfg.grid_images, cfg.batch)
     grids: dict[str, Any] = {}
-    for spec_, rec in zip(specs, records, strict=True):
-        diff = (solved[spec_.label].value - ref).reshape(cfg.batch, T, -1)
+    for row, rec in zip(rows, records, strict=True):
+        if "error" in rec:
+            continue
+        diff = (solved[row.label].value - ref).reshape(cfg.batch, T, -1)
         rec["pixels_differing"] = int((diff != 0).any(2).sum())
         # beyond rounding: a flipped mixture component (or a visible change of value)
         rec["pixels_differing_1e-3"] = int((diff.abs() > 1e-3).any(2).sum())
-        if spec_.solver.name == SEQ or not cfg.trace:
+        if row.kind == SEQ or not cfg.trace:
             continue
-        prob = spec_.problem or problem
-        tr = trace_solve(spec_.solver, prob, ref, dev, frames, atol=cfg.atol, rtol=cfg.rtol)
+        tr = row.trace(ref, dev, frames=frames)
         snaps = tr.pop("snapshots")
-        rec["traces"].update(tr)
+        rec["traces"] = tr
         per_iter = rec["wall_time_s"] / max(1, rec["num_iters"])
-        grids[spec_.label] = {
+        grids[row.label] = {
             str(k): {
                 "images": _uint8(problem, v, n_img),
                 # the sequential loop's image at the same measured wall-clock
@@ -211,13 +208,13 @@ def run(cfg: PixelCNNSamplingConfig, ctx: RunContext) -> dict[str, Any]:
             }
             for k, v in sorted(snaps.items())
         }
-        for g in grids[spec_.label].values():
+        for g in grids[row.label].values():
             done = g["sequential_steps"]
             partial = ref.clone()
             partial[:, done:] = problem.initial()[:, done:]  # pixels not yet sampled: grey
             g["sequential_images"] = _uint8(problem, partial, n_img)
     sweep = []
-    parallel = [r for r in records if r["solver"] != SEQ]
+    parallel = [r for r in records if r["solver"] != SEQ and "error" not in r]
     if cfg.batches and parallel:
         best = max(parallel, key=lambda r: r["speedup_vs_sequential"])
         name = best["solver"]
@@ -234,8 +231,12 @@ def run(cfg: PixelCNNSamplingConfig, ctx: RunContext) -> dict[str, Any]:
         "grids": grids,
         "final": {
             "sequential": _uint8(problem, ref, n_img),
-            **{s.label: _uint8(problem, solved[s.label].value, n_img) for s in specs[1:]},
-        },
+            **{
+                r.label: _uint8(problem, solved[r.label].value, n_img)
+                for r in rows[1:]
+                if r.label in solved
+            },
+        },  # fmt: skip
     }
 
 
@@ -248,26 +249,17 @@ def _batch_sweep(cfg, model, state_dtype, graph, method, dev, ctx) -> list[dict[
     for b in cfg.batches:
         gen = torch.Generator().manual_seed(cfg.seed)
         g, e = pixelcnn_noise(b, shape, mcfg.mixtures, gen, dev, state_dtype)
-        cached = PixelCNNSampling(model, g, e, cuda_graph=graph, cached=True)
-        cached.capturable_stepper = cached.capturable_stepper and cfg.cached_capture
-        _probe_capture(cached, ctx.log)
-        specs = _specs(dataclasses.replace(cfg, methods=(method,)), mcfg.width, cached, cached)
-        specs = specs[1:]  # no plain sequential loop: it is the slow one
+        cached = _cached(cfg, model, g, e, graph, ctx.log)
+        rows = _rows(cfg, mcfg.width, None, cached, (method,))
         ctx.log(f"batch {b}:")
         with warnings.catch_warnings():
             warnings.simplefilter("error", ConvergenceWarning)
-            recs, _ = compare(
-                cached,
-                specs,
-                dev,
-                reference=SEQC,
-                baselines=(SEQC,),
-                warmup=cfg.warmup,
-                repeats=cfg.repeats,
-                atol=cfg.atol,
-                rtol=cfg.rtol,
-                log=ctx.log,
+            recs, _ = timed_rows(
+                rows, dev, warmup=cfg.warmup, repeats=cfg.repeats, reference=SEQC, log=ctx.log
             )
+        if any("error" in r for r in recs):
+            out.append({"batch": b, "error": "; ".join(r.get("error", "") for r in recs)})
+            continue
         par = recs[1]
         out.append(
             {
@@ -304,7 +296,7 @@ def plot(records: dict[str, Any], out_dir: Path) -> list[Path]:
         axes[1].semilogy(np.asarray(tr["clock_s"]), err, color=color, label=r["method"])
         axes[2].plot(its, tr["positions_differing"], color=color, label=r["method"])
     for r in records["methods"]:
-        if r["solver"] == SEQ:
+        if r["solver"] == SEQ and "wall_time_s" in r:
             axes[1].axvline(r["wall_time_s"], color="gray", ls=":", lw=1)
             axes[1].text(r["wall_time_s"], 1, r["method"], rotation=90, fontsize=7, va="bottom")
     axes[0].set_xlabel("iteration")
@@ -351,7 +343,10 @@ def summary(records: dict[str, Any]) -> str:
         "vs the cached sequential sampler; pixels != seq.: (image, pixel) pairs differing "
         "from the sequential sample (> 1e-3: by more than rounding)",
     ]
-    sweep = records.get("batch_sweep") or []
+    sweep = [r for r in records.get("batch_sweep") or [] if "error" not in r]
+    for r in records.get("batch_sweep") or []:
+        if "error" in r:
+            lines.append(f"batch {r['batch']}: FAILED: {r['error']}")
     if sweep:
         lines += ["", f"batch sweep ({sweep[0]['method']} vs sequential-cached):"]
         lines.append("batch  iters  parallel s  cached s  speed-up")
@@ -363,6 +358,49 @@ def summary(records: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+#: the paper's numbers (Song et al. 2021, from the original notebooks): seconds per batch
+PAPER: dict[str, dict[str, Any]] = {
+    "pixelcnn-mnist": {
+        "seconds": {"sequential": 12.15, "sequential-cached": 8.23, "jacobi": 1.94,
+                    "gs_jacobi": 1.86, "jacobi_gs": 5.95},
+        "best_vs_cached": 4.4,
+    },
+    "pixelcnn-rgb": {
+        "seconds": {"sequential": 30.95, "sequential-cached": 17.76, "jacobi": 26.16,
+                    "jacobi_gs": 14.76, "gs_jacobi": 14.87},
+        "best_vs_cached": 1.2,
+    },
+}  # fmt: skip
+
+
+def paper(records: dict[str, Any], key: str) -> list[str]:
+    """Each row's time beside the paper's, and the best parallel method against the cached
+    sequential sampler."""
+    p = PAPER[key]
+    rows, cached, best = [], None, None
+    for m in records["methods"]:
+        if "error" in m:
+            rows.append(f"| {key} | {m['method']} | | failed: {m['error'][:80]} |")
+            continue
+        label = m["method"]
+        ref = p["seconds"].get(label, p["seconds"].get(m["solver"]))
+        if label == SEQC:
+            cached = m
+        elif m["solver"] != SEQ and (best is None or m["wall_time_s"] < best["wall_time_s"]):
+            best = m
+        extra = f", {m['num_iters']} iterations" if m["solver"] != SEQ else ""
+        rows.append(
+            f"| {key} | {label} | {'' if ref is None else f'{ref:.3g} s'} | "
+            f"{m['wall_time_s']:.3g} s{extra} |"
+        )
+    if cached is not None and best is not None:
+        rows.append(
+            f"| {key} | best parallel vs cached sequential | {p['best_vs_cached']}x | "
+            f"{cached['wall_time_s'] / best['wall_time_s']:.2f}x ({best['method']}) |"
+        )
+    return rows
+
+
 register_experiment(
     Experiment(
         name="pixelcnn-sampling",
@@ -371,5 +409,25 @@ register_experiment(
         run=run,
         plot=plot,
         summary=summary,
+        paper=paper,
+        steps=(
+            Step(
+                "pixelcnn-mnist",
+                config="configs/pixelcnn_sampling_mnist.yaml",
+                checkpoint="checkpoints/pixelcnnpp_mnist",
+            ),
+            Step(
+                "pixelcnn-rgb",
+                config="configs/pixelcnn_sampling_rgb.yaml",
+                checkpoint="checkpoints/pixelcnnpp_rgb",
+            ),
+        ),  # fmt: skip
+        bench=(
+            Case(
+                "pixelcnn-mnist",
+                ("methods=[jacobi, jacobi_gs, gs_jacobi]", "trace=false"),
+                default=False,
+            ),
+        ),  # fmt: skip
     )
 )

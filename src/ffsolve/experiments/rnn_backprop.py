@@ -35,16 +35,16 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from ffsolve.backprop import BackpropInfo, backprop_through
-from ffsolve.bench import synchronize
+from ffsolve.bench import clock
 from ffsolve.config import Config, spec
 from ffsolve.data import load_mnist
 from ffsolve.errors import ConfigError
-from ffsolve.experiments import Experiment, RunContext, register_experiment
-from ffsolve.experiments.causal import dtype_of
+from ffsolve.experiments import Experiment, RunContext, Step, register_experiment
 from ffsolve.models.rnn import VanillaRNN, VanillaRNNConfig
 from ffsolve.plots import plt, save_figure
 from ffsolve.progress import track
-from ffsolve.solvers import METHODS, ConvergenceWarning
+from ffsolve.runtime import dtype_of, exact_arithmetic
+from ffsolve.solvers import METHODS, ConvergenceWarning, Stopping
 
 __all__ = [
     "RNNBackpropConfig",
@@ -125,7 +125,7 @@ def _methods(cfg: RNNBackpropConfig) -> list[_Method]:
     by_label = {m.label: m for m in methods}
     forward = {
         "forward_method": cfg.forward_method,
-        "forward_options": {"atol": cfg.forward_atol, "check_every": 8},
+        "forward": Stopping(atol=cfg.forward_atol, check_every=8),
     }
     methods += [
         _Method(
@@ -305,13 +305,15 @@ def _train(
     losses, times, iters, converged, fwd_iters = [], [], [], [], []
     for i in range(cfg.steps):
         x = seqs[i : i + 1]  # (1, T, 1), batch 1
-        synchronize(device)
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss, info = _loss_backward(model, x, method)
-        opt.step()
-        synchronize(device)
-        times.append(time.perf_counter() - t0)
+
+        def step(x=x) -> tuple[Tensor, BackpropInfo | None]:
+            opt.zero_grad(set_to_none=True)
+            out = _loss_backward(model, x, method)
+            opt.step()
+            return out
+
+        seconds, (loss, info) = clock(step, device)
+        times.append(seconds)
         losses.append(loss)
         iters.append(None if info is None else info.num_iters)
         converged.append(None if info is None else info.converged)
@@ -418,6 +420,7 @@ def _model_config(cfg: RNNBackpropConfig, repeat: int) -> VanillaRNNConfig:
 def run(cfg: RNNBackpropConfig, ctx: RunContext) -> dict[str, Any]:
     """Train with every method for every repeat; measure gradient errors; see module doc."""
     _check(cfg)
+    exact_arithmetic(ctx.device)
     dtype = dtype_of(cfg.dtype)
     if dtype not in (torch.float32, torch.float64):
         raise ConfigError(f"dtype must be float32 or float64, got {cfg.dtype}")
@@ -495,7 +498,9 @@ def _run(cfg: RNNBackpropConfig, ctx: RunContext, dtype: torch.dtype) -> dict[st
             {
                 "method": m.label,
                 "solver": m.solver or "torch.autograd",
-                "options": m.options,
+                "options": {
+                    k: v.summary() if isinstance(v, Stopping) else v for k, v in m.options.items()
+                },
                 "mean_iters_per_step": statistics.fmean(its) if its else None,
                 "mean_forward_iters_per_step": statistics.fmean(fits) if fits else None,
                 "converged_fraction": statistics.fmean(conv) if conv else None,
@@ -623,6 +628,25 @@ def summary(records: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+#: the paper's numbers (Song et al. 2021): Jacobi iterations per step, training speed-up
+PAPER = {"iters": "10-30", "training_speedup": "about 2x"}
+
+
+def paper(records: dict[str, Any], key: str) -> list[str]:
+    """Per method: mean iterations per step and the training speed-up against BPTT."""
+    rows = []
+    for m in records["methods"]:
+        if m["method"] == "bptt" or m["method"].startswith("autograd"):
+            continue
+        it = m.get("mean_iters_per_step")
+        rows.append(
+            f"| {key} | {m['method']}: iterations / training speed-up vs BPTT | "
+            f"{PAPER['iters']} / {PAPER['training_speedup']} | "
+            f"{'-' if it is None else f'{it:.1f}'} / {m['speedup_vs_bptt']:.2f}x |"
+        )
+    return rows
+
+
 register_experiment(
     Experiment(
         name="rnn-backprop",
@@ -631,5 +655,7 @@ register_experiment(
         run=run,
         plot=plot,
         summary=summary,
+        paper=paper,
+        steps=(Step("rnn-backprop", data="mnist"),),
     )
 )

@@ -13,9 +13,9 @@ inputs x ~ N(0, 1) give one `RecurrenceForward` problem; every method computes h
   calls replayed without launch overhead from Python), CUDA only, up to `loop_max_length`.
 - `jacobi`, `newton`, `quasi_newton`: stopped online at max-abs change <= `atol`.
 
-Per row: median time (`ffsolve.bench.time_call`), iterations, peak device memory (CUDA
-only), and the max-abs difference from the sequential states (h only for the LSTM, since
-cuDNN returns no c). Random weights: untrained cells mix fast, so iteration counts here say
+Per row: median time (`ffsolve.bench.timed_rows`), iterations, peak device memory (CUDA
+only), and the max-abs difference from the sequential states (h only, also for the LSTM,
+since cuDNN returns no c). Random weights: untrained cells mix fast, so iteration counts here say
 how a method scales, not what a trained model needs.
 
 With `checkpoint` (a "gru-char" model of `ffsolve train gru`) the cell is the trained GRU
@@ -37,15 +37,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ffsolve.bench import synchronize, time_call
+from ffsolve.bench import Outcome, Row, timed_rows
 from ffsolve.config import Config, spec
 from ffsolve.errors import ConfigError
-from ffsolve.experiments import Experiment, RunContext, register_experiment
-from ffsolve.experiments.causal import dtype_of
+from ffsolve.experiments import Case, Experiment, RunContext, register_experiment
 from ffsolve.models.char_gru import load_char_gru
 from ffsolve.plots import plt, save_figure
 from ffsolve.problems import RecurrenceForward
-from ffsolve.solvers import ConvergenceWarning, get_solver
+from ffsolve.runtime import dtype_of, exact_arithmetic
+from ffsolve.solvers import ConvergenceWarning, Stopping, get_solver
 
 __all__ = ["RNNForwardConfig", "plot", "run", "summary", "winners", "winners_table"]
 
@@ -153,28 +153,9 @@ def _trained(cfg: RNNForwardConfig, device: torch.device) -> _Trained | None:
     return trained
 
 
-def _peak(device: torch.device) -> int | None:
-    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
-
-
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _timed(fn, device: torch.device, cfg: RNNForwardConfig) -> tuple[float, Any, int | None]:
-    """Median seconds, the last result, and the peak memory of the calls beyond what was
-    allocated before them (CUDA only)."""
-    synchronize(device)
-    _reset_peak(device)
-    base = _peak(device)
-    t, _, out = time_call(fn, device, warmup=cfg.warmup, repeats=cfg.repeats)
-    peak = _peak(device)
-    return t, out, None if peak is None or base is None else peak - base
-
-
 def _shape_rows(cfg, kind, H, T, B, ctx, trained: _Trained | None = None) -> list[dict[str, Any]]:
+    """Every method on one shape, timed side by side by `timed_rows`; the reference is the
+    sequential loop's h (timed too up to `loop_max_length`, else computed untimed)."""
     device, dtype = ctx.device, dtype_of(cfg.dtype)
     if trained is None:
         seed = cfg.seed + 1000 * H + T + 7 * B
@@ -189,103 +170,86 @@ def _shape_rows(cfg, kind, H, T, B, ctx, trained: _Trained | None = None) -> lis
     problem = RecurrenceForward(cell, h0s, xs)
     weights = "random" if trained is None else "trained"
     base = {"cell": kind, "hidden": H, "length": T, "batch": B, "weights": weights}
-    rows = []
-    seq = get_solver("sequential")
-    ref = None
-    loop_timed = "sequential" in cfg.methods and not cfg.loop_max_length < T
-    if not loop_timed:
-        ref = seq.solve(problem, record=False).value  # untimed reference
-    if loop_timed:
-        t, sol, mem = _timed(lambda: seq.solve(problem, record=False), device, cfg)
-        ref = sol.value
-        rows.append({**base, "method": "sequential", "time_s": t, "iters": T, "peak_bytes": mem})
-    hidden_ref = ref[..., :H]  # (B, T, H): h of an LSTM's [h, c]
+    out: list[dict[str, Any]] = []
+    rows: list[Row] = []
 
+    def solve_row(label: str, method: str, stop: Stopping) -> Row:
+        solver = get_solver(method)
+
+        def call() -> Outcome:
+            sol = solver.solve(problem, stop)
+            extra = {"converged": sol.all_converged}
+            for k in ("newton_fallbacks", "newton_nonfinite"):
+                if k in sol.stats:
+                    extra[k] = int(sum(sol.stats[k]))
+            return Outcome(sol.value[..., :H], sol.num_iters, extra)  # h of an LSTM's [h, c]
+
+        return Row(label, "sequential" if method == "sequential" else method, call)
+
+    loop_ok = not cfg.loop_max_length < T
     for method in cfg.methods:
-        row: dict[str, Any] = {**base, "method": method}
-        if method == "sequential":
-            continue
-        if method == "sequential_graph":
-            rows.append(_graph_loop_row(problem, ref, row, T, device, cfg, ctx))
-            continue
+        row = {**base, "method": method}
         if method == "cudnn":
             if device.type != "cuda":  # ATen's CPU loop is not cuDNN: no row pretends it is
-                rows.append({**row, "skipped": f"no cuDNN on {device.type}"})
+                out.append({**row, "skipped": f"no cuDNN on {device.type}"})
                 continue
             hx = h0[None] if kind == "gru" else (h0[None], h0[None].clone())
-            try:
-                t, out, mem = _timed(lambda hx=hx: rnn(xs, hx)[0], device, cfg)
-            except RuntimeError as e:  # cuDNN refuses some long sequences
-                rows.append({**row, "refused": str(e).splitlines()[0][:200]})
-                ctx.log(f"    cudnn refused: {str(e).splitlines()[0][:120]}")
+            rows.append(Row("cudnn", "sequential", lambda hx=hx: Outcome(rnn(xs, hx)[0], T)))
+        elif method in ("sequential", "sequential_graph"):
+            if method == "sequential_graph" and device.type != "cuda":
+                out.append({**row, "skipped": f"no CUDA graph on {device.type}"})
+            elif not loop_ok:  # the untimed reference only (no row for the plain loop)
+                if method == "sequential_graph":
+                    out.append({**row, "skipped": f"T > loop_max_length ({cfg.loop_max_length})"})
+            else:
+                capture = method == "sequential_graph"
+                rows.append(
+                    solve_row(method, "sequential", Stopping(record=False, capture=capture))
+                )
+        else:
+            entries = B * T * problem.shape[2] ** 2
+            if method == "newton" and entries > cfg.newton_max_entries:
+                out.append({**row, "skipped": f"B*T*F^2 = {entries:.1e} > newton_max_entries"})
                 continue
-            diff = float((out.double() - hidden_ref.double()).abs().max())
-            backend = "cudnn" if torch.backends.cudnn.enabled else "aten"
-            rows.append(
-                {
-                    **row,
-                    "time_s": t,
-                    "iters": T,
-                    "peak_bytes": mem,
-                    "max_diff": diff,
-                    "backend": backend,
-                }
-            )
+            stop = Stopping(atol=cfg.atol, record=False, max_iters=cfg.max_iters or None)
+            rows.append(solve_row(method, method, stop))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # recorded as `converged`
+        ref = get_solver("sequential").solve(problem, record=False).value[..., :H]  # untimed
+        _reset_peak(device)
+        records, _ = timed_rows(
+            rows, device, warmup=cfg.warmup, repeats=cfg.repeats, reference_value=ref,
+            baselines=[r.label for r in rows if r.kind == "sequential"], log=ctx.log,
+        )  # fmt: skip
+    for rec in records:
+        row = {**base, "method": rec["method"]}
+        if "error" in rec:
+            key = "refused" if rec["method"] == "cudnn" else "error"
+            out.append({**row, key: rec["error"].split(": ", 1)[-1].splitlines()[0][:200]})
             continue
-        entries = B * T * problem.shape[2] ** 2
-        if method == "newton" and entries > cfg.newton_max_entries:
-            rows.append({**row, "skipped": f"B*T*F^2 = {entries:.1e} > newton_max_entries"})
-            continue
-        solver = get_solver(method)
-        kw = dict(atol=cfg.atol, record=False, max_iters=cfg.max_iters or None)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)  # recorded as `converged`
-            try:
-                t, sol, mem = _timed(lambda s=solver, kw=kw: s.solve(problem, **kw), device, cfg)
-            except (RuntimeError, FloatingPointError) as e:  # out of memory, divergence
-                rows.append({**row, "error": str(e).splitlines()[0][:200]})
-                ctx.log(f"    {method} failed: {str(e).splitlines()[0][:120]}")
-                continue
-        diff = float((sol.value.double() - ref.double()).abs().max())
-        extra = {
-            k: sol.stats[k] for k in ("newton_fallbacks", "newton_nonfinite") if k in sol.stats
-        }
-        extra = {k: int(sum(v)) for k, v in extra.items()}
-        rows.append(
-            {
-                **row,
-                "time_s": t,
-                "iters": sol.num_iters,
-                "converged": sol.all_converged,
-                "peak_bytes": mem,
-                "max_diff": diff,
-                **extra,
-            }
-        )
-    return rows
+        cuda = device.type == "cuda"
+        peak = (rec["peak_mem_mb"] - rec["mem_before_mb"]) * 2**20 if cuda else None
+        kept = ("converged", "newton_fallbacks", "newton_nonfinite")
+        row.update(
+            time_s=rec["wall_time_s"], iters=rec["num_iters"], peak_bytes=peak,
+            max_diff=rec["max_abs_diff_vs_sequential"],
+            **{k: rec[k] for k in kept if k in rec},
+        )  # fmt: skip
+        if rec["method"] == "cudnn":
+            row["backend"] = "cudnn" if torch.backends.cudnn.enabled else "aten"
+        out.append(row)
+    return out
 
 
-def _graph_loop_row(problem, ref, row, T, device, cfg, ctx) -> dict[str, Any]:
-    """The sequential loop captured in one CUDA graph (the capture happens in the warm-up)."""
-    if device.type != "cuda":
-        return {**row, "skipped": f"no CUDA graph on {device.type}"}
-    if cfg.loop_max_length < T:
-        return {**row, "skipped": f"T > loop_max_length ({cfg.loop_max_length})"}
-    seq = get_solver("sequential")
-    try:
-        t, sol, mem = _timed(lambda: seq.solve(problem, record=False, capture=True), device, cfg)
-    except RuntimeError as e:  # a cell that cannot be captured, or out of memory
-        ctx.log(f"    sequential_graph failed: {str(e).splitlines()[0][:120]}")
-        return {**row, "error": str(e).splitlines()[0][:200]}
-    diff = float((sol.value.double() - ref.double()).abs().max())
-    return {**row, "time_s": t, "iters": T, "peak_bytes": mem, "max_diff": diff}
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def run(cfg: RNNForwardConfig, ctx: RunContext) -> dict[str, Any]:
     """Every method on every shape of the grid; see the module doc."""
-    if ctx.device.type == "cuda":  # equality is checked: no TF32
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+    exact_arithmetic(ctx.device)  # equality is checked: no TF32
     trained = _trained(cfg, ctx.device)
     hidden = cfg.hidden if trained is None else (trained.hidden,)
     if trained is not None:
@@ -467,5 +431,22 @@ register_experiment(
         run=run,
         plot=plot,
         summary=summary,
+        bench=(
+            Case(
+                "rnn-forward",
+                (
+                    "cells=[gru, lstm]",
+                    "hidden=[4, 64, 256]",
+                    "lengths=[1000, 10000]",
+                    "batches=[1, 16]",
+                    "methods=[cudnn, jacobi, quasi_newton]",
+                    "loop_max_length=1",
+                    "time_budget_s=240",
+                    "repeats=3",
+                    "warmup=1",
+                ),
+                default=False,
+            ),
+        ),  # fmt: skip
     )
 )

@@ -1,6 +1,8 @@
 """Adapters that turn a model plus fixed inputs into a triangular system for the solvers.
 
-This package is the only bridge between `ffsolve.models` and `ffsolve.solvers`.
+This package is the only bridge between `ffsolve.models` and `ffsolve.solvers`; every
+problem class is importable from here. The protocol (what a problem must and may offer) is
+documented in `ffsolve.problems.base`.
 """
 
 from ffsolve.problems.base import (
@@ -9,13 +11,21 @@ from ffsolve.problems.base import (
     LinearRecurrenceProblem,
     Problem,
 )
+from ffsolve.problems.densenet import DenseNetLayers
+from ffsolve.problems.made import MADESampling, logistic_noise
+from ffsolve.problems.pixelcnn import PixelCNNSampling, pixelcnn_noise
 from ffsolve.problems.recurrence import RecurrenceAdjoint, RecurrenceForward
 
 __all__ = [
+    "DenseNetLayers",
     "FunctionProblem",
     "LinearRecurrence",
     "LinearRecurrenceProblem",
+    "MADESampling",
+    "PixelCNNSampling",
     "Problem",
     "RecurrenceAdjoint",
     "RecurrenceForward",
+    "logistic_noise",
+    "pixelcnn_noise",
 ]

@@ -3,6 +3,34 @@
 A problem owns the model and the fixed inputs (noise, data); a solver owns the iteration.
 Solvers see positions through a canonical view of shape (B, T, F): leading dimensions are
 flattened into the batch B, the position dimension is T, trailing dimensions into F.
+
+Every problem has three things:
+
+| member | what it is |
+|---|---|
+| `length` | T, the number of positions |
+| `initial()` | the starting iterate, positions along `dim` (the solver copies it) |
+| `evaluate(x, start, stop)` | f at positions [start, stop) given the iterate x |
+
+and may offer more through optional hooks, each with a generic default, so a solver never
+asks what kind of problem it has:
+
+| hook | used by | default |
+|---|---|---|
+| `dim` | every method | 1 |
+| `prepare()` | every solve, once before the first sweep (bake weights) | nothing |
+| `evaluate_at(x, index)` | `jacobi_gs` (a strided set of positions) | evaluate all, select |
+| `block_sweep(x, K)`, `block_sweep_evals(K)` | `jacobi_gs` | K calls of `evaluate_at` |
+| `stepper(x)` | `sequential` (a cached or incremental step) | `evaluate(x, t, t + 1)` |
+| `num_evals_per_step` | the record's `num_evals` | 1 |
+| `capturable` | capture="auto": `evaluate` is static and host-free | False |
+| `capturable_stepper` | capture="auto" for `sequential`: the stepper restarts at step 0 | False |
+| `first_order` | `newton`, `quasi_newton`: x_t reads x_{t-1} only | False |
+| `jacobians(x, start, stop, diagonal)` | `newton`, `quasi_newton` | batched VJPs of `evaluate` |
+| `linear_recurrence()` | `scan`: x_t = A_t x_{t-1} + b_t | TypeError (nonlinear) |
+| `graphs` | the captured loops and forwards replayed on this problem | an empty `GraphCache` |
+
+`docs/problems.md` shows a new problem family added as new files only.
 """
 
 from __future__ import annotations
@@ -14,6 +42,8 @@ from typing import Literal
 
 import torch
 from torch import Tensor
+
+from ffsolve.graphs import GraphCache
 
 __all__ = [
     "FunctionProblem",
@@ -42,7 +72,7 @@ class Problem:
     """
 
     length: int
-    dim: int
+    dim: int = 1
 
     #: `evaluate` (and `evaluate_at`) on the full window have static shapes and read nothing
     #: on the host, so the solve loop may capture sweeps in a CUDA graph (`capture="auto"`).
@@ -51,6 +81,16 @@ class Problem:
     #: `step(0)` starts over from the contents of `x` (a stepper can be replayed), so the
     #: whole sequential loop may be captured in one CUDA graph.
     capturable_stepper: bool = False
+
+    @property
+    def graphs(self) -> GraphCache:
+        """The CUDA graphs captured on this problem (solver loops, forwards), kept across
+        solves and replayed; `problem.graphs.invalidate()` drops them when what they read by
+        address was replaced (e.g. new weight tensors)."""
+        cache = getattr(self, "_graph_cache", None)
+        if cache is None:
+            cache = self._graph_cache = GraphCache(16)
+        return cache
 
     def prepare(self) -> None:
         """Called once at the start of every solve, before any `evaluate` or `stepper`: bake

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from ffsolve.graphs import CapturedCall
 from ffsolve.models.pixelcnnpp import PixelCNNpp, sample_mixture
 from ffsolve.problems.base import Problem
 from ffsolve.problems.pixelcnn_cache import LEVELS, max_row, needed_now, row_pass
@@ -77,11 +78,11 @@ class PixelCNNSampling(Problem):
         logistic: (B, H, W, C) logistic noise, same device; its dtype is the state's.
         The network runs in the model's dtype (convert it, e.g. `model.to(torch.bfloat16)`,
         for a cheaper forward), the sampling arithmetic and the state in the noise's dtype.
-        cuda_graph: on CUDA, capture the forward plus the sampling arithmetic once in a CUDA
+        capture: on CUDA, capture the forward plus the sampling arithmetic once in a CUDA
             graph and replay it for every evaluation (both the sequential loop and the
             parallel sweeps use it, so comparisons stay like for like).
         cached: use the cheap paths (see the module docstring): a cached sequential stepper,
-            cropped windows and cached Jacobi-GS row sweeps. With `cuda_graph` too, the whole
+            cropped windows and cached Jacobi-GS row sweeps. With `capture` too, the whole
             cached sequential loop may be captured in one CUDA graph (`capturable_stepper`).
 
     Example:
@@ -97,7 +98,7 @@ class PixelCNNSampling(Problem):
         gumbel: Tensor,
         logistic: Tensor,
         *,
-        cuda_graph: bool = False,
+        capture: bool = False,
         cached: bool = False,
     ) -> None:
         cfg = model.config
@@ -132,12 +133,11 @@ class PixelCNNSampling(Problem):
         self.compute_dtype = p.dtype
         self.cached = bool(cached)
         # the cached loop restarts at step 0 from x and has static shapes per step
-        self.capturable_stepper = self.cached and cuda_graph
-        self._graphs: dict[object, tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] | None = None
-        if cuda_graph:
+        self.capturable_stepper = self.cached and capture
+        self.capture = bool(capture)
+        if capture:
             if p.device.type != "cuda":
-                raise ValueError("cuda_graph=True needs the model on a CUDA device")
-            self._graphs = {}
+                raise ValueError("capture=True needs the model on a CUDA device")
             self._replay("full", self._full, self.initial())  # capture the forward now
 
     # --- the full evaluation -------------------------------------------------------------
@@ -156,28 +156,14 @@ class PixelCNNSampling(Problem):
         return out.reshape(B, H * W, C)
 
     def _replay(self, key: object, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
-        """fn(x); with `cuda_graph`, through a CUDA graph of fn captured on first use under
-        `key` (the result is then a buffer overwritten by the next replay: consume it first)."""
-        if self._graphs is None:
+        """fn(x); with `capture`, through a CUDA graph of fn captured on first use under `key`
+        in `self.graphs` (the result is then a buffer overwritten by the next replay: consume
+        it first)."""
+        if not self.capture:
             return fn(x)
-        entry = self._graphs.get(key)
-        if entry is None:
-            dev = x.device
-            static_in = x.detach().clone(memory_format=torch.contiguous_format)
-            side = torch.cuda.Stream(dev)
-            side.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(side), torch.no_grad():
-                for _ in range(3):  # warm-up: cudnn autotuning and allocations off the graph
-                    fn(static_in)
-            torch.cuda.current_stream(dev).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph), torch.no_grad():
-                static_out = fn(static_in)
-            entry = self._graphs[key] = (graph, static_in, static_out)
-        graph, static_in, static_out = entry
-        static_in.copy_(x)
-        graph.replay()
-        return static_out
+        # three warm-up calls: cuDNN autotuning and allocations happen off the graph
+        call = self.graphs.get(("forward", key), lambda: CapturedCall(fn, x, warmup=3))
+        return call(x)
 
     def full(self, x: Tensor) -> Tensor:
         """f at every position, (B, H*W, C); through the captured graph when there is one

@@ -1,24 +1,31 @@
-"""Solvers for triangular systems: one loop, one record, one table of methods."""
+"""Solvers for triangular systems: one loop, one record, one table of methods.
+
+`solve` is the public entry point; `METHODS` maps each method's name to its class (a new
+method is one file plus one entry here); `Stopping` holds the loop's options.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor
 
 from ffsolve.problems.base import FunctionProblem, Problem
-from ffsolve.solvers.base import (
-    ConvergenceError,
-    ConvergenceWarning,
-    NonFiniteError,
-    Solution,
-    Solver,
-)
+from ffsolve.solvers.base import Solver, State
 from ffsolve.solvers.gs_jacobi import GSJacobi
 from ffsolve.solvers.jacobi import Jacobi
 from ffsolve.solvers.jacobi_gs import JacobiGS
-from ffsolve.solvers.newton import DivergenceWarning, Newton, QuasiNewton
+from ffsolve.solvers.loop import Stopping, run
+from ffsolve.solvers.newton import Newton, QuasiNewton
+from ffsolve.solvers.record import (
+    ConvergenceError,
+    ConvergenceWarning,
+    DivergenceWarning,
+    NonFiniteError,
+    Solution,
+)
 from ffsolve.solvers.scan import Scan, linear_scan
 from ffsolve.solvers.sequential import Sequential
 
@@ -30,6 +37,8 @@ __all__ = [
     "NonFiniteError",
     "Solution",
     "Solver",
+    "State",
+    "Stopping",
     "get_solver",
     "linear_scan",
     "solve",
@@ -42,7 +51,12 @@ METHODS: dict[str, type[Solver]] = {
 
 
 def get_solver(method: str | Solver, **options: Any) -> Solver:
-    """Resolve a method name (plus its options) or pass a solver object through."""
+    """Resolve a method name (plus its options) or pass a solver object through.
+
+    Raises:
+        ValueError: an unknown name (the valid ones are listed).
+        TypeError: an option the method does not take (its options are listed).
+    """
     if isinstance(method, Solver):
         if options:
             raise TypeError(
@@ -52,7 +66,7 @@ def get_solver(method: str | Solver, **options: Any) -> Solver:
     if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
     cls = METHODS[method]
-    valid = {f for f in cls.__dataclass_fields__}
+    valid = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(options) - valid)
     if unknown:
         takes = ", ".join(sorted(valid)) or "no options"
@@ -65,15 +79,9 @@ def solve(
     x0: Tensor | None = None,
     method: str | Solver = "jacobi",
     dim: int = 1,
-    atol: float = 0.0,
-    rtol: float = 0.0,
-    max_iters: int | None = None,
+    stopping: Stopping | None = None,
     *,
-    record: bool = True,
-    check_every: int | tuple[int, int] | None = None,
-    raise_on_failure: bool = False,
     callback: Callable[[int, Tensor], None] | None = None,
-    capture: bool | str = "auto",
     **options: Any,
 ) -> Solution:
     """Solve the triangular system x_t = f_t(x_<t) by `method`; every method gives the
@@ -87,35 +95,24 @@ def solve(
             fn(x) depends only on indices < t of x. Or a `ffsolve.problems.Problem`.
         x0: (..., T, ...) the starting iterate; leading dims are batch, trailing dims are
             features of a position. Omit when fn is a Problem.
-        method: a name from `METHODS` ("sequential", "jacobi", "jacobi_gs", "gs_jacobi") or
-            a solver object.
+        method: a name from `METHODS` or a solver object.
         dim: the position dimension of x0.
-        atol, rtol: tolerances of the convergence test; 0 and 0 mean exact equality.
-        max_iters: iteration budget; defaults to the bound that guarantees exactness
-            (T for jacobi, the number of blocks for jacobi_gs).
-        record: keep residual and certified-prefix traces (turn off for timing).
-        check_every: read the convergence flag on the host every this many sweeps (the
-            iteration count, value and traces stay those of stopping at convergence: the
-            device step freezes once done), or a pair (first, then): a first chunk of
-            `first` sweeps, then chunks of `then`. Default: 1 eager, (16, 4) when captured.
-        raise_on_failure: raise ConvergenceError instead of warning when max_iters is hit.
+        stopping: a `Stopping` (tolerances, budget, host reads, capture, traces).
         callback: called as callback(k, x) after iteration k with the current iterate (a live
             buffer: clone what you keep); off in timed runs.
-        capture: "auto" captures a chunk of `check_every` sweeps (or, for `sequential`, the
-            whole loop) in a CUDA graph and replays it, when the state is on CUDA, the
-            method's window is static and the problem says its sweep (stepper) is capturable;
-            True forces it (the caller vouches for the function), False never captures. A
-            captured loop is cached on the problem and replayed by its later solves.
-        **options: method options (`block_size`, `window`).
+        **options: the method's options (`block_size`, `window`, `chunk`, ...) and `Stopping`
+            fields, which replace those of `stopping` (atol=1e-6, max_iters=10, ...).
 
     Returns:
-        A `Solution`.
+        A `Solution`: value, converged (per item), num_iters, num_evals, traces, stats.
 
     Example:
-        >>> sol = ffsolve.solve(lambda x: torch.cumsum(x, 1).roll(1, 1) * 0 + 1, x0)
+        >>> sol = ffsolve.solve(lambda x: torch.cumsum(x, 1) - x + 1, torch.zeros(2, 8))
         >>> sol.value, sol.num_iters
     """
+    fields, options = Stopping.split(options)
     solver = get_solver(method, **options)
+    stop = Stopping.of(stopping, **fields)
     if isinstance(fn, Problem):
         if x0 is not None:
             raise TypeError("x0 must be omitted when a Problem is passed (it owns its start)")
@@ -124,14 +121,4 @@ def solve(
         if x0 is None:
             raise TypeError("x0 is required when fn is a function")
         problem = FunctionProblem(fn, x0, dim)
-    return solver.solve(
-        problem,
-        atol=atol,
-        rtol=rtol,
-        max_iters=max_iters,
-        record=record,
-        check_every=check_every,
-        raise_on_failure=raise_on_failure,
-        callback=callback,
-        capture=capture,
-    )
+    return run(solver, problem, stop, callback)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from torch import Tensor
 
 from ffsolve.problems.base import Problem
-from ffsolve.solvers.base import Solver, _Canonical
+from ffsolve.solvers.base import Solver, State, check_int
 from ffsolve.solvers.jacobi_gs import _check_block
 
 __all__ = ["GSJacobi"]
@@ -42,13 +42,10 @@ class GSJacobi(Solver):
         if self.block_size is not None and self.window is not None:
             raise ValueError("gs_jacobi takes block_size or window, not both")
 
-    def validate(self, length: int) -> None:
+    def validate(self, length: int, stopping: Any) -> None:
         _check_block(self.block_size, length)
         if self.window is not None:
-            if isinstance(self.window, bool) or not isinstance(self.window, int):
-                raise TypeError(f"window must be an int, got {type(self.window).__name__}")
-            if self.window < 1:
-                raise ValueError(f"window must be >= 1, got {self.window}")
+            check_int("window", self.window)
 
     def static_region(self) -> bool:
         return False
@@ -60,5 +57,5 @@ class GSJacobi(Solver):
         size = self.window if self.window is not None else math.isqrt(length - 1) + 1
         return certified, min(length, certified + size)
 
-    def sweep(self, problem: Problem, state: _Canonical, start: int, stop: int) -> Tensor:
+    def sweep(self, problem: Problem, state: State, start: int, stop: int, memory: Any) -> Tensor:
         return problem.evaluate(state.x, start, stop)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from torch import Tensor
 
 from ffsolve.problems.base import Problem
-from ffsolve.solvers.base import Solver, _Canonical
+from ffsolve.solvers.base import Solver, State
 
 __all__ = ["Jacobi"]
 
@@ -26,5 +26,5 @@ class Jacobi(Solver):
 
     name: ClassVar[str] = "jacobi"
 
-    def sweep(self, problem: Problem, state: _Canonical, start: int, stop: int) -> Tensor:
+    def sweep(self, problem: Problem, state: State, start: int, stop: int, memory: Any) -> Tensor:
         return problem.evaluate(state.x, start, stop)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from ffsolve.problems.base import Problem
-from ffsolve.solvers.base import Solver, _Canonical
+from ffsolve.solvers.base import Solver, State
 
 __all__ = ["JacobiGS"]
 
@@ -35,7 +35,7 @@ class JacobiGS(Solver):
     def size(self, length: int) -> int:
         return self.block_size if self.block_size is not None else math.isqrt(length - 1) + 1
 
-    def validate(self, length: int) -> None:
+    def validate(self, length: int, stopping: Any) -> None:
         _check_block(self.block_size, length)
 
     def default_max_iters(self, length: int) -> int:
@@ -47,7 +47,7 @@ class JacobiGS(Solver):
         K = self.size(length)
         return torch.clamp((certified // K + 1) * K, max=length)
 
-    def sweep(self, problem: Problem, state: _Canonical, start: int, stop: int) -> Tensor:
+    def sweep(self, problem: Problem, state: State, start: int, stop: int, memory: Any) -> Tensor:
         # the problem may offer a cheaper sweep (e.g. cached steps); the default makes
         # block_size calls of evaluate_at, each at position j of every block
         return problem.block_sweep(state.x, self.size(problem.length))

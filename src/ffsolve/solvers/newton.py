@@ -36,58 +36,29 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from ffsolve.problems.base import LinearRecurrence, Problem
-from ffsolve.solvers.base import (
-    ConvergenceWarning,
-    Solution,
-    Solver,
-    _Canonical,
-    check_stopping,
-)
+from ffsolve.solvers.base import Solver, State, check_int
+from ffsolve.solvers.record import DivergenceWarning, Solution
 from ffsolve.solvers.scan import affine_scan
 
 __all__ = ["DivergenceWarning", "Newton", "QuasiNewton"]
 
 
-class DivergenceWarning(ConvergenceWarning):
-    """Newton steps were replaced by Jacobi steps (residual not reduced, or not finite)."""
+@dataclass
+class _Safeguards:
+    """The per-solve record of the Newton safeguards (the solver's memory)."""
 
-
-class _Tracked(Problem):
-    """The problem, plus the per-solve record of the Newton safeguards (the solver object is
-    frozen and may be shared, so per-solve state lives here)."""
-
-    def __init__(self, inner: Problem) -> None:
-        self.inner = inner
-        self.length, self.dim = inner.length, inner.dim
-        self.first_order = inner.first_order
-        self.prev: Tensor | None = None  # (B,) residual of the previous sweep's iterate
-        self.fallbacks: Tensor | None = None  # (B,) Jacobi steps taken (residual not reduced)
-        self.nonfinite: Tensor | None = None  # (B,) Newton steps that were not finite
-        self.blowups: Tensor | None = None  # (B,) Newton steps rejected by the guard
-        self.residual: list[Tensor] = []  # per sweep, (B,) max|F(x) - x| of the iterate
-
-    def initial(self) -> Tensor:
-        return self.inner.initial()
-
-    def prepare(self) -> None:
-        self.inner.prepare()
-
-    def evaluate(self, x: Tensor, start: int, stop: int) -> Tensor:
-        return self.inner.evaluate(x, start, stop)
-
-    def jacobians(self, x: Tensor, start: int, stop: int, diagonal: bool = False) -> Tensor:
-        return self.inner.jacobians(x, start, stop, diagonal)
-
-    @property
-    def num_evals_per_step(self) -> int:
-        return self.inner.num_evals_per_step
+    prev: Tensor | None = None  # (B,) residual of the previous sweep's iterate
+    fallbacks: Tensor | None = None  # (B,) Jacobi steps taken (residual not reduced)
+    nonfinite: Tensor | None = None  # (B,) Newton steps that were not finite
+    blowups: Tensor | None = None  # (B,) Newton steps rejected by the guard
+    residual: list[Tensor] = field(default_factory=list)  # per sweep, (B,) max|F(x) - x|
 
 
 @dataclass(frozen=True)
@@ -118,19 +89,22 @@ class Newton(Solver):
 
     name: ClassVar[str] = "newton"
     diagonal: ClassVar[bool] = False
-    # the safeguards keep per-solve records on the host side (`_Tracked`): never captured
+    # the safeguards keep per-solve records on the host side: never captured; they compare
+    # consecutive sweeps, so the host reads the flags after every sweep (a frozen sweep past
+    # convergence would otherwise count as one that did not reduce the residual)
     capturable: ClassVar[bool] = False
+    host_every_sweep: ClassVar[bool] = True
     damping: float = 0.0
     chunk: int | None = None
     fallback: bool = True
     polish: bool = True
     guard: float = float("inf")
 
-    def validate(self, length: int) -> None:
+    def validate(self, length: int, stopping: Any) -> None:
         if not 0.0 <= self.damping <= 1.0:
             raise ValueError(f"damping must be in [0, 1], got {self.damping}")
-        if self.chunk is not None and (isinstance(self.chunk, bool) or self.chunk < 1):
-            raise ValueError(f"chunk must be a positive int, got {self.chunk}")
+        if self.chunk is not None:
+            check_int("chunk", self.chunk)
         if not self.guard > 1.0:  # NaN fails too
             raise ValueError(f"guard must be > 1 (inf: no guard), got {self.guard}")
 
@@ -138,12 +112,15 @@ class Newton(Solver):
         # one call for F(x), one for the Jacobians (F batched VJPs of it, or a formula)
         return 2 * problem.num_evals_per_step
 
-    def sweep(self, problem: Problem, state: _Canonical, start: int, stop: int) -> Tensor:
+    def init(self, problem: Problem, state: State) -> _Safeguards:
         if not problem.first_order:
             raise TypeError(
                 f"{self.name} needs a first-order problem (x_t = f_t(x_{{t-1}})); "
-                f"{type(getattr(problem, 'inner', problem)).__name__} is not declared one"
+                f"{type(problem).__name__} is not declared one"
             )
+        return _Safeguards()
+
+    def sweep(self, problem: Problem, state: State, start: int, stop: int, memory: Any) -> Tensor:
         T = state.T
         x = state.v  # (B, T, F)
         fx = state.flat(problem.evaluate(state.x, 0, T))  # (B, T, F): one Jacobi sweep
@@ -159,8 +136,8 @@ class Newton(Solver):
         )
         d = affine_scan(LinearRecurrence(r, coeffs, kind), chunk=self.chunk, transform=transform)
         new = fx + (d - r)  # = F(x) bitwise wherever the residual prefix is zero
-        track = problem if isinstance(problem, _Tracked) else None
-        if track is None:  # called outside `solve` (no per-solve record): plain Newton
+        track: _Safeguards | None = memory
+        if track is None:  # called outside the loop (no per-solve record): plain Newton
             return new
         res = r.abs().amax(dim=(1, 2))  # (B,)
         # below a few ulps of the states the residual is rounding noise: no Newton step can
@@ -188,26 +165,18 @@ class Newton(Solver):
         track.residual.append(res)
         return torch.where(jacobi[:, None, None], fx, new)
 
-    def solve(self, problem: Problem, **kwargs: Any) -> Solution:  # type: ignore[override]
-        """The shared loop (`Solver.solve`, same arguments), plus the safeguards' record in
-        `stats`: `newton_fallbacks` and `newton_nonfinite` per item, `newton_residual` (per
-        sweep, max over items of max|F(x) - x|).
-
-        The safeguards compare consecutive sweeps, so the host reads the flags after every
-        sweep (`check_every` is 1 whatever is asked: a frozen sweep past convergence would
-        otherwise count as one that did not reduce the residual); never captured.
-        """
-        check_stopping(0.0, 0.0, None, kwargs.get("check_every"))  # a bad value still errs
-        kwargs = {**kwargs, "check_every": 1}
-        track = _Tracked(problem)
-        sol = super().solve(track, **kwargs)
-        B = sol.converged.numel()
+    def finish(self, solution: Solution, memory: Any) -> Solution:
+        """The safeguards' record in `stats`: `newton_fallbacks`, `newton_nonfinite` and
+        `newton_blowups` per item, `newton_residual` (per sweep, max over items of
+        max|F(x) - x|); a `DivergenceWarning` when Newton was diverging."""
+        track: _Safeguards = memory
+        B = solution.converged.numel()
         fb = track.fallbacks.tolist() if track.fallbacks is not None else [0] * B
         nf = track.nonfinite.tolist() if track.nonfinite is not None else [0] * B
         bu = track.blowups.tolist() if track.blowups is not None else [0] * B
         res = torch.stack(track.residual).amax(1).tolist() if track.residual else []
         stats = {
-            **sol.stats,
+            **solution.stats,
             "newton_fallbacks": fb,
             "newton_nonfinite": nf,
             "newton_blowups": bu,
@@ -216,7 +185,7 @@ class Newton(Solver):
         # an occasional fallback is routine (the max-norm residual of a converging Newton
         # iteration may grow for a step); a non-finite step, or fallbacks on more than a
         # quarter of an item's sweeps, mean Newton is diverging there: said loudly
-        its = sol.stats["iters_per_item"]
+        its = solution.stats["iters_per_item"]
         if sum(nf) or sum(bu) or any(f >= 2 and 4 * f > k for f, k in zip(fb, its, strict=True)):
             warnings.warn(
                 f"{self.name}: {sum(fb)} Newton step(s) did not reduce the residual, "
@@ -224,9 +193,9 @@ class Newton(Solver):
                 "taken instead (the result is "
                 "still exact when converged; see stats['newton_fallbacks'])",
                 DivergenceWarning,
-                stacklevel=2,
+                stacklevel=5,
             )
-        return dataclasses.replace(sol, stats=stats)
+        return dataclasses.replace(solution, stats=stats)
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,9 @@ into chunks solved one after another (the last state of a chunk carries into the
 stays O(B T F) plus one chunk of matrices, and the depth is (T / chunk) * ceil(log2 chunk).
 
 On CUDA a small chunk's scan (at most `GRAPH_ELEMENTS` coefficients) is replayed from a CUDA
-graph captured once per shape and cached (`clear_graphs` frees them): its ~4 log2(n) kernels
-cost one launch, which is what a scan of a short sequence spends its time on.
+graph captured once per shape and cached (`capture_chunks`; `clear_graphs` frees them): its
+~4 log2(n) kernels cost one launch, which is what a scan of a short sequence spends its time
+on.
 
 Exact zeros stay exact: where every b_s of a prefix is zero, every scanned value of that
 prefix is a sum of products with a zero factor, hence exactly zero (for finite A). The Newton
@@ -24,8 +25,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from ffsolve import graphs
 from ffsolve.problems.base import LinearRecurrence, Problem
-from ffsolve.solvers.base import GraphCache, Solver, _Canonical, _capture
+from ffsolve.solvers.base import Solver, State, check_int
 
 __all__ = ["Scan", "affine_scan", "linear_scan", "auto_chunk", "clear_graphs"]
 
@@ -86,31 +88,12 @@ def _scan_chunk(A: Tensor, b: Tensor, diagonal: bool) -> Tensor:
     return b.transpose(0, 1)
 
 
-class _ChunkGraph:
-    """One chunk shape's scan captured in a CUDA graph, with static input buffers."""
-
-    def __init__(self, A: Tensor, b: Tensor, diagonal: bool) -> None:
-        self.A, self.b = A.clone(), b.clone()
-        self.out = b  # replaced by the captured output (a tensor of the graph's pool)
-
-        def body() -> None:
-            self.out = _scan_chunk(self.A, self.b, diagonal)
-
-        self.graph = _capture(body, 1)
-
-    def __call__(self, A: Tensor, b: Tensor) -> Tensor:
-        self.A.copy_(A)
-        self.b.copy_(b)
-        self.graph.replay()
-        return self.out.clone(memory_format=torch.contiguous_format)  # the next replay reuses it
-
-
-_GRAPHS = GraphCache(GRAPH_CACHE)
+_GRAPHS = graphs.GraphCache(GRAPH_CACHE)
 
 
 def clear_graphs() -> None:
     """Drop every cached scan graph (and the device memory of its buffers)."""
-    _GRAPHS.clear()
+    _GRAPHS.invalidate()
 
 
 def _graphable(A: Tensor, b: Tensor) -> bool:
@@ -126,7 +109,12 @@ def _graphable(A: Tensor, b: Tensor) -> bool:
 def _scan_chunk_graphed(A: Tensor, b: Tensor, diagonal: bool) -> Tensor:
     """`_scan_chunk` by a replay of the cached graph of its shape (captured at first use)."""
     key = (tuple(A.shape), tuple(b.shape), A.dtype, b.dtype, A.device, diagonal)
-    return _GRAPHS.get(key, lambda: _ChunkGraph(A, b, diagonal))(A, b)
+
+    def make() -> graphs.CapturedCall:
+        return graphs.CapturedCall(lambda a, c: _scan_chunk(a, c, diagonal), A, b)
+
+    out = _GRAPHS.get(key, make)(A, b)
+    return out.clone(memory_format=torch.contiguous_format)  # the next replay reuses it
 
 
 def _dense_of(matvec: Callable[[Tensor], Tensor], B: int, n: int, F: int, like: Tensor) -> Tensor:
@@ -142,7 +130,7 @@ def affine_scan(
     chunk: int | None = None,
     h0: Tensor | None = None,
     transform: Callable[[Tensor], Tensor] | None = None,
-    graph: bool = False,
+    capture: bool = False,
 ) -> Tensor:
     """x_t = A_t x_{t-1} + b_t for t = 0..T-1, x_{-1} = h0 (or 0), by chunked scans.
 
@@ -151,7 +139,7 @@ def affine_scan(
         chunk: time steps per chunk (None: `auto_chunk`).
         h0: (B, F) the state before position 0; None for zero.
         transform: applied to each chunk's coefficients before use (e.g. a damping factor).
-        graph: replay small CUDA chunks from cached CUDA graphs (see the module docstring).
+        capture: replay small CUDA chunks from cached CUDA graphs (see the module docstring).
 
     Returns:
         (B, T, F).
@@ -172,7 +160,7 @@ def affine_scan(
         bb = b[:, s:e]
         if carry is not None:  # fold the state entering the chunk into its first offset
             bb = torch.cat([bb[:, :1] + _apply(A[:, 0], carry, diagonal)[:, None], bb[:, 1:]], 1)
-        if graph and _graphable(A, bb):
+        if capture and _graphable(A, bb):
             x = _scan_chunk_graphed(A, bb, diagonal)  # (B, e - s, F)
         else:
             x = _scan_chunk(A, bb, diagonal)
@@ -218,8 +206,8 @@ class Scan(Solver):
 
     Attributes:
         chunk: time steps per chunk of matrices (None: about 2^25 coefficients per chunk).
-        graph: on CUDA, replay the scan of a small chunk (at most 2^21 coefficients) from a
-            CUDA graph cached per shape: one launch instead of ~4 log2(chunk) kernels.
+        capture_chunks: on CUDA, replay the scan of a small chunk (at most 2^21 coefficients)
+            from a CUDA graph cached per shape: one launch instead of ~4 log2(chunk) kernels.
 
     Example:
         >>> sol = ffsolve.solve(LinearRecurrenceProblem(A, b), method="scan")
@@ -228,31 +216,31 @@ class Scan(Solver):
 
     name: ClassVar[str] = "scan"
     # chunks of the scan are sized on the host from the problem's shapes: never captured
+    # whole by the loop (`backprop_through` captures a scan backward; see `capture_chunks`)
     capturable: ClassVar[bool] = False
     direct: ClassVar[bool] = True  # one sweep is the solution: no iteration bookkeeping
     chunk: int | None = None
-    graph: bool = True
+    capture_chunks: bool = True
 
-    def validate(self, length: int) -> None:
-        if self.chunk is not None and (isinstance(self.chunk, bool) or self.chunk < 1):
-            raise ValueError(f"chunk must be a positive int, got {self.chunk}")
-        if not isinstance(self.graph, bool):
-            raise TypeError(f"graph must be True or False, got {self.graph!r}")
+    def validate(self, length: int, stopping: Any) -> None:
+        if self.chunk is not None:
+            check_int("chunk", self.chunk)
+        if not isinstance(self.capture_chunks, bool):
+            raise TypeError(f"capture_chunks must be True or False, got {self.capture_chunks!r}")
 
-    def sweep(self, problem: Problem, state: _Canonical, start: int, stop: int) -> Tensor:
+    def sweep(self, problem: Problem, state: State, start: int, stop: int, memory: Any) -> Tensor:
         rec = problem.linear_recurrence()
         if rec.b.shape != (state.B, state.T, state.F):
             raise ValueError(
                 f"linear_recurrence() gave b {tuple(rec.b.shape)}, expected "
                 f"{(state.B, state.T, state.F)}"
             )
-        return affine_scan(rec, chunk=self.chunk, graph=self.graph)[:, start:stop]  # (B, n, F)
+        return affine_scan(rec, chunk=self.chunk, capture=self.capture_chunks)[
+            :, start:stop
+        ]  # (B, n, F)
 
     def guaranteed(self, certified: Tensor, length: int) -> Tensor:
         return torch.full_like(certified, length)  # an exact solve certifies every position
 
     def default_max_iters(self, length: int) -> int:
         return 1
-
-    def options(self) -> dict[str, Any]:
-        return {"chunk": self.chunk, "graph": self.graph}

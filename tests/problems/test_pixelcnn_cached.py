@@ -204,7 +204,7 @@ def test_bad_window_and_block_sizes():
 
 @pytest.mark.parametrize("name, rows", [("pixelcnnpp_mnist", 2), ("pixelcnnpp_rgb", 1)])
 def test_cached_steps_on_the_shipped_checkpoint_are_the_sequential_prefix(name, rows):
-    path = Path(__file__).resolve().parents[1] / "checkpoints" / name
+    path = Path(__file__).resolve().parents[2] / "checkpoints" / name
     if not path.with_suffix(".json").exists():
         pytest.skip(f"no shipped checkpoint {path}")
     model, _ = load_pixelcnnpp(path)

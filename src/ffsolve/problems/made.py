@@ -1,4 +1,4 @@
-"""Autoregressive sampling as a triangular system (MADE).
+"""MADE sampling as a triangular system.
 
 All randomness is drawn before iterating, so sampling is a deterministic map of the noise:
 with logistic noise e_d (inverse CDF of a uniform), x_d = clamp(mu_d(x_<d) +
@@ -99,8 +99,8 @@ class MADESampling(Problem):
                 for buf, (w, m) in zip(self._baked, pairs, strict=True):
                     torch.mul(w, m, out=buf.T)
         versions = self._weights_version()
-        if versions != self._versions:  # a cached sequential graph holds a stepper's weights
-            self.__dict__.get("_ffsolve_graphs", {}).pop("sequential", None)
+        if versions != self._versions:  # a captured stepper holds copies of the old weights
+            self.graphs.invalidate()
         self._versions = versions
 
     def _fast_hidden(self, xd: Tensor) -> Tensor | None:

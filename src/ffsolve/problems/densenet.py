@@ -148,10 +148,13 @@ class DenseNetLayers(Problem):
         conv3x3: the fused sweep's 3x3 convolutions: "grouped" (one grouped conv) or
             "unfold" (im2col + one batched GEMM).
 
-    The state is (B, T, F), F = k * H_1 * W_1 (see the module docstring).
+    The state is (B, T, F), F = k * H_1 * W_1 (see the module docstring). The stem's output
+    is a buffer the sweeps read: `set_images` computes it for new images of the same shape
+    in place, so a captured loop replays on them.
     """
 
     dim = 1
+    capturable = True  # static shapes, no host reads: the loop may capture its sweeps
 
     def __init__(
         self, model: DenseNet, images: Tensor, fused: bool = False, conv3x3: str = "grouped"
@@ -192,6 +195,12 @@ class DenseNetLayers(Problem):
             if fused
             else None
         )
+
+    def set_images(self, images: Tensor) -> None:
+        """New input images (same shape as the first): the stem (part of the forward) runs
+        now, its output written into the buffer every sweep reads."""
+        with torch.no_grad():
+            self.stem_out.copy_(self.model.stem(images))
 
     # --- state <-> feature maps ------------------------------------------------------------
     def block_of(self, t: int) -> int:

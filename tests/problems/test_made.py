@@ -6,7 +6,7 @@ from ffsolve.checkpoint import PROJECT_ROOT, save_checkpoint
 from ffsolve.data import logit_bounds
 from ffsolve.errors import CheckpointError
 from ffsolve.models.made import MADE, MADEConfig, load_made, save_made
-from ffsolve.problems.autoregressive import MADESampling, logistic_noise
+from ffsolve.problems.made import MADESampling, logistic_noise
 
 SHIPPED = PROJECT_ROOT / "checkpoints" / "made_mnist"
 PARALLEL = [

@@ -19,7 +19,7 @@ from ffsolve.models.densenet import (
     load_torchvision_state_dict,
     save_densenet,
 )
-from ffsolve.problems.layered import DenseNetLayers, FusedBlock, prediction_metrics, stable_from
+from ffsolve.problems.densenet import DenseNetLayers, FusedBlock, prediction_metrics, stable_from
 
 TINY = DenseNetConfig(
     growth_rate=3,
@@ -219,9 +219,9 @@ def test_cli_train_and_run_tiny(tmp_path, capsys):
     (run_dir,) = (tmp_path / "runs" / "densenet-jacobi").iterdir()
     rec = json.loads((run_dir / "records.json").read_text())
     rows = {r["method"]: r for r in rec["batches"][0]["rows"]}
-    assert rows["jacobi layer sweep, exact"]["max_abs_diff"] == 0.0
-    assert rows["jacobi fused sweep, exact"]["max_abs_diff"] < 1e-12
-    assert rows["jacobi fused-unfold sweep, exact"]["max_abs_diff"] < 1e-12
+    assert rows["jacobi layer sweep, exact"]["max_abs_diff_vs_sequential"] == 0.0
+    assert rows["jacobi fused sweep, exact"]["max_abs_diff_vs_sequential"] < 1e-12
+    assert rows["jacobi fused-unfold sweep, exact"]["max_abs_diff_vs_sequential"] < 1e-12
     assert any(r.get("estimate") for r in rows.values())
     trace = rec["batches"][0]["traces"]["layer"]["per_iter"]
     assert trace[-1]["top5_agree"] == 1.0 and trace[-1]["logit_l2"] == 0.0
@@ -231,22 +231,26 @@ def test_cli_train_and_run_tiny(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("fused", [False, True])
-def test_static_jacobi_step_stops_online_at_the_sequential_logits(fused):
-    from ffsolve.experiments.densenet_jacobi import StaticJacobi
-
+def test_captured_loop_replays_on_new_images(fake_graphs, fused):
+    """DenseNetLayers declares its sweep capturable: the captured loop, kept in
+    problem.graphs, is replayed on new images set in place (set_images) and stops online at
+    the sequential logits, like the eager loop."""
     net = _tiny()
-    x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
-    with torch.no_grad():
-        ref = net(x)
-        problem = DenseNetLayers(net, torch.zeros_like(x), fused=fused)  # stem set per call
-        solve = StaticJacobi(problem, atol=0.0, capture=False)
-        logits, sweeps = solve(x)
-        exact = ffsolve.solve(DenseNetLayers(net, x, fused=fused), method="jacobi").num_iters
-        again, _ = solve(x, check_every=4)  # reusable; a coarser check costs extra sweeps only
-    torch.testing.assert_close(logits, ref, rtol=1e-12, atol=1e-12)
-    if not fused:
-        assert torch.equal(logits, ref) and torch.equal(again, ref)
-    assert sweeps == exact + 1  # the flag needs one unchanged sweep, the certificate does not
+    g = torch.Generator().manual_seed(0)
+    problem = DenseNetLayers(net, torch.zeros(2, 1, 8, 8, dtype=torch.float64), fused=fused)
+    for _ in range(2):
+        x = torch.randn(2, 1, 8, 8, dtype=torch.float64, generator=g)
+        with torch.no_grad():
+            ref = net(x)
+            problem.set_images(x)
+            sol = ffsolve.solve(problem, method="jacobi", capture=True)
+            eager = ffsolve.solve(DenseNetLayers(net, x, fused=fused), method="jacobi")
+            logits = problem.logits(sol.value)
+        assert sol.stats["captured"] and sol.num_iters == eager.num_iters
+        torch.testing.assert_close(logits, ref, rtol=1e-12, atol=1e-12)
+        if not fused:
+            assert torch.equal(logits, ref)
+    assert len(problem.graphs) == 1  # one captured loop, replayed by the second solve
 
 
 def test_fashion_mnist_missing_says_how_to_get_it(tmp_path):

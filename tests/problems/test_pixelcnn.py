@@ -284,28 +284,3 @@ def test_freezing_twice_keeps_the_weight_tensors():
     again = [m.weight().data_ptr() for m in model.modules() if hasattr(m, "_frozen")]
     assert ptrs == again
     assert torch.equal(model.head.weight(), model.head._normalised())  # new values, same tensor
-
-
-def test_bench_pixelcnn_case(tmp_path, capsys):
-    ckpt = tmp_path / "tiny"
-    save_pixelcnnpp(ckpt, tiny(1, dtype=torch.float32), {"data": {"name": "random"}})
-    argv = ["bench", "pixelcnn-mnist", "--device", "cpu", "--out", str(tmp_path / "runs")]
-    sets = [f"pixelcnn_checkpoint={ckpt}", "pixelcnn_batch=2", "pixelcnn_window_rows=2"]
-    sets += ["pixelcnn_repeats=1"]
-    for s in sets:
-        argv += ["--set", s]
-    assert main(argv) == 0
-    (run_dir,) = (tmp_path / "runs" / "bench").iterdir()
-    rows = json.loads((run_dir / "records.json").read_text())["cases"]["pixelcnn-mnist"]["rows"]
-    by = {r["method"]: r for r in rows}
-    assert set(by) == {
-        "sequential plain",
-        "sequential cached",
-        "jacobi",
-        "jacobi_gs(row=8)",
-        "gs_jacobi(window=2 rows)",
-    }
-    assert all("error" not in r for r in rows)
-    assert by["jacobi"]["equal_to_sequential"]  # same kernels as the plain loop: bitwise
-    assert by["sequential cached"]["max_abs_diff_vs_sequential"] < 1e-4  # crops: rounding
-    assert by["jacobi"]["strongest_baseline"] in ("sequential plain", "sequential cached")

@@ -8,6 +8,8 @@ import torch
 
 import ffsolve
 from ffsolve.problems import LinearRecurrenceProblem, RecurrenceForward
+from ffsolve.solvers import Stopping
+from ffsolve.solvers.newton import QuasiNewton
 
 D64 = torch.float64
 
@@ -62,9 +64,9 @@ def test_scan_is_one_direct_sweep_with_its_record_and_a_located_nan():
     torch.testing.assert_close(sol.residuals[0], _loop(A, b).abs().amax(dim=(1, 2)))
     quiet = ffsolve.solve(LinearRecurrenceProblem(A, b), method="scan", record=False)
     assert quiet.residuals is None
-    assert sol.stats["graph"] is True  # a CUDA graph per small chunk shape (eager on a CPU)
-    with pytest.raises(TypeError, match="graph must be True or False"):
-        ffsolve.solve(LinearRecurrenceProblem(A, b), method="scan", graph="yes")
+    assert sol.stats["capture_chunks"] is True  # a graph per small chunk shape (CPU: eager)
+    with pytest.raises(TypeError, match="capture_chunks must be True or False"):
+        ffsolve.solve(LinearRecurrenceProblem(A, b), method="scan", capture_chunks="yes")
     b[1, 6, 2] = float("nan")
     with pytest.raises(ffsolve.NonFiniteError, match="iteration 1, position 6"):
         ffsolve.solve(LinearRecurrenceProblem(A, b), method="scan", record=False)
@@ -329,7 +331,7 @@ def test_parallel_forward_and_parallel_backward_give_autograds_gradients(kind):
     for label, kw in (
         ("autograd", None),
         ("newton+scan", {"forward_method": "newton"}),
-        ("quasi+jacobi", {"forward_method": "quasi_newton", "forward_options": {"chunk": 4}}),
+        ("quasi+jacobi", {"forward_method": QuasiNewton(chunk=4)}),
     ):
         cell.zero_grad()
         if kw is None:
@@ -345,7 +347,7 @@ def test_parallel_forward_and_parallel_backward_give_autograds_gradients(kind):
     for label in ("newton+scan", "quasi+jacobi"):
         torch.testing.assert_close(grads[label], grads["autograd"], rtol=1e-12, atol=1e-12)
     with pytest.raises(TypeError, match="without forward_method"):
-        ffsolve.backprop_through(cell, h0, xs, "scan", forward_options={"atol": 1e-3})
+        ffsolve.backprop_through(cell, h0, xs, "scan", forward=Stopping(atol=1e-3))
 
 
 @pytest.mark.parametrize("method", ["newton", "quasi_newton", "scan"])

@@ -13,6 +13,7 @@ from ffsolve.cli import main
 from ffsolve.experiments.rnn_backprop import downsample, next_pixel_inputs
 from ffsolve.models.rnn import VanillaRNN, VanillaRNNConfig
 from ffsolve.problems import RecurrenceAdjoint
+from ffsolve.problems.cells import vjp_operands
 
 D64 = torch.float64
 METHODS = [
@@ -447,3 +448,131 @@ def test_cli_missing_mnist_is_a_one_line_error(tmp_path, capsys):
     assert "MNIST folder" in capsys.readouterr().err
     assert main([*args[:6], "--set", "data=cifar"]) == 2
     assert "allowed one of 'mnist', 'synthetic'" in capsys.readouterr().err
+
+
+def _cells():
+    g = torch.Generator().manual_seed(0)
+    rnn = VanillaRNN(VanillaRNNConfig(input_size=3, hidden=6, init_std=0.4)).double()
+    yield rnn.step, rnn.step, 6
+    for cls, kw in (
+        (torch.nn.RNNCell, {"nonlinearity": "tanh"}),
+        (torch.nn.RNNCell, {"nonlinearity": "relu"}),
+        (torch.nn.GRUCell, {}),
+    ):
+        cell = cls(3, 5, **kw).double()
+        yield cell, (lambda h, x, c=cell: c(x, h)), 5
+    lstm = torch.nn.LSTMCell(3, 4).double()
+
+    def flat_lstm(hc, x):
+        return torch.cat(lstm(x, (hc[:, :4], hc[:, 4:])), 1)
+
+    yield lstm, flat_lstm, 8
+    del g
+
+
+@pytest.mark.parametrize("i", range(5))
+def test_cell_vjp_operands_equal_autograd(i):
+    cell, flat, F = list(_cells())[i]
+    g = torch.Generator().manual_seed(i)
+    N = 7
+    h = torch.randn(N, F, dtype=D64, generator=g)
+    x = torch.randn(N, 3, dtype=D64, generator=g)
+    a = torch.randn(N, F, dtype=D64, generator=g)
+    vjp = vjp_operands(cell, h, x)
+    assert vjp is not None
+    hh = h.clone().requires_grad_()
+    (ref,) = torch.autograd.grad(flat(hh, x), hh, a)
+    torch.testing.assert_close(vjp(a), ref, rtol=1e-12, atol=1e-14)
+
+
+def test_unknown_cell_has_no_operands():
+    h = torch.zeros(2, 3)
+    assert vjp_operands(lambda h, x: torch.tanh(h + x), h, h) is None
+
+
+@pytest.mark.parametrize("method", ["jacobi", "jacobi_gs", "gs_jacobi", "sequential"])
+def test_backprop_fast_vjp_equals_autograd_sweeps(method):
+    rnn = VanillaRNN(VanillaRNNConfig(input_size=2, hidden=8, init_std=0.3)).double()
+    g = torch.Generator().manual_seed(3)
+    xs = torch.randn(2, 17, 2, dtype=D64, generator=g)
+    w = torch.randn(2, 17, 8, dtype=D64, generator=g)
+    params = [rnn.W_h, rnn.W_x, rnn.b_h]
+    grads = []
+    for fast in (True, False):
+        h0 = rnn.initial_state(2)
+        hs, info = ffsolve.backprop_through(rnn.step, h0, xs, method, fast_vjp=fast, params=params)
+        grads.append(torch.autograd.grad((torch.tanh(hs) * w).sum(), params))
+        assert info.converged
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13)
+
+
+def test_captured_backward_replays_the_scan_backward(fake_graphs, monkeypatch):
+    """capture of a direct method's backward: captured once per key and replayed on fresh
+    inputs, reading the parameters in place; gradients equal the ordinary scan backward's
+    bitwise (the same kernels); NaN in the adjoints is located; a failed capture falls back."""
+    import ffsolve.backprop as bp
+    import ffsolve.graphs
+
+    bp.clear_graphed_backwards()
+    rnn = VanillaRNN(VanillaRNNConfig(hidden=6, seed=0)).double()
+    params = [rnn.W_h, rnn.W_x, rnn.b_h]
+
+    def grads(x, capture, weight=None):
+        hs, info = ffsolve.backprop_through(
+            rnn.step, rnn.initial_state(2), x, "scan", params=params, capture=capture
+        )
+        out = rnn.readout(hs) ** 2
+        loss = (out if weight is None else out * weight).sum()
+        return torch.autograd.grad(loss, params), info
+
+    def check(x, replays):
+        ref, _ = grads(x, False)
+        got, info = grads(x, True)
+        for a, b in zip(ref, got, strict=True):
+            assert torch.equal(a, b)
+        assert info.solution.stats["graphed_backward"] and info.solution.num_iters == 1
+        (entry,) = bp._GRAPHED.values()
+        assert entry.call.graph.replays == replays
+
+    for seed in (0, 1):  # the second backward replays the cached graph on new inputs
+        check(
+            torch.rand(2, 9, 1, dtype=D64, generator=torch.Generator().manual_seed(seed)), seed + 1
+        )
+    with torch.no_grad():
+        rnn.W_h.mul_(0.5)  # an optimizer-like update in place: the replay reads it, and the
+        # gradients are recorded anew (autograd refuses a graph saved before the update)
+    x = torch.rand(2, 9, 1, dtype=D64, generator=torch.Generator().manual_seed(2))
+    check(x, 3)
+    weight = torch.ones(2, 9, 1, dtype=D64)
+    weight[1, 6] = float("nan")  # dL/dh_7 is NaN: adjoint position 9 - 7 = 2 in reversed time
+    with pytest.raises(ffsolve.NonFiniteError, match="iteration 1, position 2"):
+        grads(x, True, weight)
+    with pytest.raises(ValueError, match="capture must be"):
+        ffsolve.backprop_through(rnn.step, rnn.initial_state(2), x, "scan", capture=1)
+
+    for T in range(3, 3 + bp.GRAPHED_CACHE + 2):  # new shapes: the least recent graphs go
+        grads(torch.rand(2, T, 1, dtype=D64), True)
+    assert len(bp._GRAPHED) == bp.GRAPHED_CACHE
+
+    def broken(body, times=1, warmup=None):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(ffsolve.graphs, "capture", broken)
+    bp.clear_graphed_backwards()
+    ref, _ = grads(x, False)
+    with pytest.warns(RuntimeWarning, match="capturing the backward failed"):
+        got, info = grads(x, True)
+    assert all(torch.equal(a, b) for a, b in zip(ref, got, strict=True))
+    assert "graphed_backward" not in info.solution.stats  # the ordinary backward ran
+
+
+def test_capture_true_on_the_cpu_is_a_clear_error():
+    rnn = VanillaRNN(VanillaRNNConfig(hidden=4, seed=0)).double()
+    x = torch.rand(1, 5, 1, dtype=D64)
+    for method in ("scan", "jacobi"):
+        with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+            hs, _ = ffsolve.backprop_through(
+                rnn.step, rnn.initial_state(1), x, method, capture=True
+            )
+            hs.sum().backward()

@@ -32,7 +32,7 @@ from ffsolve.experiments import all_experiments, all_trainers
 from ffsolve.models.made import MADEConfig, load_made
 from ffsolve.runs import new_run_dir
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SRC = ROOT / "src"
 
 

@@ -1,0 +1,523 @@
+"""The one iteration loop: stopping rule, device step, host driver, capture.
+
+Every method runs here. The work is split in two:
+
+- the device step (`_Loop.step`): (state, certificate) -> (state, certificate), in place on
+  persistent buffers, with static shapes, no host read and no Python branch on a tensor
+  value, so that a chunk of steps can be captured in a CUDA graph and replayed;
+- the host driver (`run`): runs the step `check_every` times per chunk (eagerly, or as one
+  graph replay), reads one small tensor per chunk, raises on NaN/Inf, and turns the
+  certificate into a `Solution`. The step freezes itself once done, so the iteration count,
+  value and traces are those of stopping exactly at convergence, whatever the chunk.
+
+A direct method (`scan`, `sequential`: one sweep of the whole sequence is the solution) is the
+same loop with one step and a lighter bookkeeping: no comparison of iterates, every position
+certified, one norm that doubles as the NaN/Inf flag.
+
+Certificate (zero tolerance). If positions < p are unchanged between two iterates, they are
+final (each was recomputed from final inputs and came out the same), and so is position p,
+whose inputs are exactly those final positions. Hence after an iteration whose window starts
+inside the certified prefix c, the new certified prefix is max(c, start + p + 1) where p is
+the unchanged prefix of the window. It grows by at least one position per iteration, so
+Jacobi needs at most T iterations (Song et al. 2021, Prop. 1) and no extra confirming sweep is
+ever needed past that bound.
+
+`Stopping` holds the options of this loop; it is the only module that reads them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from ffsolve import graphs
+from ffsolve.problems.base import Problem, canonical_shape
+from ffsolve.solvers.record import NonFiniteError, Solution, raise_nonfinite, report_failure
+
+if TYPE_CHECKING:
+    from ffsolve.solvers.base import Solver
+
+__all__ = ["DEFAULT_CHUNKS", "State", "Stopping", "captures", "direct_value", "run"]
+
+#: Sweeps per host read (and per CUDA-graph replay) when the loop is captured: a first
+#: chunk of 16, then chunks of 4, so that a solve needing a few sweeps more than 16 (or 32...)
+#: runs at most 3 frozen sweeps past convergence instead of up to 15.
+DEFAULT_CHUNKS = (16, 4)
+
+Callback = Callable[[int, Tensor], None]
+
+
+@dataclass(frozen=True)
+class Stopping:
+    """When and how a solve stops, validated once, here.
+
+    Attributes:
+        atol, rtol: a position is unchanged when |new - old| <= atol + rtol * |new|; 0 and 0
+            mean bitwise equality (the exact certificate).
+        max_iters: iteration budget; None: the method's exactness bound (T for jacobi, the
+            number of blocks for jacobi_gs).
+        check_every: read the convergence flag on the host every this many sweeps (the
+            iteration count, value and traces stay those of stopping at convergence: the
+            device step freezes once done), or a pair (first, then): a first chunk of
+            `first` sweeps, then chunks of `then`. None: 1 eager, (16, 4) when captured.
+        capture: "auto" records a chunk of sweeps (a direct method: its one sweep) in a CUDA
+            graph and replays it when the state is on CUDA, the method's window is static and
+            the problem declares its work capturable; True forces it (the caller vouches for
+            the problem), False never captures. A captured loop is kept in `problem.graphs`
+            and replayed by later solves with the same settings.
+        record: keep residual and certified-prefix traces (turn off for timing).
+        raise_on_failure: raise ConvergenceError instead of warning when max_iters is hit.
+
+    Example:
+        >>> ffsolve.solve(fn, x0, stopping=Stopping(atol=1e-6, record=False))
+        >>> ffsolve.solve(fn, x0, atol=1e-6, record=False)      # the same
+    """
+
+    atol: float = 0.0
+    rtol: float = 0.0
+    max_iters: int | None = None
+    check_every: int | tuple[int, int] | None = None
+    capture: bool | str = "auto"
+    record: bool = True
+    raise_on_failure: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("atol", "rtol"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+            # NaN would never certify a position, inf would certify every one
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        every = self.check_every
+        if isinstance(every, tuple) and len(every) != 2:
+            raise ValueError(f"check_every must be an int or a pair (first, then), got {every}")
+        chunks = every if isinstance(every, tuple) else (every,)
+        for name, value in [("max_iters", self.max_iters), *(("check_every", c) for c in chunks)]:
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if not (self.capture == "auto" or self.capture is True or self.capture is False):
+            raise ValueError(f"capture must be 'auto', True or False, got {self.capture!r}")
+        for name in ("record", "raise_on_failure"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+    @classmethod
+    def of(cls, stopping: Stopping | None = None, **fields: Any) -> Stopping:
+        """`stopping` (default: `Stopping()`) with `fields` replaced; an unknown field is a
+        TypeError naming the valid ones."""
+        if stopping is not None and not isinstance(stopping, Stopping):
+            raise TypeError(f"stopping must be a Stopping, got {type(stopping).__name__}")
+        unknown = sorted(set(fields) - FIELDS)
+        if unknown:
+            valid = ", ".join(sorted(FIELDS))
+            raise TypeError(f"unknown stopping option(s) {', '.join(unknown)}; valid: {valid}")
+        base = stopping if stopping is not None else cls()
+        return dataclasses.replace(base, **fields) if fields else base
+
+    @staticmethod
+    def split(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(the stopping fields, the rest) of keyword options."""
+        stop = {k: v for k, v in options.items() if k in FIELDS}
+        return stop, {k: v for k, v in options.items() if k not in FIELDS}
+
+    def replace(self, **fields: Any) -> Stopping:
+        return Stopping.of(self, **fields)
+
+    def summary(self) -> dict[str, Any]:
+        """The fields as a plain dict (check_every as a list), for records."""
+        out = dataclasses.asdict(self)
+        if isinstance(self.check_every, tuple):
+            out["check_every"] = list(self.check_every)
+        return out
+
+
+FIELDS = frozenset(f.name for f in dataclasses.fields(Stopping))
+
+
+class State:
+    """A contiguous iterate `x` and a (B, T, F) view `v` of it that aliases it.
+
+    Leading dimensions of the problem's state are flattened into the batch B, the position
+    dimension is T, trailing dimensions are the features F of a position.
+    """
+
+    def __init__(self, x: Tensor, dim: int, copy: bool = True) -> None:
+        if x.numel() == 0:  # a view of zero elements cannot be reshaped to (B, T, F)
+            raise ValueError(
+                f"the initial iterate of shape {tuple(x.shape)} is empty (a zero-size batch or "
+                "feature dimension): nothing to solve"
+            )
+        # copy=False: x itself (made contiguous), for a solve that never writes the state
+        x = x.detach()
+        self.x = x.clone(memory_format=torch.contiguous_format) if copy else x.contiguous()
+        self.dim = dim
+        self.shape = self.x.shape
+        self.B, self.T, self.F = canonical_shape(self.shape, dim)
+        self.v = self.x.view(self.B, self.T, self.F)  # (B, T, F), shares memory with x
+
+    def flat(self, values: Tensor) -> Tensor:
+        """A tensor shaped like the state with n positions -> (B, n, F)."""
+        return values.reshape(self.B, -1, self.F)
+
+
+# --- capture: the one decision ------------------------------------------------------------
+
+
+def captures(
+    stopping: Stopping,
+    device: torch.device,
+    *,
+    declared: bool = True,
+    obstacles: list[str] | tuple[str, ...] = (),
+    callback: Any = None,
+) -> bool:
+    """Whether work under `stopping` is captured in a CUDA graph (see `Stopping.capture`).
+
+    Args:
+        device: where the state lives (CUDA graphs need CUDA).
+        declared: the problem declares the work capturable (what "auto" needs).
+        obstacles: why the method itself cannot be captured (none: it can).
+        callback: a per-sweep callback reads every iterate on the host (never captured).
+
+    Raises:
+        ValueError: capture=True where it is impossible, with the reasons.
+    """
+    if stopping.capture is False:
+        return False
+    reasons = list(obstacles)
+    if not graphs.device_can_capture(device):
+        reasons.insert(0, f"the state is on {device.type}, CUDA graphs need a CUDA device")
+    if callback is not None:
+        reasons.append("a callback reads every iterate on the host")
+    if stopping.capture == "auto":
+        return not reasons and declared
+    if reasons:
+        raise ValueError(f"capture=True is impossible here: {'; '.join(reasons)}")
+    return True  # True: the caller vouches for the problem's work
+
+
+def _obstacles(solver: Solver) -> list[str]:
+    out = []
+    if not solver.capturable:
+        out.append(f"{solver.name}'s sweep does host-side work (not capturable)")
+    if not solver.static_region():
+        out.append(f"{solver.name}'s window moves with the certified prefix (a host read)")
+    return out
+
+
+# --- the host driver ----------------------------------------------------------------------
+
+
+def run(solver: Solver, problem: Problem, stopping: Stopping, callback: Callback | None = None):
+    """Solve `problem` by `solver` under `stopping`: the one loop of every method.
+
+    Iterate until every position of every batch item is certified, or `max_iters`; one host
+    read per chunk of `check_every` sweeps (see the module docstring).
+    """
+    T = problem.length
+    solver.validate(T, stopping)
+    init = problem.initial()
+    graph = captures(
+        stopping,
+        init.device,
+        declared=solver.captures_with(problem),
+        obstacles=_obstacles(solver),
+        callback=callback,
+    )
+    problem.prepare()
+    if solver.direct:
+        return _run_direct(solver, problem, init, stopping, graph, callback)
+    every = stopping.check_every or (DEFAULT_CHUNKS if graph else 1)
+    first, then = every if isinstance(every, tuple) else (every, every)
+    if solver.host_every_sweep:  # the method's memory must see only sweeps that count
+        first = then = 1
+    max_iters = stopping.max_iters or solver.default_max_iters(T)
+    init_ok = torch.isfinite(init).all().long()  # read with the first chunk's flags
+
+    if graph:
+        key = ("loop", solver, stopping.atol, stopping.rtol, max_iters, stopping.record,
+               (first, then), tuple(init.shape), init.dtype, init.device)  # fmt: skip
+        loop = problem.graphs.get(key, lambda: _Loop(solver, problem, stopping, max_iters, init))
+        loop.reset(init)
+        loop.captured = True
+    else:
+        loop = _Loop(solver, problem, stopping, max_iters, init)
+    s = loop.state
+    static = solver.static_region()
+    chunked = static and callback is None  # else one sweep per host read
+    k_host = 0  # the device count, as last read (exact: frozen steps do not count)
+    sweeps = 0  # steps run, frozen ones included (model calls really made)
+    num_evals = 0
+    cert_min = 0
+    while True:
+        if static:
+            chunk = min(first if sweeps == 0 else then, max_iters) if chunked else 1
+            loop.run(chunk, callback, sweeps)
+            sweeps += chunk
+            num_evals += chunk * loop.evals
+        else:
+            start, stop = solver.region(cert_min, T)
+            loop.step(start, stop)
+            sweeps += 1
+            num_evals += solver.evals_per_sweep(problem, start, stop)
+            if callback is not None:
+                callback(sweeps, s.x)
+        flags = torch.stack([loop.live.long(), loop.cert.min(), loop.k, init_ok])
+        live, cert_min, k_host, first_ok = flags.tolist()  # the one host read of a chunk
+        if not first_ok:
+            raise NonFiniteError(f"{solver.name}: the initial iterate holds NaN or Inf")
+        # frozen although uncertified with budget left: a non-finite iterate (k is its
+        # number, it stays in the state); at the budget's end, look at the state once
+        frozen = not live and cert_min < T
+        if frozen and (k_host < max_iters or not bool(torch.isfinite(s.v).all())):
+            raise_nonfinite(solver.name, s.v, k_host)
+        if cert_min >= T or k_host >= max_iters:
+            break
+    all_done = cert_min >= T
+    per_item = torch.cat([loop.conv_iter(), loop.cert]).tolist()  # one more host read
+    conv_iter, cert_final = per_item[: s.B], per_item[s.B :]
+    num_iters = max(conv_iter) if all_done else k_host
+    stats: dict[str, Any] = {
+        "iters_per_item": [c if c >= 0 else k_host for c in conv_iter],
+        "certified_final": cert_final,
+        **solver.options(),
+    }
+    if max(first, then) > 1:
+        stats["check_every"] = first if first == then else [first, then]
+        stats["sweeps_run"] = sweeps
+    if graph:
+        stats["captured"] = True
+    record = stopping.record
+    res = loop.res_buf[:num_iters].clone() if record else None  # (num_iters, B)
+    cer = loop.cer_buf[:num_iters].clone() if record else None
+    value = s.x.clone() if graph else s.x  # graph buffers are reused by replays
+    sol = Solution(value, loop.cert >= T, num_iters, num_evals, res, cer, stats)
+    if not all_done:
+        report_failure(solver.name, sol, max_iters, stopping.raise_on_failure)
+    return solver.finish(sol, loop.memory)
+
+
+class _Loop:
+    """The persistent buffers of one solve, its device step and how the step is replayed.
+
+    Every tensor the step reads or writes lives here and is updated in place, so the same
+    `step` runs eagerly or inside a CUDA graph. A captured loop is cached in `problem.graphs`
+    and replayed by later solves with the same settings (buffers reset, graphs kept).
+    """
+
+    def __init__(
+        self, solver: Solver, problem: Problem, stopping: Stopping, max_iters: int, init: Tensor
+    ) -> None:
+        self.solver, self.problem = solver, problem
+        self.atol, self.rtol = stopping.atol, stopping.rtol
+        self.max_iters, self.record = max_iters, stopping.record
+        self.exact = stopping.atol == 0 and stopping.rtol == 0
+        self.state = s = State(init, problem.dim)
+        self.T = problem.length
+        dev = s.x.device
+        self.cert = torch.zeros(s.B, dtype=torch.long, device=dev)  # certified prefix per item
+        # iterations after which an item was still uncertified: it converged at not_done + 1
+        self.not_done = torch.zeros(s.B, dtype=torch.long, device=dev)
+        self.k = torch.zeros((), dtype=torch.long, device=dev)  # iterations made (exact)
+        self.live = torch.ones((), dtype=torch.bool, device=dev)  # the next step counts
+        # traces; row max_iters is a scratch row written by frozen steps
+        n = max_iters + 1 if self.record else 0
+        self.res_buf = torch.zeros(n, s.B, dtype=s.x.dtype, device=dev)  # (max_iters + 1, B)
+        self.cer_buf = torch.zeros(n, s.B, dtype=torch.long, device=dev)
+        self.start, self.stop = solver.region(0, self.T)
+        self.evals = solver.evals_per_sweep(problem, self.start, self.stop)
+        self.memory = solver.init(problem, s)
+        self.captured = False
+        self.graphs: dict[int, Any] = {}  # captured chunks, by number of steps
+
+    def reset(self, init: Tensor) -> None:
+        self.state.x.copy_(init)
+        self.cert.zero_()
+        self.not_done.zero_()
+        self.k.zero_()
+        self.live.fill_(True)
+        if self.graphs:  # the captured steps read the memory by address: reset it in place
+            self.solver.restart(self.memory)
+        else:
+            self.memory = self.solver.init(self.problem, self.state)
+
+    def conv_iter(self) -> Tensor:
+        """(B,) the iteration at which each item became certified, -1 if it did not."""
+        return torch.where(self.cert >= self.T, self.not_done + 1, -1)
+
+    def step(self, start: int, stop: int) -> None:
+        """One iteration on the device: (state, certificate) -> (state, certificate).
+
+        Static shapes, no host read, no Python branch on a tensor value, few kernels (each
+        costs as much as a small model's layer). Once every item is certified, the budget is
+        spent or a non-finite iterate appeared, `live` turns off and the step is frozen
+        (state, certificate, count and traces unchanged), so a chunk may run past the end
+        and the result is exactly that of stopping right there.
+        """
+        solver, s, T, live, cert = self.solver, self.state, self.T, self.live, self.cert
+        self.k.add_(live)  # the number of this iteration, if it counts
+        new = s.flat(solver.sweep(self.problem, s, start, stop, self.memory))  # (B, n, F)
+        old = s.v[:, start:stop]  # (B, n, F)
+        # (B, n, F): bitwise equality (the exact certificate) or within the tolerances
+        tol = None if self.exact else self.atol + self.rtol * new.abs()
+        same = new == old if tol is None else (new - old).abs() <= tol
+        same = same[:, :, 0] if s.F == 1 else same.all(2)  # (B, n)
+        prefix = same.cumprod(1, dtype=torch.long).sum(1)  # (B,) unchanged prefix of window
+        # the first changed position is final too: its inputs are all certified
+        reach = (prefix + (start + 1)).clamp_(max=stop)
+        grown = torch.maximum(solver.guaranteed(cert, T), reach)
+        if start != 0:  # only where the window's inputs are certified
+            grown = torch.where(cert >= start, grown, cert)
+        # NaN/Inf: the step freezes on the first non-finite iterate, which stays in the state
+        # (the driver finds it there with one reduction per chunk). amax propagates NaN, and
+        # |x| < inf is false for NaN and Inf: cheaper than isfinite(x).all() (4-5 kernels).
+        if self.record:
+            res = (new - old).abs().amax(dim=(1, 2))  # (B,) residual trace
+            row = torch.where(live, self.k - 1, self.max_iters).reshape(1)  # (1,)
+            self.res_buf.index_copy_(0, row, res[None].to(self.res_buf.dtype))
+            self.cer_buf.index_copy_(0, row, torch.where(live, grown, cert)[None])
+            finite = res.amax() < math.inf  # a non-finite new value makes its change so
+        else:
+            finite = new.abs().amax() < math.inf
+        if new.requires_grad:  # the state takes the new values if live
+            old.copy_(torch.where(live, new, old))
+        else:
+            torch.where(live, new, old, out=old)  # elementwise in place, one kernel
+        torch.where(live, grown, cert, out=cert)
+        # an item certified at iteration j was uncertified after exactly j - 1 iterations
+        # (all live: nothing freezes before every item is certified or the budget is spent)
+        self.not_done.add_(cert < T)
+        live.logical_and_(cert.min() < T).logical_and_(self.k < self.max_iters)
+        live.logical_and_(finite)
+
+    def run(self, n: int, callback: Callback | None, base: int) -> None:
+        """`n` steps of the static region: eagerly, or one replay of a captured chunk."""
+        if not self.captured:
+            for i in range(n):
+                self.step(self.start, self.stop)
+                if callback is not None:
+                    callback(base + i + 1, self.state.x)
+            return
+        with torch.no_grad():
+            if n not in self.graphs:
+                self.graphs[n] = graphs.capture(lambda: self.step(self.start, self.stop), n)
+            else:
+                self.graphs[n].replay()
+
+
+# --- direct methods: the loop with one step -----------------------------------------------
+
+
+class _Direct:
+    """One sweep of a direct method over every position, on buffers that a CUDA graph can
+    capture: the start, the state (a copy of the start when the method writes it), the
+    method's memory, and after the sweep its value and one norm (the residual trace, or the
+    value's max-abs) that is NaN or Inf exactly where the value is."""
+
+    def __init__(self, solver: Solver, problem: Problem, init: Tensor, record: bool, static: bool):
+        self.solver, self.problem, self.record = solver, problem, record
+        self.start = (
+            init.detach().clone(memory_format=torch.contiguous_format)
+            if static
+            else (init.detach())
+        )
+        self.state = State(self.start, problem.dim, copy=solver.writes_state)
+        self.restart = static and solver.writes_state  # a replay starts from `start` again
+        self.memory = solver.init(problem, self.state)
+        self.value: Tensor | None = None
+        self.norm: Tensor | None = None
+        self.graph: Any = None
+
+    def body(self) -> None:
+        s = self.state
+        if self.restart:
+            s.x.copy_(self.start)
+        new = s.flat(self.solver.sweep(self.problem, s, 0, s.T, self.memory))  # (B, T, F)
+        # a max-abs norm is NaN or Inf where the values are: it doubles as the NaN/Inf flag
+        # (few kernels: launches are what a small direct solve costs)
+        if self.record:
+            start = self.start.reshape(new.shape)
+            self.norm = torch.linalg.vector_norm(new - start, ord=math.inf, dim=(1, 2))  # (B,)
+        else:
+            self.norm = torch.linalg.vector_norm(new, ord=math.inf).reshape(1)
+        self.value = new
+
+    def run(self, captured: bool) -> None:
+        if not captured:
+            self.body()
+        elif self.graph is None:
+            with torch.no_grad():
+                self.graph = graphs.capture(self.body, 1)
+        else:
+            self.graph.replay()
+
+
+def _run_direct(
+    solver: Solver,
+    problem: Problem,
+    init: Tensor,
+    stopping: Stopping,
+    graph: bool,
+    callback: Callback | None,
+) -> Solution:
+    """A direct method's solve: one sweep over every position, one host read (NaN/Inf)."""
+    record = stopping.record
+    if graph:
+        key = ("direct", solver, record, tuple(init.shape), init.dtype, init.device)
+        prog = problem.graphs.get(key, lambda: _Direct(solver, problem, init, record, True))
+        prog.start.copy_(init)
+    else:
+        prog = _Direct(solver, problem, init, record, False)
+    prog.run(graph)
+    new, norm = prog.value, prog.norm
+    assert new is not None and norm is not None  # set by the sweep
+    flags = norm.tolist()  # the one host read
+    if not all(math.isfinite(v) for v in flags):
+        raise_nonfinite(solver.name, new, 1)
+    s = prog.state
+    value = new.reshape(s.shape)
+    if graph:
+        value = value.clone()  # the graph's buffers are reused by the next replay
+    if callback is not None:
+        callback(1, value)
+    B, T, dev = s.B, s.T, s.x.device
+    stats: dict[str, Any] = {"iters_per_item": [1] * B, "certified_final": [T] * B}
+    stats.update(solver.options())
+    if graph:
+        stats["captured"] = True
+    sol = Solution(
+        value,
+        torch.ones(B, dtype=torch.bool, device=dev),
+        1,
+        solver.evals_per_sweep(problem, 0, T),
+        norm[None] if record else None,  # (1, B): the change from the start
+        torch.full((1, B), T, dtype=torch.long, device=dev) if record else None,
+        stats,
+    )
+    return solver.finish(sol, prog.memory)
+
+
+def direct_value(solver: Solver, problem: Problem) -> Tensor:
+    """A direct method's solution with no check and no host read (what a CUDA graph can
+    capture; `run` is the checked path): the one sweep's value, shaped like the state. The
+    caller owns the NaN/Inf check."""
+    if not solver.direct:
+        raise TypeError(f"{solver.name} is not a direct method (it iterates): use solve()")
+    solver.validate(problem.length, Stopping())
+    problem.prepare()
+    init = problem.initial()
+    state = State(init, problem.dim, copy=solver.writes_state)
+    memory = solver.init(problem, state)
+    return solver.sweep(problem, state, 0, state.T, memory).reshape(state.shape)

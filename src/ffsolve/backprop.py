@@ -495,7 +495,7 @@ def backprop_through(
         stop = backward.replace(capture=False)
     else:  # the adjoint loop is rebuilt at every backward: captured only when forced
         captured = False
-        stop = backward if backward.capture is True else backward.replace(capture=False)
+        stop = backward.forced_capture_only()
     plan = _Plan(user_cell, layout, solver, stop, info)
     plan.captured = captured
     if forward_method is not None:

@@ -32,7 +32,7 @@ import math
 import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor
@@ -41,10 +41,7 @@ from ffsolve import graphs
 from ffsolve.problems.base import Problem, canonical_shape
 from ffsolve.solvers.record import NonFiniteError, Solution, raise_nonfinite, report_failure
 
-if TYPE_CHECKING:
-    from ffsolve.solvers.base import Solver
-
-__all__ = ["DEFAULT_CHUNKS", "State", "Stopping", "captures", "direct_value", "run"]
+__all__ = ["DEFAULT_CHUNKS", "Method", "State", "Stopping", "captures", "direct_value", "run"]
 
 #: Sweeps per host read (and per CUDA-graph replay) when the loop is captured: a first
 #: chunk of 16, then chunks of 4, so that a solve needing a few sweeps more than 16 (or 32...)
@@ -135,6 +132,11 @@ class Stopping:
     def replace(self, **fields: Any) -> Stopping:
         return Stopping.of(self, **fields)
 
+    def forced_capture_only(self) -> Stopping:
+        """This rule with capture="auto" turned off: for work rebuilt at every call (a
+        backward's adjoint system), which "auto" would capture anew each time."""
+        return self.replace(capture=False) if self.capture == "auto" else self
+
     def summary(self) -> dict[str, Any]:
         """The fields as a plain dict (check_every as a list), for records."""
         out = dataclasses.asdict(self)
@@ -170,6 +172,32 @@ class State:
     def flat(self, values: Tensor) -> Tensor:
         """A tensor shaped like the state with n positions -> (B, n, F)."""
         return values.reshape(self.B, -1, self.F)
+
+
+class Method(Protocol):
+    """What the loop asks of a method (`ffsolve.solvers.base.Solver` documents each hook and
+    gives the defaults)."""
+
+    name: ClassVar[str]
+    capturable: ClassVar[bool]
+    direct: ClassVar[bool]
+    writes_state: ClassVar[bool]
+    host_every_sweep: ClassVar[bool]
+
+    def validate(self, length: int, stopping: Stopping) -> None: ...
+    def default_max_iters(self, length: int) -> int: ...
+    def region(self, certified: int, length: int) -> tuple[int, int]: ...
+    def static_region(self) -> bool: ...
+    def init(self, problem: Problem, state: State) -> Any: ...
+    def restart(self, memory: Any) -> None: ...
+    def sweep(
+        self, problem: Problem, state: State, start: int, stop: int, memory: Any
+    ) -> Tensor: ...
+    def guaranteed(self, certified: Tensor, length: int) -> Tensor: ...
+    def evals_per_sweep(self, problem: Problem, start: int, stop: int) -> int: ...
+    def finish(self, solution: Solution, memory: Any) -> Solution: ...
+    def captures_with(self, problem: Problem) -> bool: ...
+    def options(self) -> dict[str, Any]: ...
 
 
 # --- capture: the one decision ------------------------------------------------------------
@@ -208,7 +236,7 @@ def captures(
     return True  # True: the caller vouches for the problem's work
 
 
-def _obstacles(solver: Solver) -> list[str]:
+def _obstacles(solver: Method) -> list[str]:
     out = []
     if not solver.capturable:
         out.append(f"{solver.name}'s sweep does host-side work (not capturable)")
@@ -220,7 +248,7 @@ def _obstacles(solver: Solver) -> list[str]:
 # --- the host driver ----------------------------------------------------------------------
 
 
-def run(solver: Solver, problem: Problem, stopping: Stopping, callback: Callback | None = None):
+def run(solver: Method, problem: Problem, stopping: Stopping, callback: Callback | None = None):
     """Solve `problem` by `solver` under `stopping`: the one loop of every method.
 
     Iterate until every position of every batch item is certified, or `max_iters`; one host
@@ -318,7 +346,7 @@ class _Loop:
     """
 
     def __init__(
-        self, solver: Solver, problem: Problem, stopping: Stopping, max_iters: int, init: Tensor
+        self, solver: Method, problem: Problem, stopping: Stopping, max_iters: int, init: Tensor
     ) -> None:
         self.solver, self.problem = solver, problem
         self.atol, self.rtol = stopping.atol, stopping.rtol
@@ -426,7 +454,7 @@ class _Direct:
     method's memory, and after the sweep its value and one norm (the residual trace, or the
     value's max-abs) that is NaN or Inf exactly where the value is."""
 
-    def __init__(self, solver: Solver, problem: Problem, init: Tensor, record: bool, static: bool):
+    def __init__(self, solver: Method, problem: Problem, init: Tensor, record: bool, static: bool):
         self.solver, self.problem, self.record = solver, problem, record
         self.start = (
             init.detach().clone(memory_format=torch.contiguous_format)
@@ -465,7 +493,7 @@ class _Direct:
 
 
 def _run_direct(
-    solver: Solver,
+    solver: Method,
     problem: Problem,
     init: Tensor,
     stopping: Stopping,
@@ -509,7 +537,7 @@ def _run_direct(
     return solver.finish(sol, prog.memory)
 
 
-def direct_value(solver: Solver, problem: Problem) -> Tensor:
+def direct_value(solver: Method, problem: Problem) -> Tensor:
     """A direct method's solution with no check and no host read (what a CUDA graph can
     capture; `run` is the checked path): the one sweep's value, shaped like the state. The
     caller owns the NaN/Inf check."""

@@ -5,7 +5,7 @@ checks that the graph replays give the loop's answer (random dense and diagonal 
 several shapes, twice each so a cached graph is replayed) and the scan's gradients autograd's.
 Prints tables and PASS/FAIL lines only; no records.
 
-From the repository root:  PYTHONPATH=src python benchmarks/gpu_profile_scan.py [cuda|cpu] [T]
+From the repository root:  PYTHONPATH=src python benchmarks/profile_scan.py [cuda|cpu] [T]
 """
 
 import cProfile
@@ -67,11 +67,12 @@ for B, n, F_, dense in (
         ).to(dev)
         b = torch.randn(B, n, F_, generator=g, dtype=torch.float64).to(dev)
         ref = loop(A, b)
-        from ffsolve.solvers.scan import LinearRecurrence, affine_scan
+        from ffsolve.problems.base import LinearRecurrence
+        from ffsolve.solvers.scan import affine_scan
 
         rec = LinearRecurrence(b, lambda s, e, A=A: A[:, s:e], "dense" if dense else "diagonal")
-        got = affine_scan(rec, graph=True)
-        eager = affine_scan(rec, graph=False)
+        got = affine_scan(rec, capture=True)
+        eager = affine_scan(rec, capture=False)
         err = float((got - ref).abs().max())
         same = bool(torch.equal(got, eager))
         ok = err < 1e-10
@@ -93,36 +94,41 @@ def scan_vs_autograd(xin, **options):
 
 
 for graph in (True, False):
-    rel, _ = scan_vs_autograd(x, graph=graph)
+    rel, _ = scan_vs_autograd(x, capture_chunks=graph)
     print(
-        f"{'PASS' if rel < 1e-5 else 'FAIL'} scan gradients (graph={graph}) vs autograd: "
+        f"{'PASS' if rel < 1e-5 else 'FAIL'} scan gradients (capture_chunks={graph}) vs autograd: "
         f"relative error {rel:.1e}"
     )
 
 
 for seed in (1, 2):  # the second backward replays the captured graph on new inputs
     xg = torch.rand(1, T + 1, 1, generator=torch.Generator().manual_seed(seed)).to(dev)
-    rel, info = scan_vs_autograd(xg, graph_backward=True)
+    rel, info = scan_vs_autograd(xg, capture=dev.type == "cuda")
     graphed = bool(info.solution.stats.get("graphed_backward"))
     ok = rel < 1e-5 and (graphed or dev.type != "cuda")
-    print(f"{'PASS' if ok else 'FAIL'} scan graph_backward (input {seed}, graphed {graphed}) vs "
+    print(f"{'PASS' if ok else 'FAIL'} scan captured backward (input {seed}, graphed {graphed}) vs "
           f"autograd: relative error {rel:.1e}")  # fmt: skip
 
 
 def loss_of_method(method):
-    if method == "scan graph_backward":
+    if method == "scan captured backward":
         hs, _ = ffsolve.backprop_through(rnn.step, rnn.initial_state(1), x[:, :-1], "scan",
-                                         params=params[:3], graph_backward=True)  # fmt: skip
+                                         params=params[:3], capture=dev.type == "cuda")  # fmt: skip
         return F.mse_loss(rnn.readout(hs), x[:, 1:])
-    if method == "scan graph=False":
+    if method == "scan capture_chunks=False":
         hs, _ = ffsolve.backprop_through(
-            rnn.step, rnn.initial_state(1), x[:, :-1], "scan", params=params[:3], graph=False
+            rnn.step,
+            rnn.initial_state(1),
+            x[:, :-1],
+            "scan",
+            params=params[:3],
+            capture_chunks=False,
         )
         return F.mse_loss(rnn.readout(hs), x[:, 1:])
     return loss_of(method)
 
 
-for method in (None, "scan", "scan graph=False", "scan graph_backward"):
+for method in (None, "scan", "scan capture_chunks=False", "scan captured backward"):
     name = method or "autograd"
     loss = loss_of_method(method)
     for _ in range(5):

@@ -9,7 +9,7 @@
 4. sweeps of a Jacobi forward of the paper's RNN (float32) at atol 1e-6 and 1e-5, T from 100
    to 10,000, and the largest difference from the loop.
 
-From the repository root:  PYTHONPATH=src python benchmarks/cpu_counts.py
+From the repository root:  PYTHONPATH=src python benchmarks/counts.py
 """
 
 import collections
@@ -29,7 +29,7 @@ from ffsolve.models.pixelcnnpp import load_pixelcnnpp
 from ffsolve.models.rnn import VanillaRNN, VanillaRNNConfig
 from ffsolve.problems import RecurrenceForward
 from ffsolve.problems.made import MADESampling, logistic_noise
-from ffsolve.solvers import base, get_solver
+from ffsolve.solvers import get_solver, loop
 
 VIEWS = {"view", "_unsafe_view", "slice", "select", "unsqueeze", "squeeze", "expand", "t",
          "transpose", "permute", "alias", "detach", "as_strided"}  # fmt: skip
@@ -55,7 +55,7 @@ def made_step_ops() -> None:
     model, meta = load_made("checkpoints/made_mnist")
     noise = logistic_noise(100, 784, torch.Generator().manual_seed(0))
     problem = MADESampling(model, noise, logit_bounds(float(meta["data"]["lam"])))
-    step, sweep, n = base._Loop.step, get_solver("jacobi").sweep, 3
+    step, sweep, n = loop._Loop.step, get_solver("jacobi").sweep, 3
     whole, model_only = Count(), Count()
     whole.on = model_only.on = False
 
@@ -64,19 +64,19 @@ def made_step_ops() -> None:
         step(self, a, b)
         whole.on = False
 
-    def counted_sweep(self_, problem, s, a, b):
+    def counted_sweep(self_, problem, s, a, b, memory):
         model_only.on = True
-        out = sweep(problem, s, a, b)
+        out = sweep(problem, s, a, b, memory)
         model_only.on = False
         return out
 
-    base._Loop.step = counted_step
+    loop._Loop.step = counted_step
     solver = get_solver("jacobi")
     object.__setattr__(solver, "sweep", counted_sweep.__get__(solver))
     with whole, model_only, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         solver.solve(problem, record=False, max_iters=n)
-    base._Loop.step = step
+    loop._Loop.step = step
     total, mdl = whole.kernels() / n, model_only.kernels() / n
     print(f"1. MADE Jacobi step: {total:.0f} kernels, {mdl:.0f} of them the model's sweep, "
           f"{total - mdl:.0f} bookkeeping")  # fmt: skip

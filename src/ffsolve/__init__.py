@@ -25,9 +25,12 @@ from ffsolve.solvers import (
     Solution,
     Solver,
     Stopping,
+    Verification,
+    VerificationWarning,
     get_solver,
     linear_scan,
     solve,
+    verify,
 )
 
 __version__ = "0.1.0"
@@ -47,8 +50,11 @@ __all__ = [
     "Solution",
     "Solver",
     "Stopping",
+    "Verification",
+    "VerificationWarning",
     "backprop_through",
     "get_solver",
     "linear_scan",
     "solve",
+    "verify",
 ]

@@ -179,6 +179,7 @@ def timed_rows(
     baselines: Sequence[str] | None = None,
     grad: bool = False,
     log: Callable[[str], None] = lambda s: None,
+    keep: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Outcome]]:
     """Measure every row in one process and compare it with the reference and the baselines.
 
@@ -191,6 +192,8 @@ def timed_rows(
             `speedup_vs_<label>` is recorded for each, and `speedup_vs_sequential` against the
             fastest of them as measured here (the strongest, named in `strongest_baseline`).
         grad: run the rows with autograd on (default: under no_grad).
+        keep: called with each row's record as soon as it is measured (`RunContext.keep`:
+            an interrupted run keeps its finished rows); the ratios are added at the end.
 
     Returns:
         (records, outcomes): one record per row, in order (a failed row: `method`, `solver`,
@@ -209,7 +212,9 @@ def timed_rows(
     width = max(len(label) for label in labels)
     records: list[dict[str, Any]] = []
     outcomes: dict[str, Outcome] = {}
-    bar = iter(track(range(len(rows) * (warmup + max(1, repeats))), desc="rows", unit="call"))
+    bar = iter(
+        track(range(len(rows) * (warmup + max(1, repeats))), desc="rows", unit="call", lines=False)
+    )
 
     def tick() -> None:
         next(bar, None)
@@ -222,6 +227,8 @@ def timed_rows(
             msg = f"{type(e).__name__}: {e}"
             log(f"  {row.label:<{width}} FAILED: {msg}")
             records.append({"method": row.label, "solver": row.kind, "error": msg})
+            if keep is not None:
+                keep(records[-1])
             continue
         out: Outcome = m.pop("result")
         outcomes[row.label] = out
@@ -236,6 +243,8 @@ def timed_rows(
             **{k: m[k] for k in ("min_s", "max_s", "peak_mem_mb", "mem_before_mb")},
         }
         records.append(rec)
+        if keep is not None:
+            keep(rec)
         log(
             f"  {row.label:<{width}} {m['median_s'] * 1e3:10.3f} ms  [{m['min_s'] * 1e3:.3f}, "
             f"{m['max_s'] * 1e3:.3f}]  iters={out.num_iters}"

@@ -42,7 +42,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ffsolve.errors import CheckpointError, ConfigError, FFSolveError
+from ffsolve.errors import CheckpointError, ConfigError, DivergedError, FFSolveError
 
 __all__ = [
     "FORMAT_VERSION",
@@ -164,6 +164,38 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def strict_json(obj: Any, indent: int | None = 1, default: Any = None) -> str:
+    """JSON that every parser reads: NaN and infinities (which Python's json writes as bare
+    `NaN`, not JSON) become null, at any depth."""
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, float):
+            return v if math.isfinite(v) else None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [clean(x) for x in v]
+        if isinstance(v, Tensor):
+            return clean(v.tolist())
+        if isinstance(v, Path):
+            return str(v)
+        if default is not None and not isinstance(v, str | int | bool | type(None)):
+            return clean(default(v))
+        return v
+
+    return json.dumps(clean(obj), indent=indent, allow_nan=False)
+
+
+def check_finite_loss(value: float, where: str) -> None:
+    """Stop training at the first non-finite loss (DivergedError names where): nothing is
+    saved from a diverged model, and a checkpoint already on disk is left as it is."""
+    if not math.isfinite(value):
+        raise DivergedError(
+            f"training diverged: the loss is {value} at {where}; stopped, nothing saved "
+            "(the checkpoint on disk, if any, is unchanged; try a smaller lr)"
+        )
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write `text` (UTF-8) to `path` atomically."""
     atomic_write_bytes(path, text.encode("utf-8"))
@@ -218,6 +250,11 @@ def save_checkpoint(
     out, packed = {}, {}
     for k, v in tensors.items():
         v = v.detach().cpu()
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise DivergedError(
+                f"refusing to save {path}: tensor {k!r} holds NaN or Inf (training diverged?); "
+                "the checkpoint on disk, if any, is unchanged"
+            )
         if v.dtype == torch.bool:  # masks: 8 per byte (safetensors spends a byte on each)
             out[k], packed[k] = _pack_bool(v), list(v.shape)
         else:
@@ -250,7 +287,7 @@ def save_checkpoint(
     os.replace(new, tpath)
     if os.environ.get(_CRASH_ENV) == str(_saves):
         os._exit(99)
-    atomic_write_text(jpath, json.dumps(meta, indent=1) + "\n")
+    atomic_write_text(jpath, strict_json(meta) + "\n")
     with contextlib.suppress(FileNotFoundError):
         prev.unlink()
     return tpath

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 
@@ -47,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plot", help="redraw a run's figures from its records")
     pl.add_argument("run_dir")
     pl.add_argument("--out", default=None, help="write the figures here (default: the run dir)")
+    pl.add_argument("--force", action="store_true", help="replace figures already there")
     pl.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS, help=_TB)
     t = sub.add_parser("train", help="train a model and save a checkpoint")
     t.add_argument("model")
@@ -136,22 +139,34 @@ def _list() -> None:
         print(f"  {key:<20} {exp.name}")
 
 
-def _plot(run_dir: str, out: str | None) -> None:
+def _plot(run_dir: str, out: str | None, force: bool) -> None:
+    """Redraw a run's figures from its records into `out` (default: the run folder). An
+    existing figure is replaced only with `force` (the records of a run kept in git, say)."""
     records = read_records(run_dir)
     if "experiment" not in records:
         raise FFSolveError(f"{run_dir} holds no experiment records (nothing to plot)")
+    if "interrupted" in records:
+        raise FFSolveError(f"{run_dir} was stopped early ({records['interrupted']}): no figures")
     exp = get_experiment(records["experiment"])
     target = Path(out) if out else Path(run_dir)
     target.mkdir(parents=True, exist_ok=True)
-    try:
-        paths = exp.plot(records, target)
-    except (KeyError, TypeError, ValueError, IndexError) as e:
-        raise FFSolveError(
-            f"{run_dir}: its records are not those of a {records['experiment']!r} run this "
-            f"version can draw (missing or malformed {e})"
-        ) from None
-    for path in paths:
-        print(f"figure: {path}")
+    with tempfile.TemporaryDirectory(dir=target) as tmp:
+        try:
+            drawn = exp.plot(records, Path(tmp))
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+            raise FFSolveError(
+                f"{run_dir}: its records are not those of a {records['experiment']!r} run "
+                f"this version can draw (missing or malformed {e})"
+            ) from None
+        clash = [p.name for p in drawn if (target / p.name).exists()]
+        if clash and not force:
+            raise FFSolveError(
+                f"{target} already holds {', '.join(clash)}: give --out DIR for a fresh "
+                "folder, or --force to replace them"
+            )
+        for p in drawn:
+            os.replace(p, target / p.name)
+            print(f"figure: {target / p.name}")
 
 
 def _out_of_memory(e: BaseException) -> bool:
@@ -200,7 +215,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         exp = get_experiment(args.experiment)
         execute(RunSpec("run", args.experiment, exp, args.config, tuple(args.set)), **opts)
     elif args.command == "plot":
-        _plot(args.run_dir, args.out)
+        _plot(args.run_dir, args.out, args.force)
     elif args.command == "train":
         trainer = get_trainer(args.model)
         spec = RunSpec("train", args.model, trainer, args.config, tuple(args.set))

@@ -169,8 +169,8 @@ def load_mnist(data_dir: str | Path | None = None) -> dict[str, tuple[np.ndarray
 # --- CIFAR-shaped RGB data --------------------------------------------------------------
 
 RGB_HOWTO = (
-    "no natural photos found for the CIFAR-shaped stand-in: matplotlib ships grace_hopper.jpg; "
-    "for more photos pip install scikit-image scikit-learn"
+    "matplotlib ships one photo (grace_hopper.jpg); scikit-image and scikit-learn ship the "
+    "other ten: pip install -e .[rgb] (or make data)"
 )
 CIFAR_HOWTO = (
     "CIFAR-10 not found: download the python version (cifar-10-python.tar.gz) on a machine "
@@ -216,7 +216,11 @@ def natural_photos() -> dict[str, np.ndarray]:
 
 
 def load_rgb_crops(
-    num_train: int = 50000, num_test: int = 10000, seed: int = 0, scale: int = 128
+    num_train: int = 50000,
+    num_test: int = 10000,
+    seed: int = 0,
+    scale: int = 128,
+    photos: int | None = None,
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """A CIFAR-shaped stand-in: random 32x32 crops of natural photos (not CIFAR-10).
 
@@ -224,19 +228,27 @@ def load_rgb_crops(
     object-sized part of the scene). Test crops come from held-out photos (the last one or
     two in name order), so test likelihoods are on unseen images.
 
+    Args:
+        photos: how many photos the set must be made of (DataError, saying how to get them,
+            when fewer are installed); None takes whatever is there.
+
     Returns:
         {"train": (uint8 (N, 32, 32, 3), labels = photo index), "test": (...)}.
     """
     from PIL import Image
 
-    photos = natural_photos()
-    if not photos:
-        raise DataError(RGB_HOWTO)
-    names = sorted(photos)
+    found = natural_photos()
+    if not found or (photos is not None and len(found) < photos):
+        raise DataError(
+            f"the RGB stand-in needs {photos or 1} photos, {len(found)} are installed "
+            f"({', '.join(sorted(found)) or 'none'}); {RGB_HOWTO}"
+        )
+    photos_ = found
+    names = sorted(photos_)
     n_test_photos = 0 if len(names) == 1 else (1 if len(names) < 6 else 2)
     resized = []
     for name in names:
-        im = Image.fromarray(photos[name])
+        im = Image.fromarray(photos_[name])
         w, h = im.size
         f = scale / min(w, h)
         im = im.resize((max(32, round(w * f)), max(32, round(h * f))), Image.Resampling.LANCZOS)

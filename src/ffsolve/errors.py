@@ -1,6 +1,6 @@
 """User-facing errors: the command line prints these as one line and exits non-zero."""
 
-__all__ = ["FFSolveError", "ConfigError", "DataError", "CheckpointError"]
+__all__ = ["FFSolveError", "ConfigError", "DataError", "CheckpointError", "DivergedError"]
 
 
 class FFSolveError(Exception):
@@ -17,3 +17,7 @@ class DataError(FFSolveError, FileNotFoundError):
 
 class CheckpointError(FFSolveError, ValueError):
     """A checkpoint is missing, corrupted, or of the wrong kind or version."""
+
+
+class DivergedError(FFSolveError, FloatingPointError):
+    """Training produced a non-finite loss or weight; nothing broken was saved."""

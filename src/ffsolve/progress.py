@@ -2,8 +2,11 @@
 
 One function, `track`, wraps an iterable in a tqdm bar with rate and time left. Bars are
 drawn on stderr only when both stdout and stderr are terminals and `--quiet` (or
-`set_quiet(True)`) is off, so logs, pipes and CI stay clean. Never wrap the body of a timed
-region: the bar's update runs between iterations, so wrap the loop *around* timed calls.
+`set_quiet(True)`) is off. When output goes to a log or a pipe instead, an outer loop
+(`lines=True`: epochs, repeats, cases) writes one line per finished unit with its time to
+stderr, so a long run is never silent; inner loops (batches) write nothing. Never wrap the
+body of a timed region: the bar's update runs between iterations, so wrap the loop *around*
+timed calls.
 
 Example:
     >>> for epoch in track(range(1, epochs + 1), desc="epochs"):
@@ -15,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
@@ -50,6 +54,7 @@ def track(
     *,
     leave: bool = False,
     unit: str = "it",
+    lines: bool = True,
 ) -> Iterator[T]:
     """Iterate over `iterable` with a progress bar (rate, time left) when `enabled()`.
 
@@ -59,12 +64,30 @@ def track(
         desc: a short label in front of the bar.
         leave: keep the finished bar on screen (default: erase it; logs say what happened).
         unit: the name of one step ("epoch", "batch", "repeat").
+        lines: off a terminal, one line per finished unit on stderr (False: inner loops).
     """
     if not enabled():
-        yield from iterable
+        if _quiet or not lines:
+            yield from iterable
+            return
+        n = total if total is not None else _length(iterable)
+        t0 = time.perf_counter()
+        for i, item in enumerate(iterable, 1):
+            yield item
+            of = f"/{n}" if n is not None else ""
+            label = f"{desc}: " if desc else ""
+            print(f"[{label}{unit} {i}{of} done, {time.perf_counter() - t0:.1f} s]",
+                  file=sys.stderr, flush=True)  # fmt: skip
         return
     bar = tqdm(iterable, total=total, desc=desc, leave=leave, unit=unit, file=sys.stderr)
     yield from bar
+
+
+def _length(iterable: Iterable) -> int | None:
+    try:
+        return len(iterable)  # type: ignore[arg-type]
+    except TypeError:
+        return None
 
 
 def write(message: str) -> None:

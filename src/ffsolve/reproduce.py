@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ffsolve.checkpoint import atomic_write_text, checkpoint_exists
+from ffsolve.checkpoint import atomic_write_text
 from ffsolve.errors import FFSolveError
 from ffsolve.experiments import Experiment, Step, all_experiments
 from ffsolve.runner import RunSpec, execute
@@ -102,17 +102,11 @@ def _plan(args: argparse.Namespace, steps, given: dict[str, Path]) -> list[_Plan
     return plan
 
 
-def _checkpoint_of(p: _Planned) -> str | None:
-    ckpts = [o.split("=", 1)[1] for o in p.overrides if o.startswith("checkpoint=")]
-    path = ckpts[-1] if ckpts else p.step.checkpoint
-    return None if path in (None, "null") else path
-
-
 def reproduce(args: argparse.Namespace) -> tuple[Path, list[str]]:
     """Run (or, with --from, reuse) the selected steps and write the report.
 
     Returns:
-        (the report's path, the keys of the steps that failed or were skipped).
+        (the report's path, the keys of the steps that failed).
     """
     steps = all_steps()
     given = {
@@ -142,14 +136,6 @@ def reproduce(args: argparse.Namespace) -> tuple[Path, list[str]]:
         if key in given:
             run_dir = given[key]
         else:
-            ckpt = _checkpoint_of(p)
-            if ckpt is not None and not checkpoint_exists(ckpt):
-                sections.append(f"## {key}\n\nskipped: no checkpoint at {ckpt}\n")
-                print(
-                    f"ffsolve: reproduce: {key} skipped: no checkpoint at {ckpt}", file=sys.stderr
-                )
-                failed.append(key)
-                continue
             spec = RunSpec("run", p.experiment.name, p.experiment, p.step.config, p.overrides)
             try:
                 run_dir = execute(spec, args.device, args.out)

@@ -8,15 +8,18 @@ each in its own run directory under one bench folder, writing an index after eve
 
 from __future__ import annotations
 
+import json
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ffsolve import progress
+from ffsolve.checkpoint import checkpoint_exists
 from ffsolve.config import config_to_dict, load_config
-from ffsolve.errors import FFSolveError
-from ffsolve.experiments import Case, Experiment, RunContext, Trainer, all_experiments
+from ffsolve.errors import CheckpointError, FFSolveError
+from ffsolve.experiments import PARTIAL, Case, Experiment, RunContext, Trainer, all_experiments
 from ffsolve.runs import environment, new_run_dir, resolve_device, write_json, write_yaml
 
 __all__ = ["RunSpec", "bench_cases", "execute", "run_bench"]
@@ -33,8 +36,18 @@ class RunSpec:
     overrides: tuple[str, ...] = ()
 
     def config(self) -> Any:
-        """The resolved config (ConfigError for an unknown field or a bad value)."""
-        return load_config(self.target.config, self.config_file, list(self.overrides))
+        """The resolved config, checked before anything runs: ConfigError for an unknown
+        field or a bad value, CheckpointError for an experiment's `checkpoint` that is not
+        there."""
+        config = load_config(self.target.config, self.config_file, list(self.overrides))
+        if self.kind == "run":
+            ckpt = getattr(config, "checkpoint", None)
+            if isinstance(ckpt, str) and not checkpoint_exists(ckpt):
+                raise CheckpointError(
+                    f"{self.name}: no checkpoint at {ckpt} (train one with ffsolve train, "
+                    "or name another with --set checkpoint=PATH)"
+                )
+        return config
 
 
 def execute(
@@ -57,16 +70,17 @@ def execute(
     write_json(run_dir / "env.json", env)
     ctx = RunContext(device=device, out_dir=run_dir, log=progress.write, force=force, resume=resume)
     print(f"{spec.kind} {spec.name} on {env['device_name']} -> {run_dir}", flush=True)
+    key = "experiment" if spec.kind == "run" else "model"
+    head = {key: spec.name, "config": config_to_dict(config), "env": env}
     try:
         target = spec.target
         body = target.run(config, ctx) if spec.kind == "run" else target.train(config, ctx)
-    except BaseException:
-        if {p.name for p in run_dir.iterdir()} <= {"config.yaml", "env.json"}:
-            shutil.rmtree(run_dir)  # nothing was produced: leave no empty run behind
+    except BaseException as e:
+        _keep_what_was_measured(run_dir, head, e)
         raise
-    key = "experiment" if spec.kind == "run" else "model"
-    records = {key: spec.name, "config": config_to_dict(config), "env": env, **body}
+    records = {**head, **body}
     write_json(run_dir / "records.json", records, compact=True)
+    (run_dir / PARTIAL).unlink(missing_ok=True)  # records.json holds all of it
     summary = getattr(spec.target, "summary", None)
     if summary is not None:
         print(summary(records))
@@ -75,6 +89,30 @@ def execute(
             print(f"figure: {path}")
     print(f"records: {run_dir / 'records.json'}")
     return run_dir
+
+
+def _keep_what_was_measured(run_dir: Path, head: dict[str, Any], error: BaseException) -> None:
+    """A run that stopped early: its folder goes when it holds nothing but its config and
+    environment; else the rows it finished (`partial.jsonl`) become `records.json`, marked
+    interrupted, and the message says where."""
+    names = {p.name for p in run_dir.iterdir()}
+    if names <= {"config.yaml", "env.json"}:
+        shutil.rmtree(run_dir)  # nothing was produced: leave no empty run behind
+        return
+    partial = run_dir / PARTIAL
+    if not partial.is_file():
+        return
+    rows = [json.loads(line) for line in partial.read_text().splitlines() if line.strip()]
+    why = f"{type(error).__name__}: {error}".rstrip(": ")
+    records = {**head, "interrupted": why, "partial_rows": rows}
+    write_json(run_dir / "records.json", records, compact=True)
+    partial.unlink()
+    print(
+        f"ffsolve: stopped early ({why}); the {len(rows)} finished row(s) are kept in "
+        f"{run_dir / 'records.json'}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def bench_cases() -> dict[str, tuple[Experiment, Case]]:

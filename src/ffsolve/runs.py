@@ -14,7 +14,8 @@ from typing import Any
 import torch
 import yaml
 
-from ffsolve.checkpoint import atomic_write_text
+from ffsolve.checkpoint import atomic_write_text, strict_json
+from ffsolve.errors import FFSolveError
 
 __all__ = ["environment", "new_run_dir", "write_json", "read_records", "resolve_device"]
 
@@ -100,10 +101,10 @@ def new_run_dir(root: str | Path, experiment: str) -> Path:
 
 
 def write_json(path: Path, data: Any, compact: bool = False) -> None:
-    """JSON with one key per line, or compact (records hold long arrays of traces); written
-    atomically (a reader never sees half a file)."""
+    """Strict JSON (non-finite numbers as null) with one key per line, or compact (records
+    hold long arrays of traces); written atomically (a reader never sees half a file)."""
     indent = None if compact else 1
-    atomic_write_text(path, json.dumps(data, indent=indent, default=_jsonable) + "\n")
+    atomic_write_text(path, strict_json(data, indent=indent, default=_jsonable) + "\n")
 
 
 def write_yaml(path: Path, data: Any) -> None:
@@ -121,10 +122,20 @@ def _jsonable(obj: Any) -> Any:
 def read_records(run_dir: str | Path) -> dict[str, Any]:
     """A run's records.json (or records.json.gz, as large recorded results are kept)."""
     path = Path(run_dir) / "records.json"
-    if path.is_file():
-        return json.loads(path.read_text())
     packed = path.with_name("records.json.gz")
-    if packed.is_file():
-        with gzip.open(packed, "rt") as f:
-            return json.load(f)
-    raise FileNotFoundError(f"no records.json in {run_dir} (is it a run directory?)")
+    try:
+        if path.is_file():
+            data = json.loads(path.read_text(encoding="utf-8"))
+        elif packed.is_file():
+            with gzip.open(packed, "rt", encoding="utf-8") as f:
+                data = json.load(f)
+        else:
+            raise FileNotFoundError(f"no records.json in {run_dir} (is it a run directory?)")
+    except (ValueError, OSError, EOFError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        where = path if path.is_file() else packed
+        raise FFSolveError(f"{where} is not a readable records file: {e}") from None
+    if not isinstance(data, dict):
+        raise FFSolveError(f"{path} holds no records (a JSON object was expected)")
+    return data

@@ -292,6 +292,7 @@ _TINY = [
     "epochs=2",
     "rgb_train=200",
     "rgb_test=50",
+    "rgb_photos=1",
     "batch_size=50",
     "lr=3e-3",
 ]

@@ -55,14 +55,17 @@ def test_made_and_rnn_cases_run_side_by_side(tmp_path, capsys):
 
 
 def test_a_failing_case_is_recorded_and_the_exit_code_says_so(tmp_path, capsys):
-    sets = [f"made-rgb:checkpoint={tmp_path / 'absent'}", "breakeven:lengths=[4]"]
+    ckpt = tmp_path / "made_tiny"
+    save_made(ckpt, MADE(MADEConfig(dims=12, hidden=(16,))), {"data": {"lam": 1e-6, "shape": [12]}})
+    # block_size larger than the model's 12 dimensions: found once the model is loaded
+    sets = [f"made-mnist:checkpoint={ckpt}", "made-mnist:block_size=100", "breakeven:lengths=[4]"]
     sets += ["breakeven:batches=[1]", "breakeven:repeats=1"]
-    code, index, rec = _bench(tmp_path, ["made-rgb", "breakeven"], sets)
+    code, index, rec = _bench(tmp_path, ["made-mnist", "breakeven"], sets)
     assert code == 1
-    assert index["cases"]["made-rgb"]["status"] == "failed"
+    assert index["cases"]["made-mnist"]["status"] == "failed"
+    assert "larger than the model's 12 dimensions" in index["cases"]["made-mnist"]["error"]
     assert index["cases"]["breakeven"]["status"] == "done" and "rows" in rec["breakeven"]
-    err = capsys.readouterr().err
-    assert "bench: failed: made-rgb" in err
+    assert "bench: failed: made-mnist" in capsys.readouterr().err
 
 
 def test_bad_overrides_fail_before_any_case_runs(tmp_path, capsys):
@@ -70,6 +73,10 @@ def test_bad_overrides_fail_before_any_case_runs(tmp_path, capsys):
     assert main([*argv, "--out", str(tmp_path)]) == 2
     assert "bench case made-mnist" in capsys.readouterr().err
     assert not (tmp_path / "bench").exists()  # nothing ran
+    argv = ["bench", "breakeven", "made-rgb", "--set", f"made-rgb:checkpoint={tmp_path / 'no'}"]
+    assert main([*argv, "--out", str(tmp_path)]) == 2  # a missing checkpoint: found first
+    assert "no checkpoint at" in capsys.readouterr().err
+    assert not (tmp_path / "bench").exists()
     assert main(["bench", "nope", "--out", str(tmp_path)]) == 2
     assert main(["bench", "breakeven", "--set", "nope:x=1", "--out", str(tmp_path)]) == 2
 

@@ -22,22 +22,30 @@ def test_tiny_report(tmp_path, capsys):
     argv += ["--steps", "made-mnist", "made-rgb", "rnn-backprop", "breakeven"]
     for step, sets in (("made-mnist", made), ("rnn-backprop", rnn)):
         argv += [x for s in sets for x in ("--override", f"{step}:{s}")]
-    argv += ["--rgb-checkpoint", str(tmp_path / "absent")]
     argv += ["--override", "breakeven:lengths=[8]", "--override", "breakeven:batches=[1]"]
-    assert main(argv) == 1  # made-rgb was skipped: said, and the exit code says so
+    # a missing checkpoint is found before the first step runs
+    assert main([*argv, "--rgb-checkpoint", str(tmp_path / "absent")]) == 2
+    assert "reproduce step made-rgb: made-sampling: no checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+    rgb = [f"checkpoint={ckpt}", "batch=2", "repeats=1", "block_size=3", "window=4", "trace=false"]
+    argv += [x for s in rgb for x in ("--override", f"made-rgb:{s}")]
+    assert main(argv) == 0
     (report_dir,) = (tmp_path / "runs" / "reproduce").iterdir()
     text = (report_dir / "REPORT.md").read_text()
     assert "| made-mnist | Jacobi iterations | 31 |" in text
-    assert "skipped: no checkpoint" in text and "rnn-backprop" in text and "## breakeven" in text
-    assert "failed or skipped: made-rgb" in capsys.readouterr().err
+    assert "| made-rgb | Jacobi iterations | 92 |" in text
+    assert "rnn-backprop" in text and "## breakeven" in text
     assert main(["reproduce", "--override", "nope:x=1", "--out", str(tmp_path)]) == 2
     assert main(["reproduce", "--steps", "nope", "--out", str(tmp_path)]) == 2
     assert main(["reproduce", "--from", f"made-mnist={tmp_path}", "--out", str(tmp_path)]) == 2
     capsys.readouterr()
-    argv = ["reproduce", "--steps", "densenet-bc", "--fmnist-dir", str(tmp_path / "absent")]
+    empty = tmp_path / "empty"  # a folder without the data set's files
+    empty.mkdir()
+    argv = ["reproduce", "--steps", "densenet-bc", "--fmnist-dir", str(empty)]
     assert main([*argv, "--device", "cpu", "--out", str(tmp_path / "bad")]) == 1
     err = capsys.readouterr().err  # missing data: one line, the next step would still run
-    assert "densenet-bc failed: Fashion-MNIST folder" in err and "Traceback" not in err
+    assert "densenet-bc failed: " in err and "lacks train-images" in err
+    assert "Traceback" not in err
     (bad,) = (tmp_path / "bad" / "reproduce").iterdir()
     assert "failed: DataError" in (bad / "REPORT.md").read_text()
 

@@ -124,6 +124,7 @@ def test_tiny_training_lowers_the_loss(tmp_path):
         epochs=2,
         rgb_train=400,
         rgb_test=100,
+        rgb_photos=1,
         batch_size=50,
         lr=3e-3,
         save_to=str(tmp_path / "made_rgb"),
@@ -189,7 +190,7 @@ def test_made_sampling_cli_end_to_end(tmp_path, capsys):
         )
         == 2
     )
-    assert "checkpoint file missing" in capsys.readouterr().err
+    assert "no checkpoint at" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not SHIPPED.with_suffix(".json").exists(), reason="no shipped checkpoint")

@@ -190,6 +190,8 @@ def _train_args(tmp_path, epochs, extra=()):
         "--set",
         "rgb_test=8",
         "--set",
+        "rgb_photos=1",
+        "--set",
         "filters=4",
         "--set",
         "resnets=1",

@@ -68,7 +68,13 @@ def test_scan_is_one_direct_sweep_with_its_record_and_a_located_nan():
     with pytest.raises(TypeError, match="capture_chunks must be True or False"):
         ffsolve.solve(LinearRecurrenceProblem(A, b), method="scan", capture_chunks="yes")
     b[1, 6, 2] = float("nan")
-    with pytest.raises(ffsolve.NonFiniteError, match="iteration 1, position 6"):
+    with pytest.raises(ValueError, match=r"b holds NaN or Inf \(first at index \(1, 6, 2\)\)"):
+        LinearRecurrenceProblem(A, b)  # bad input: refused before any solve
+    with pytest.raises(ValueError, match="b holds NaN"):
+        ffsolve.linear_scan(A, b)
+    b[1, 6, 2] = 0.0
+    A[1, 6:8] = 1e200  # finite input whose solution overflows at position 7
+    with pytest.raises(ffsolve.NonFiniteError, match="iteration 1, position 7"):
         ffsolve.solve(LinearRecurrenceProblem(A, b), method="scan", record=False)
 
 

@@ -19,6 +19,11 @@ from typing import Any
 
 import torch
 
+from ffsolve.checkpoint import strict_json
+
+#: the file of rows kept as a run goes (see `RunContext.keep`)
+PARTIAL = "partial.jsonl"
+
 __all__ = [
     "Case",
     "DEMO",
@@ -47,6 +52,13 @@ class RunContext:
     force: bool = False
     resume: bool = False
 
+    def keep(self, record: dict[str, Any]) -> None:
+        """Append one finished row (a measurement) to `partial.jsonl` in the run folder, as
+        it is made: a run stopped early keeps what it measured (`records.json` replaces the
+        file when the run ends)."""
+        with open(self.out_dir / PARTIAL, "a", encoding="utf-8") as f:
+            f.write(strict_json(record, indent=None) + "\n")
+
 
 @dataclass(frozen=True)
 class Step:
@@ -58,7 +70,8 @@ class Step:
         config: a config file under the repository's `configs/`, or None.
         data: the data set it reads ("mnist", "fashion-mnist"), whose folder reproduce's
             `--mnist-dir` / `--fmnist-dir` set as `data_dir`.
-        checkpoint: a checkpoint it needs (reported as missing before anything runs).
+        checkpoint: the checkpoint it reads (documentation; every step's config is checked,
+            checkpoint included, before the first step runs).
     """
 
     key: str

@@ -69,6 +69,7 @@ def run(cfg: BreakEvenConfig, ctx: RunContext) -> dict[str, Any]:
                 "break_even_iters": t_seq / per_iter,
             }
             rows.append(row)
+            ctx.keep(row)
             ctx.log(
                 f"  T={T:<6} B={B:<5} sequential {t_seq:8.4f} s   one Jacobi iteration "
                 f"{per_iter * 1e3:8.3f} ms   break-even {row['break_even_iters']:7.1f} iterations"

@@ -57,7 +57,9 @@ def run(cfg: CausalConfig, ctx: RunContext) -> dict[str, Any]:
         solver_row(f"gs_jacobi(window={W})", "gs_jacobi", problem, window=W),
     ]
     ctx.log(f"causal MLP: T={cfg.length}, C={cfg.channels}, batch={cfg.batch}, {cfg.dtype}")
-    records, outcomes = timed_rows(rows, ctx.device, repeats=cfg.repeats, log=ctx.log)
+    records, outcomes = timed_rows(
+        rows, ctx.device, repeats=cfg.repeats, log=ctx.log, keep=ctx.keep
+    )
     ref = outcomes["sequential"].value
     for row, rec in zip(rows, records, strict=True):
         if row.kind != "sequential" and "error" not in rec:

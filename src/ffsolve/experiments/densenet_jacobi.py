@@ -226,7 +226,7 @@ def run(cfg: DenseNetJacobiConfig, ctx: RunContext) -> dict[str, Any]:
             for sweep in cfg.sweeps:
                 rows += _sweep_rows(model, images, sweep, traces.get(sweep), cfg, cuda, ctx.log)
             records, outcomes = timed_rows(
-                rows, device, warmup=cfg.warmup, repeats=cfg.repeats, log=ctx.log
+                rows, device, warmup=cfg.warmup, repeats=cfg.repeats, log=ctx.log, keep=ctx.keep
             )
             for rec in records:
                 if rec["method"] in outcomes and rec["solver"] != "sequential":

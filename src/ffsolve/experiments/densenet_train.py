@@ -18,7 +18,12 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from ffsolve.checkpoint import check_training_output, load_train_state, save_train_state
+from ffsolve.checkpoint import (
+    check_finite_loss,
+    check_training_output,
+    load_train_state,
+    save_train_state,
+)
 from ffsolve.config import Config, config_to_dict, spec
 from ffsolve.data import load_images
 from ffsolve.experiments import RunContext, Trainer, register_trainer
@@ -132,7 +137,7 @@ def train(cfg: DenseNetTrainConfig, ctx: RunContext) -> dict[str, Any]:
         loss_sum = torch.zeros((), device=ctx.device)
         n_seen = 0
         starts = range(0, len(x_train), cfg.batch_size)
-        for i in track(starts, desc=f"epoch {epoch}", unit="batch"):
+        for i in track(starts, desc=f"epoch {epoch}", unit="batch", lines=False):
             progress = max(step / total, (time.perf_counter() - t0) / budget)
             if progress >= 1:
                 break
@@ -156,6 +161,7 @@ def train(cfg: DenseNetTrainConfig, ctx: RunContext) -> dict[str, Any]:
         test_acc = accuracy(model, x_test, y_test, mean, std, ctx.device)
         elapsed = time.perf_counter() - t0
         train_loss = float(loss_sum) / max(1, n_seen)
+        check_finite_loss(train_loss, f"epoch {epoch}")  # one host read per epoch
         history.append(
             {"epoch": epoch, "train_loss": train_loss, "test_acc": test_acc, "elapsed_s": elapsed}
         )

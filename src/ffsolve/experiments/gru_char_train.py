@@ -18,7 +18,12 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from ffsolve.checkpoint import check_training_output, load_train_state, save_train_state
+from ffsolve.checkpoint import (
+    check_finite_loss,
+    check_training_output,
+    load_train_state,
+    save_train_state,
+)
 from ffsolve.config import Config, config_to_dict, spec
 from ffsolve.data import TEXT_SOURCES, TEXT_VOCAB, decode_text, encode_text, load_text
 from ffsolve.errors import DataError
@@ -169,7 +174,7 @@ def train(cfg: GRUCharTrainConfig, ctx: RunContext) -> dict[str, Any]:
         shift = min(shift, data.shape[1] - 2)
         h, total, count = None, 0.0, 0
         starts = range(shift, data.shape[1] - 1, cfg.chunk)
-        for i in track(starts, desc=f"epoch {epoch}", unit="chunk"):
+        for i in track(starts, desc=f"epoch {epoch}", unit="chunk", lines=False):
             x, y = data[:, i : i + cfg.chunk], data[:, i + 1 : i + cfg.chunk + 1]
             x = x[:, : y.shape[1]]
             logits, h = model(x, h)  # (B, L, vocab), (1, B, H)
@@ -181,7 +186,9 @@ def train(cfg: GRUCharTrainConfig, ctx: RunContext) -> dict[str, Any]:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
             opt.step()
             sched.step()
-            total += float(loss.detach()) * y.numel()
+            value = float(loss.detach())
+            check_finite_loss(value, f"epoch {epoch}, chunk {i}")
+            total += value * y.numel()
             count += y.numel()
         bpc = evaluate_bpc(model, valid_ids, cfg.chunk)
         train_bpc = total / count / math.log(2)

@@ -133,7 +133,7 @@ def run(cfg: MADESamplingConfig, ctx: RunContext) -> dict[str, Any]:
     )
     records, outcomes = timed_rows(
         rows, ctx.device, warmup=cfg.warmup, repeats=cfg.repeats, reference=reference,
-        log=ctx.log,
+        log=ctx.log, keep=ctx.keep,
     )  # fmt: skip
     final_ref = outcomes[reference].value
     for rec in records:
@@ -214,7 +214,9 @@ def _batch_sweep(cfg, model, bounds, dtype, ctx) -> list[dict[str, Any]]:
         naive = MADESampling(model, noise, bounds)
         inc = MADESampling(model, noise, bounds, incremental=True)
         rows = _rows(one, naive, inc, methods=("jacobi",))
-        recs, _ = timed_rows(rows, ctx.device, warmup=cfg.warmup, repeats=cfg.repeats, log=ctx.log)
+        recs, _ = timed_rows(
+            rows, ctx.device, warmup=cfg.warmup, repeats=cfg.repeats, log=ctx.log, keep=ctx.keep
+        )
         out.append({"batch": B, "rows": recs})
     return out
 

@@ -14,6 +14,7 @@ import torch
 
 from ffsolve.checkpoint import (
     STORAGE_DTYPES,
+    check_finite_loss,
     check_training_output,
     load_train_state,
     save_train_state,
@@ -41,6 +42,7 @@ class MADETrainConfig(Config):
     max_test: int | None = spec(None, ge=1)
     rgb_train: int = spec(50000, ge=1)  # crops in the RGB stand-in
     rgb_test: int = spec(10000, ge=1)
+    rgb_photos: int = spec(11, ge=1)  # the stand-in is made of this many photos, or refused
     seed: int = spec(0, ge=0)
     save_to: str | None = None  # checkpoint path (stem); default <run dir>/made
     save_every: int = spec(1, ge=1)  # epochs between saves of the checkpoint and resume state
@@ -88,7 +90,8 @@ def train(cfg: MADETrainConfig, ctx: RunContext) -> dict[str, Any]:
         path, named=cfg.save_to is not None, force=ctx.force, resume=ctx.resume
     )
     torch.manual_seed(cfg.seed)
-    kw = {"num_train": cfg.rgb_train, "num_test": cfg.rgb_test, "seed": cfg.seed}
+    kw = {"num_train": cfg.rgb_train, "num_test": cfg.rgb_test, "seed": cfg.seed,
+          "photos": cfg.rgb_photos}  # fmt: skip
     data = load_images(cfg.data, cfg.data_dir, **(kw if cfg.data == "rgb" else {}))
     shape = list(data["train"][0].shape[1:])
     x_train, x_test = _flat(data["train"][0], cfg.max_train), _flat(data["test"][0], cfg.max_test)
@@ -154,7 +157,7 @@ def train(cfg: MADETrainConfig, ctx: RunContext) -> dict[str, Any]:
         perm = torch.randperm(len(x_train), generator=g)
         losses = []
         starts = range(0, len(x_train), cfg.batch_size)
-        for i in track(starts, desc=f"epoch {epoch}", unit="batch"):
+        for i in track(starts, desc=f"epoch {epoch}", unit="batch", lines=False):
             xb = x_train[perm[i : i + cfg.batch_size]]
             u = torch.rand(xb.shape, generator=g)
             z, logdet = dequantize_logit(xb.to(ctx.device), cfg.lam, u.to(ctx.device))
@@ -164,6 +167,7 @@ def train(cfg: MADETrainConfig, ctx: RunContext) -> dict[str, Any]:
             opt.step()
             sched.step()
             losses.append(float(loss.detach()))
+            check_finite_loss(losses[-1], f"epoch {epoch}, batch {i // cfg.batch_size}")
         model.eval()
         test = evaluate_bpd(model, x_test, cfg.lam, ctx.device)
         train_bpd = float(np.mean(losses))

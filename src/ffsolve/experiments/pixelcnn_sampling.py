@@ -140,6 +140,11 @@ def _uint8(problem: PixelCNNSampling, x: torch.Tensor, n: int) -> list:
     return (img[..., 0] if img.shape[-1] == 1 else img).cpu().tolist()
 
 
+def _bpd(meta: dict[str, Any]) -> str:
+    v = meta.get("test_bits_per_dim")
+    return "?" if v is None else f"{v:.3f}"
+
+
 def _cached(cfg, model, gumbel, logistic, graph, log) -> PixelCNNSampling:
     cached = PixelCNNSampling(model, gumbel, logistic, capture=graph, cached=True)
     cached.capturable_stepper = cached.capturable_stepper and cfg.capture_cached_loop
@@ -168,14 +173,20 @@ def run(cfg: PixelCNNSamplingConfig, ctx: RunContext) -> dict[str, Any]:
     rows = _rows(cfg, mcfg.width, problem, cached, cfg.methods)
     ctx.log(
         f"PixelCNN++ {mcfg.channels}x{mcfg.height}x{mcfg.width}, {mcfg.filters} filters "
-        f"({meta['data']['name']}, test {meta.get('test_bits_per_dim')} bits/dim), batch "
+        f"({meta['data']['name']}, test {_bpd(meta)} bits/dim), batch "
         f"{cfg.batch}, {cfg.dtype}, atol {cfg.atol}, rtol {cfg.rtol}, CUDA graph {graph}, "
         f"{cfg.repeats} repeats"
     )
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)  # a method that fails is loud
         records, solved = timed_rows(
-            rows, dev, warmup=cfg.warmup, repeats=cfg.repeats, reference=SEQ, log=ctx.log
+            rows,
+            dev,
+            warmup=cfg.warmup,
+            repeats=cfg.repeats,
+            reference=SEQ,
+            log=ctx.log,
+            keep=ctx.keep,
         )
     failed = [r["method"] for r in records if "error" in r]
     if SEQ in failed:
@@ -255,7 +266,13 @@ def _batch_sweep(cfg, model, state_dtype, graph, method, dev, ctx) -> list[dict[
         with warnings.catch_warnings():
             warnings.simplefilter("error", ConvergenceWarning)
             recs, _ = timed_rows(
-                rows, dev, warmup=cfg.warmup, repeats=cfg.repeats, reference=SEQC, log=ctx.log
+                rows,
+                dev,
+                warmup=cfg.warmup,
+                repeats=cfg.repeats,
+                reference=SEQC,
+                log=ctx.log,
+                keep=ctx.keep,
             )
         if any("error" in r for r in recs):
             out.append({"batch": b, "error": "; ".join(r.get("error", "") for r in recs)})

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ffsolve.checkpoint import (
+    check_finite_loss,
     check_training_output,
     load_train_state,
     save_train_state,
@@ -81,6 +82,7 @@ class PixelCNNTrainConfig(Config):
     eval_batch: int = spec(500, ge=1)
     rgb_train: int = spec(50000, ge=1)
     rgb_test: int = spec(10000, ge=1)
+    rgb_photos: int = spec(11, ge=1)  # the stand-in is made of this many photos, or refused
     seed: int = spec(0, ge=0)
 
 
@@ -123,7 +125,8 @@ def train(cfg: PixelCNNTrainConfig, ctx: RunContext) -> dict[str, Any]:
     dev = ctx.device
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    kw = {"num_train": cfg.rgb_train, "num_test": cfg.rgb_test, "seed": cfg.seed}
+    kw = {"num_train": cfg.rgb_train, "num_test": cfg.rgb_test, "seed": cfg.seed,
+          "photos": cfg.rgb_photos}  # fmt: skip
     data = load_images(cfg.data, cfg.data_dir, **(kw if cfg.data == "rgb" else {}))
     x_train = _images(data["train"][0], cfg.max_train).to(dev)  # uint8 on the device
     x_test = _images(data["test"][0], cfg.max_test)
@@ -175,17 +178,14 @@ def train(cfg: PixelCNNTrainConfig, ctx: RunContext) -> dict[str, Any]:
         perm = torch.randperm(len(x_train), generator=g).to(dev)
         losses = []
         n_batches = math.ceil(len(x_train) / cfg.batch_size)
-        for b in track(range(n_batches), desc=f"epoch {epoch}", unit="batch"):
+        for b in track(range(n_batches), desc=f"epoch {epoch}", unit="batch", lines=False):
             xb = to_unit(x_train[perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]])
             with torch.autocast(dev.type, torch.bfloat16, enabled=amp):
                 params = model(xb)
             loss = mixture_nll(params, xb, cfg.mixtures).mean() / (dims * math.log(2.0))
             opt.zero_grad(set_to_none=True)
-            if not torch.isfinite(loss):
-                skipped += 1  # a non-finite batch is skipped, loudly, never trained on
-                if skipped > 10:
-                    raise FloatingPointError(f"training diverged: {skipped} non-finite losses")
-                continue
+            if not torch.isfinite(loss):  # one host read per batch: stop at the first
+                check_finite_loss(float(loss), f"epoch {epoch}, batch {b}")
             loss.backward()
             opt.step()
             sched.step()

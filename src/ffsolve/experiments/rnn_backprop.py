@@ -369,7 +369,7 @@ def _grad_errors(
     jacobi_full = _Method("jacobi-full", "jacobi", {})
     for state, model in states.items():
         rows, norms = [], []
-        for j in track(range(test.shape[0]), desc=f"gradient errors ({state})"):
+        for j in track(range(test.shape[0]), desc=f"gradient errors ({state})", lines=False):
             x = test[j : j + 1]
             exact, _ = _grad_vector(model, x, bptt)
             ref, _ = _grad_vector(model, x, autograd)
@@ -453,6 +453,7 @@ def _run(cfg: RNNBackpropConfig, ctx: RunContext, dtype: torch.dtype) -> dict[st
         for m in methods:
             rec, model = _train(cfg, m, init, train_seqs[r], device)
             runs[m.label].append({"repeat": r, **rec})
+            ctx.keep({"method": m.label, "repeat": r, **rec})
             if r == 0 and m.label == "bptt":
                 trained0 = model
             its = [i for i in rec["iters"] if i is not None]

@@ -219,7 +219,7 @@ def _shape_rows(cfg, kind, H, T, B, ctx, trained: _Trained | None = None) -> lis
         _reset_peak(device)
         records, _ = timed_rows(
             rows, device, warmup=cfg.warmup, repeats=cfg.repeats, reference_value=ref,
-            baselines=[r.label for r in rows if r.kind == "sequential"], log=ctx.log,
+            baselines=[r.label for r in rows if r.kind == "sequential"], log=ctx.log, keep=ctx.keep,
         )  # fmt: skip
     for rec in records:
         row = {**base, "method": rec["method"]}

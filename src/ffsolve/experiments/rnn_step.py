@@ -125,7 +125,9 @@ def _length(cfg: RNNStepConfig, ctx: RunContext, T: int) -> list[dict[str, Any]]
 
         backward_rows.append(Row(label, kind, backward))
         step_rows.append(Row(label, kind, train_step))
-    common = dict(warmup=cfg.warmup, grad=True, log=ctx.log, reference="autograd BPTT")
+    common = dict(
+        warmup=cfg.warmup, grad=True, log=ctx.log, keep=ctx.keep, reference="autograd BPTT"
+    )
     ctx.log("  backward:")
     back, outs = timed_rows(backward_rows, ctx.device, repeats=cfg.repeats, **common)
     ctx.log("  training step:")

@@ -12,12 +12,14 @@ from ffsolve.problems.base import (
     Problem,
 )
 from ffsolve.problems.densenet import DenseNetLayers
+from ffsolve.problems.diffusion import DiffusionSampling, diffusion_noise
 from ffsolve.problems.made import MADESampling, logistic_noise
 from ffsolve.problems.pixelcnn import PixelCNNSampling, pixelcnn_noise
 from ffsolve.problems.recurrence import RecurrenceAdjoint, RecurrenceForward
 
 __all__ = [
     "DenseNetLayers",
+    "DiffusionSampling",
     "FunctionProblem",
     "LinearRecurrence",
     "LinearRecurrenceProblem",
@@ -26,6 +28,7 @@ __all__ = [
     "Problem",
     "RecurrenceAdjoint",
     "RecurrenceForward",
+    "diffusion_noise",
     "logistic_noise",
     "pixelcnn_noise",
 ]

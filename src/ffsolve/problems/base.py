@@ -28,6 +28,9 @@ asks what kind of problem it has:
 | `first_order` | `newton`, `quasi_newton`: x_t reads x_{t-1} only | False |
 | `jacobians(x, start, stop, diagonal)` | `newton`, `quasi_newton` | batched VJPs of `evaluate` |
 | `linear_recurrence()` | `scan`: x_t = A_t x_{t-1} + b_t | TypeError (nonlinear) |
+| `linear_part(start, stop)` | `picard`, `linear="problem"`: A_t of f_t = A_t x + d_t(x) | identity |
+| `noise_variance()` | `Stopping(rule="variance")`: each step's noise variance (T,) | ones |
+| `guess(x, start, stop, certified)` | window methods: proposals for uncertified positions | None |
 | `graphs` | the captured loops and forwards replayed on this problem | an empty `GraphCache` |
 
 `docs/problems.md` shows a new problem family added as new files only.
@@ -51,7 +54,17 @@ __all__ = [
     "LinearRecurrenceProblem",
     "Problem",
     "canonical_shape",
+    "check_finite",
 ]
+
+
+def check_finite(name: str, t: Tensor) -> None:
+    """ValueError naming `name` and the first bad index when t holds NaN or Inf: an input
+    (noise, data) with NaN would otherwise give a finite but meaningless solution."""
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        index = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{name} holds NaN or Inf (first at index {index})")
 
 
 def canonical_shape(shape: torch.Size, dim: int) -> tuple[int, int, int]:
@@ -170,6 +183,27 @@ class Problem:
             "the 'scan' method needs one: use 'newton' or 'jacobi' for nonlinear systems"
         )
 
+    def linear_part(self, start: int, stop: int) -> Tensor | None:
+        """A_t for t in [start, stop) when each step is f_t(x) = A_t x + d_t(x) with a known
+        linear part (a sampler's x_t coefficient), as (B, n, F), (n, F) or (n, 1) factors of
+        a diagonal A_t, or None for the identity (Picard's classic form,
+        x_t = x_{t-1} + (f_t(x_{t-1}) - x_{t-1})). Used by `picard` with `linear="problem"`."""
+        return None
+
+    def noise_variance(self) -> Tensor:
+        """(T,) the variance of the noise each step adds (a sampler's sigma_t^2), which
+        `Stopping(rule="variance")` scales its tolerance by. Default: ones (the rule is then a
+        root-mean-square one)."""
+        return torch.ones(self.length)
+
+    def guess(self, x: Tensor, start: int, stop: int, certified: Tensor) -> Tensor | None:
+        """Proposals for the uncertified positions of the window [start, stop) about to be
+        swept by a window method, shaped like x narrowed to the window, or None (no guess,
+        the default). The loop writes them only where the position is at least the item's
+        certified prefix `certified` (B,): exactness never depends on them, a good guess
+        (an n-gram seen before, the last value of the previous window) saves sweeps."""
+        return None
+
     def jacobians(self, x: Tensor, start: int, stop: int, diagonal: bool = False) -> Tensor:
         """J_t = d f_t / d x_{t-1} for t in [start, stop) at the iterate x (J_0 = 0).
 
@@ -271,6 +305,8 @@ class LinearRecurrenceProblem(Problem):
             raise ValueError(f"dense A must be (B, T, F, F), got {tuple(A.shape)}")
         if b.shape[1] == 0:
             raise ValueError("the recurrence is empty (T = 0)")
+        check_finite("A", A)
+        check_finite("b", b)
         self.A, self.b = A, b
         self.diagonal = A.dim() == 3
         self.length, self.dim = b.shape[1], 1

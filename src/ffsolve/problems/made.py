@@ -10,6 +10,7 @@ The state is kept in sampling order: position t holds dimension `model.ordering[
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -17,7 +18,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from ffsolve.models.made import MADE
-from ffsolve.problems.base import Problem
+from ffsolve.problems.base import Problem, check_finite
 
 __all__ = ["MADESampling", "logistic_noise"]
 
@@ -71,6 +72,10 @@ class MADESampling(Problem):
             raise ValueError(
                 f"noise is {noise.dtype} on {noise.device}, the model {p.dtype} on {p.device}"
             )
+        check_finite("noise", noise)
+        lo, hi = bounds
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+            raise ValueError(f"bounds must be finite (lo, hi) with lo < hi, got {bounds}")
         self.model = model
         self.length = D
         self.bounds = bounds

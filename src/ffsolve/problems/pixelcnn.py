@@ -37,7 +37,7 @@ from torch.nn import functional as F
 
 from ffsolve.graphs import CapturedCall
 from ffsolve.models.pixelcnnpp import PixelCNNpp, sample_mixture
-from ffsolve.problems.base import Problem
+from ffsolve.problems.base import Problem, check_finite
 from ffsolve.problems.pixelcnn_cache import LEVELS, max_row, needed_now, row_pass
 
 __all__ = ["PixelCNNSampling", "pixelcnn_noise"]
@@ -126,6 +126,8 @@ class PixelCNNSampling(Problem):
             )
         if model.training:
             raise ValueError("the model is in training mode (dropout): call model.eval() first")
+        check_finite("gumbel noise", gumbel)
+        check_finite("logistic noise", logistic)
         self.model = model.freeze_weight_norm()
         self.gumbel, self.logistic = gumbel, logistic
         self.shape = (C, H, W)

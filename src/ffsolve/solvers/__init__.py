@@ -7,18 +7,21 @@ method is one file plus one entry here); `Stopping` holds the loop's options.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor
 
 from ffsolve.problems.base import FunctionProblem, Problem
+from ffsolve.solvers.anderson import Anderson
 from ffsolve.solvers.base import Solver, State
 from ffsolve.solvers.gs_jacobi import GSJacobi
 from ffsolve.solvers.jacobi import Jacobi
 from ffsolve.solvers.jacobi_gs import JacobiGS
 from ffsolve.solvers.loop import Stopping, run
 from ffsolve.solvers.newton import Newton, QuasiNewton
+from ffsolve.solvers.picard import Picard
 from ffsolve.solvers.record import (
     ConvergenceError,
     ConvergenceWarning,
@@ -28,6 +31,8 @@ from ffsolve.solvers.record import (
 )
 from ffsolve.solvers.scan import Scan, linear_scan
 from ffsolve.solvers.sequential import Sequential
+from ffsolve.solvers.verify import Verification, VerificationWarning
+from ffsolve.solvers.verify import verify as check
 
 __all__ = [
     "METHODS",
@@ -39,14 +44,20 @@ __all__ = [
     "Solver",
     "State",
     "Stopping",
+    "Verification",
+    "VerificationWarning",
     "get_solver",
     "linear_scan",
     "solve",
+    "verify",
 ]
+
+verify = check
 
 #: The method table: name -> solver class. A new solver is one file plus one entry here.
 METHODS: dict[str, type[Solver]] = {
-    cls.name: cls for cls in (Sequential, Jacobi, JacobiGS, GSJacobi, Scan, Newton, QuasiNewton)
+    cls.name: cls
+    for cls in (Sequential, Jacobi, JacobiGS, GSJacobi, Scan, Newton, QuasiNewton, Picard, Anderson)
 }
 
 
@@ -82,6 +93,7 @@ def solve(
     stopping: Stopping | None = None,
     *,
     callback: Callable[[int, Tensor], None] | None = None,
+    verify: bool = False,
     **options: Any,
 ) -> Solution:
     """Solve the triangular system x_t = f_t(x_<t) by `method`; every method gives the
@@ -100,6 +112,9 @@ def solve(
         stopping: a `Stopping` (tolerances, budget, host reads, capture, traces).
         callback: called as callback(k, x) after iteration k with the current iterate (a live
             buffer: clone what you keep); off in timed runs.
+        verify: afterwards, check the solution against the sequential loop at a few sampled
+            positions and the causality of fn (`ffsolve.verify`): the report goes to
+            `stats["verify"]`, and a `VerificationWarning` says what is wrong, if anything.
         **options: the method's options (`block_size`, `window`, `chunk`, ...) and `Stopping`
             fields, which replace those of `stopping` (atol=1e-6, max_iters=10, ...).
 
@@ -121,4 +136,14 @@ def solve(
         if x0 is None:
             raise TypeError("x0 is required when fn is a function")
         problem = FunctionProblem(fn, x0, dim)
-    return run(solver, problem, stop, callback)
+    sol = run(solver, problem, stop, callback)
+    if verify:
+        report = check(problem, sol.value, atol=stop.atol, rtol=stop.rtol)
+        sol.stats["verify"] = dataclasses.asdict(report)
+        if not report.ok:
+            warnings.warn(
+                f"{solver.name}: verify found: {'; '.join(report.findings)}",
+                VerificationWarning,
+                stacklevel=2,
+            )
+    return sol

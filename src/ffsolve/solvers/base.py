@@ -21,7 +21,12 @@ the loop compares, certifies, counts, traces, stops and reports, identically for
 Class attributes: `capturable` (the sweep does no host-side work), `direct` (one sweep of the
 whole sequence is the solution: `scan`, `sequential`), `writes_state` (a direct sweep writes
 the state in place, so the loop gives it a copy), `host_every_sweep` (the memory must see
-every sweep and only real ones: the host reads the flags after each sweep).
+every sweep and only real ones: the host reads the flags after each sweep),
+`residual_certificate` (the method's update is not its base map on a zero-residual prefix,
+as Anderson's is not: `sweep` returns (new values, G(x)) for a base map G that equals
+Jacobi's F on a zero-residual prefix and at the first nonzero residual; the loop certifies the
+prefix where G(x) = x and gives the certified positions G(x), so the certificate and the
+bound of T sweeps hold for any update rule).
 
 A solver object is frozen and may be shared by many solves at once: everything that belongs
 to one solve lives in the memory `init` returns, never on the solver.
@@ -62,6 +67,8 @@ class Solver:
     writes_state: ClassVar[bool] = False
     #: the method's memory must see exactly the sweeps that count (no frozen ones)
     host_every_sweep: ClassVar[bool] = False
+    #: `sweep` returns (new values, F(x)) and the loop certifies on F(x) - x
+    residual_certificate: ClassVar[bool] = False
 
     # --- the hooks ------------------------------------------------------------------------
     def validate(self, length: int, stopping: Stopping) -> None:

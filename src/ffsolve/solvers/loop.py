@@ -43,6 +43,9 @@ from ffsolve.solvers.record import NonFiniteError, Solution, raise_nonfinite, re
 
 __all__ = ["DEFAULT_CHUNKS", "Method", "State", "Stopping", "captures", "direct_value", "run"]
 
+#: The tolerance rules of `Stopping.rule`.
+RULES = ("elementwise", "variance")
+
 #: Sweeps per host read (and per CUDA-graph replay) when the loop is captured: a first
 #: chunk of 16, then chunks of 4, so that a solve needing a few sweeps more than 16 (or 32...)
 #: runs at most 3 frozen sweeps past convergence instead of up to 15.
@@ -71,6 +74,10 @@ class Stopping:
             and replayed by later solves with the same settings.
         record: keep residual and certified-prefix traces (turn off for timing).
         raise_on_failure: raise ConvergenceError instead of warning when max_iters is hit.
+        rule: "elementwise" (every feature within atol + rtol |new|), or "variance" (the
+            ParaDiGMS rule for samplers: the mean over a position's features of the squared
+            change at most atol^2 times the noise variance of its step, from the problem's
+            `noise_variance()`; rtol unused).
 
     Example:
         >>> ffsolve.solve(fn, x0, stopping=Stopping(atol=1e-6, record=False))
@@ -84,6 +91,7 @@ class Stopping:
     capture: bool | str = "auto"
     record: bool = True
     raise_on_failure: bool = False
+    rule: str = "elementwise"
 
     def __post_init__(self) -> None:
         for name in ("atol", "rtol"):
@@ -109,6 +117,8 @@ class Stopping:
         for name in ("record", "raise_on_failure"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.rule not in RULES:
+            raise ValueError(f"rule must be one of {', '.join(RULES)}, got {self.rule!r}")
 
     @classmethod
     def of(cls, stopping: Stopping | None = None, **fields: Any) -> Stopping:
@@ -183,6 +193,7 @@ class Method(Protocol):
     direct: ClassVar[bool]
     writes_state: ClassVar[bool]
     host_every_sweep: ClassVar[bool]
+    residual_certificate: ClassVar[bool]
 
     def validate(self, length: int, stopping: Stopping) -> None: ...
     def default_max_iters(self, length: int) -> int: ...
@@ -297,6 +308,7 @@ def run(solver: Method, problem: Problem, stopping: Stopping, callback: Callback
             num_evals += chunk * loop.evals
         else:
             start, stop = solver.region(cert_min, T)
+            _guess(problem, s, start, stop, loop.cert)
             loop.step(start, stop)
             sweeps += 1
             num_evals += solver.evals_per_sweep(problem, start, stop)
@@ -337,6 +349,23 @@ def run(solver: Method, problem: Problem, stopping: Stopping, callback: Callback
     return solver.finish(sol, loop.memory)
 
 
+def _guess(problem: Problem, s: State, start: int, stop: int, cert: Tensor) -> None:
+    """The problem's proposals for the window's uncertified positions, written into the
+    state before the sweep (the certificate does not depend on starting values, so any
+    proposal keeps the result exact; a good one saves sweeps)."""
+    values = problem.guess(s.x, start, stop, cert)
+    if values is None:
+        return
+    values = s.flat(values)  # (B, n, F)
+    if values.shape[1] != stop - start:
+        raise ValueError(
+            f"guess() gave {values.shape[1]} positions for the window [{start}, {stop})"
+        )
+    pos = torch.arange(start, stop, device=cert.device)  # (n,)
+    window = s.v[:, start:stop]
+    torch.where(pos[None, :, None] >= cert[:, None, None], values.to(window), window, out=window)
+
+
 class _Loop:
     """The persistent buffers of one solve, its device step and how the step is replayed.
 
@@ -352,6 +381,16 @@ class _Loop:
         self.atol, self.rtol = stopping.atol, stopping.rtol
         self.max_iters, self.record = max_iters, stopping.record
         self.exact = stopping.atol == 0 and stopping.rtol == 0
+        self.variance = None  # (T,) the noise variance per position, for rule="variance"
+        if stopping.rule == "variance":
+            var = torch.as_tensor(problem.noise_variance(), dtype=init.dtype, device=init.device)
+            if var.shape != (problem.length,) or not bool((var > 0).all()):
+                raise ValueError(
+                    f"rule='variance' needs noise_variance() of shape ({problem.length},) and "
+                    f"> 0, got {tuple(var.shape)}"
+                )
+            self.variance = var * stopping.atol**2
+            self.exact = False
         self.state = s = State(init, problem.dim)
         self.T = problem.length
         dev = s.x.device
@@ -396,12 +435,19 @@ class _Loop:
         """
         solver, s, T, live, cert = self.solver, self.state, self.T, self.live, self.cert
         self.k.add_(live)  # the number of this iteration, if it counts
-        new = s.flat(solver.sweep(self.problem, s, start, stop, self.memory))  # (B, n, F)
+        out = solver.sweep(self.problem, s, start, stop, self.memory)
+        if solver.residual_certificate:  # (new values, G(x)): certify on G's residual
+            new, fx = s.flat(out[0]), s.flat(out[1])  # (B, n, F) each
+        else:
+            new = fx = s.flat(out)  # (B, n, F): the new values are F(x) where it matters
         old = s.v[:, start:stop]  # (B, n, F)
-        # (B, n, F): bitwise equality (the exact certificate) or within the tolerances
-        tol = None if self.exact else self.atol + self.rtol * new.abs()
-        same = new == old if tol is None else (new - old).abs() <= tol
-        same = same[:, :, 0] if s.F == 1 else same.all(2)  # (B, n)
+        if self.variance is not None:  # ParaDiGMS: mean squared change vs the step's noise
+            err = (fx - old).square().mean(2)  # (B, n)
+            same = err <= self.variance[start:stop]
+        else:  # (B, n, F): bitwise equality (the exact certificate) or within the tolerances
+            tol = None if self.exact else self.atol + self.rtol * fx.abs()
+            same = fx == old if tol is None else (fx - old).abs() <= tol
+            same = same[:, :, 0] if s.F == 1 else same.all(2)  # (B, n)
         prefix = same.cumprod(1, dtype=torch.long).sum(1)  # (B,) unchanged prefix of window
         # the first changed position is final too: its inputs are all certified
         reach = (prefix + (start + 1)).clamp_(max=stop)
@@ -411,12 +457,17 @@ class _Loop:
         # NaN/Inf: the step freezes on the first non-finite iterate, which stays in the state
         # (the driver finds it there with one reduction per chunk). amax propagates NaN, and
         # |x| < inf is false for NaN and Inf: cheaper than isfinite(x).all() (4-5 kernels).
+        if solver.residual_certificate:  # certified positions take G(x): final values
+            pos = torch.arange(start, stop, device=cert.device)  # (n,)
+            new = torch.where(pos[None, :, None] < grown[:, None, None], fx, new)
         if self.record:
-            res = (new - old).abs().amax(dim=(1, 2))  # (B,) residual trace
+            res = (fx - old).abs().amax(dim=(1, 2))  # (B,) residual trace
             row = torch.where(live, self.k - 1, self.max_iters).reshape(1)  # (1,)
             self.res_buf.index_copy_(0, row, res[None].to(self.res_buf.dtype))
             self.cer_buf.index_copy_(0, row, torch.where(live, grown, cert)[None])
             finite = res.amax() < math.inf  # a non-finite new value makes its change so
+            if solver.residual_certificate:
+                finite = finite & (new.abs().amax() < math.inf)
         else:
             finite = new.abs().amax() < math.inf
         if new.requires_grad:  # the state takes the new values if live

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ffsolve import graphs
-from ffsolve.problems.base import LinearRecurrence, Problem
+from ffsolve.problems.base import LinearRecurrence, Problem, check_finite
 from ffsolve.solvers.base import Solver, State, check_int
 
 __all__ = ["Scan", "affine_scan", "linear_scan", "auto_chunk", "clear_graphs"]
@@ -192,6 +192,9 @@ def linear_scan(A: Tensor, b: Tensor, h0: Tensor | None = None, chunk: int | Non
             f"b must be (B, T, F) and A (B, T, F, F) or (B, T, F); got A {tuple(A.shape)}, "
             f"b {tuple(b.shape)}"
         )
+    for name, t in (("A", A), ("b", b), ("h0", h0)):
+        if t is not None:
+            check_finite(name, t)
     kind = "diagonal" if A.dim() == 3 else "dense"
     return affine_scan(LinearRecurrence(b, lambda s, e: A[:, s:e], kind), chunk=chunk, h0=h0)
 

@@ -1,0 +1,136 @@
+"""anderson: triangular Anderson acceleration of the Jacobi map (ParaTAA, Tang et al. 2024).
+
+Jacobi iterates x <- F(x). Anderson acceleration mixes the last m iterates: with residuals
+R = F(x) - x and the differences of the last m iterates and of their images, dX and dF
+(dR = dF - dX), it takes x_new = F(x) - dF gamma, gamma = argmin ||R - dR gamma||. A single
+gamma couples every position with every other, later ones included, which breaks the
+triangular structure (and the bound of T sweeps). The triangular version fits one gamma per
+position t from the positions up to t only,
+
+    gamma_t = argmin_g  sum_{s <= t} ||R_s - dR_s g||^2 + lam ||g||^2,
+
+solved for every t at once from prefix sums of the small Gram matrices dR_s^T dR_s (m x m)
+and dR_s^T R_s; x_new_t = F_t(x) - dF_t gamma_t. Where the residual of a prefix is exactly
+zero, its gamma is exactly zero and the update is F(x) there.
+
+Certificate: the update is not the base map G(x) in general, so the loop certifies on G's
+residual (`residual_certificate`): the prefix where G(x) = x, plus one position, takes G(x)
+and is final (G is Jacobi's map F, or Picard's update, which equals F on a zero-residual
+prefix and at its first nonzero residual). Anderson therefore needs at most T sweeps, like
+Jacobi, and returns the same fixed point; the history only changes how fast the uncertified
+part approaches it. With a tolerance, Picard's residual is the accumulated one, the change a
+Picard sweep would make: the rule ParaDiGMS stops on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from ffsolve.problems.base import Problem
+from ffsolve.solvers.base import Solver, State, check_int
+from ffsolve.solvers.picard import window_region
+
+__all__ = ["Anderson"]
+
+
+@dataclass
+class _History:
+    """The last `m` iterates' differences over every position (ring buffers) and the
+    previous iterate and image, per solve."""
+
+    dX: Tensor  # (m, B, T, F)
+    dF: Tensor  # (m, B, T, F)
+    x: Tensor  # (B, T, F) the previous iterate
+    fx: Tensor  # (B, T, F) its image F(x)
+    seen: Tensor  # (B, T) bool: positions with a previous iterate (swept before)
+    count: int = 0  # sweeps made (the ring's write index is count % m)
+
+
+@dataclass(frozen=True)
+class Anderson(Solver):
+    """Triangular Anderson acceleration: x_new_t = F_t(x) - dF_t gamma_t (module doc).
+
+    Attributes:
+        history: m, the iterates mixed (1 or more; ParaTAA recommends 2 to 5).
+        regularization: lam relative to the mean diagonal of each Gram matrix.
+        window: positions per sweep, sliding over the certified prefix; None: all.
+        base: the map accelerated: "jacobi" (x <- F(x)) or "picard" (x <- the Picard update
+            with the identity as linear part, which the `picard` method iterates alone; for
+            samplers whose steps stay near the identity, ParaTAA's setting).
+
+    Example:
+        >>> sol = ffsolve.solve(problem, method="anderson", history=3)
+    """
+
+    name: ClassVar[str] = "anderson"
+    capturable: ClassVar[bool] = False  # the history's ring index is a host counter
+    residual_certificate: ClassVar[bool] = True
+    history: int = 3
+    regularization: float = 1e-8
+    window: int | None = None
+    base: str = "jacobi"
+
+    def validate(self, length: int, stopping: Any) -> None:
+        check_int("history", self.history)
+        if self.window is not None:
+            check_int("window", self.window)
+        if not self.regularization >= 0:  # NaN fails too
+            raise ValueError(f"regularization must be >= 0, got {self.regularization}")
+        if self.base not in ("jacobi", "picard"):
+            raise ValueError(f"base must be 'jacobi' or 'picard', got {self.base!r}")
+
+    def static_region(self) -> bool:
+        return self.window is None
+
+    def region(self, certified: int, length: int) -> tuple[int, int]:
+        return window_region(self.window, certified, length)
+
+    def init(self, problem: Problem, state: State) -> _History:
+        v = state.v
+        m = self.history
+        z = v.new_zeros(m, *v.shape)
+        return _History(
+            z, z.clone(), v.clone(), v.clone(), torch.zeros(v.shape[:2], dtype=torch.bool,
+                                                            device=v.device)
+        )  # fmt: skip
+
+    def sweep(
+        self, problem: Problem, state: State, start: int, stop: int, memory: Any
+    ) -> tuple[Tensor, Tensor]:
+        h: _History = memory
+        x = state.v[:, start:stop]  # (B, n, F)
+        fx = state.flat(problem.evaluate(state.x, start, stop))  # (B, n, F): Jacobi's map
+        # the map accelerated: Jacobi's, or Picard's (its linear part, the identity, solved
+        # by a cumulative sum: the same fixed point, faster where the steps are near x)
+        gx = fx if self.base == "jacobi" else fx + (torch.cumsum(fx - x, dim=1) - (fx - x))
+        r = gx - x  # (B, n, F)
+        m = self.history
+        # the newest differences, where the position was swept before (else zero)
+        seen = h.seen[:, start:stop, None]  # (B, n, 1)
+        slot = h.count % m
+        h.dX[slot, :, start:stop] = torch.where(seen, x - h.x[:, start:stop], 0.0)
+        h.dF[slot, :, start:stop] = torch.where(seen, gx - h.fx[:, start:stop], 0.0)
+        h.x[:, start:stop] = x
+        h.fx[:, start:stop] = gx
+        h.seen[:, start:stop] = True
+        h.count += 1
+        dX = h.dX[:, :, start:stop].permute(1, 2, 3, 0)  # (B, n, F, m)
+        dF = h.dF[:, :, start:stop].permute(1, 2, 3, 0)
+        dR = dF - dX  # (B, n, F, m)
+        # prefix sums over positions of the per-position normal equations (triangular)
+        gram = torch.cumsum(dR.transpose(2, 3) @ dR, dim=1)  # (B, n, m, m)
+        rhs = torch.cumsum((dR.transpose(2, 3) @ r[..., None])[..., 0], dim=1)  # (B, n, m)
+        scale = gram.diagonal(dim1=2, dim2=3).mean(-1).clamp_min(torch.finfo(r.dtype).tiny)
+        eye = torch.eye(m, dtype=r.dtype, device=r.device)
+        lam = (self.regularization * scale + torch.finfo(r.dtype).tiny)[..., None, None]
+        # zero rhs (a zero-residual prefix) gives exactly zero coefficients: F(x) there
+        gamma = torch.linalg.solve(gram + lam * eye, rhs[..., None])  # (B, n, m, 1)
+        # no history yet (a zero Gram matrix), or a degenerate one: the Jacobi step there
+        ok = (scale > torch.finfo(r.dtype).tiny)[..., None, None] & gamma.isfinite()
+        gamma = torch.where(ok, gamma, 0.0)
+        new = gx - (dF @ gamma)[..., 0]  # (B, n, F)
+        return new, gx

@@ -117,7 +117,6 @@ def test_linear_part_and_its_errors():
 
 
 def test_variance_rule_and_guesses():
-    problem = NoisyChain(T=40)
     with pytest.raises(ValueError, match="rule must be"):
         ffsolve.Stopping(rule="nope")
 

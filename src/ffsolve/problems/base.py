@@ -28,7 +28,7 @@ asks what kind of problem it has:
 | `first_order` | `newton`, `quasi_newton`: x_t reads x_{t-1} only | False |
 | `jacobians(x, start, stop, diagonal)` | `newton`, `quasi_newton` | batched VJPs of `evaluate` |
 | `linear_recurrence()` | `scan`: x_t = A_t x_{t-1} + b_t | TypeError (nonlinear) |
-| `linear_part(start, stop)` | `picard`, `linear="problem"`: A_t of f_t = A_t x + d_t(x) | identity |
+| `linear_part(start, stop)` | `picard`, `linear="problem"`: A_t in f_t = A_t x + d_t | identity |
 | `noise_variance()` | `Stopping(rule="variance")`: each step's noise variance (T,) | ones |
 | `guess(x, start, stop, certified)` | window methods: proposals for uncertified positions | None |
 | `graphs` | the captured loops and forwards replayed on this problem | an empty `GraphCache` |

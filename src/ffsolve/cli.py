@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ffsolve import progress
 from ffsolve.errors import FFSolveError
-from ffsolve.experiments import DEMO, all_experiments, all_trainers, get_experiment, get_trainer
+from ffsolve.experiments import DEMOS, all_experiments, all_trainers, get_experiment, get_trainer
 from ffsolve.runner import RunSpec, bench_cases, execute, run_bench
 from ffsolve.runs import read_records
 from ffsolve.solvers import METHODS, ConvergenceError, NonFiniteError
@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--resume", action="store_true", help="continue from the last periodic save of save_to"
     )
-    d = sub.add_parser("demo", help="the main job on the shipped default")
+    d = sub.add_parser("demo", help="the main job on the shipped default (lm: SmolLM2 decoding)")
+    d.add_argument("what", nargs="?", default="made", choices=list(DEMOS), help="which demo")
     _common(d)
     b = sub.add_parser(
         "bench",
@@ -221,7 +222,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         spec = RunSpec("train", args.model, trainer, args.config, tuple(args.set))
         execute(spec, **opts, force=args.force, resume=args.resume)
     elif args.command == "demo":
-        name, overrides = DEMO
+        name, overrides = DEMOS[args.what]
         spec = RunSpec("run", name, get_experiment(name), args.config, (*overrides, *args.set))
         execute(spec, **opts)
     elif args.command == "reproduce":

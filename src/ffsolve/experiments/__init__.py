@@ -27,6 +27,7 @@ PARTIAL = "partial.jsonl"
 __all__ = [
     "Case",
     "DEMO",
+    "DEMOS",
     "Experiment",
     "RunContext",
     "Step",
@@ -128,11 +129,29 @@ class Trainer:
 EXPERIMENTS: dict[str, Experiment] = {}
 TRAINERS: dict[str, Trainer] = {}
 
-#: What `ffsolve demo` / `make demo` runs: an experiment name and config overrides.
-DEMO: tuple[str, tuple[str, ...]] = (
-    "made-sampling",
-    ("checkpoint=checkpoints/made_mnist", "batch=36", "repeats=3", "grid_images=36"),
-)
+#: What `ffsolve demo [NAME]` runs: an experiment name and config overrides per demo; the
+#: first is `make demo`'s.
+DEMOS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "made": (
+        "made-sampling",
+        ("checkpoint=checkpoints/made_mnist", "batch=36", "repeats=3", "grid_images=36"),
+    ),
+    "lm": (
+        "lm-decoding",
+        (
+            "kinds=[code]",
+            "prompts_per_kind=1",
+            "batches=[1]",
+            "new_tokens=[96]",
+            "temperatures=[0.0]",
+            "baselines=[sequential]",
+            "methods=[lookahead]",
+            "warmup=0",
+            "show=true",
+        ),
+    ),  # fmt: skip
+}
+DEMO = DEMOS["made"]
 
 
 def register_experiment(exp: Experiment) -> Experiment:

@@ -13,6 +13,7 @@ from ffsolve.problems.base import (
 )
 from ffsolve.problems.densenet import DenseNetLayers
 from ffsolve.problems.diffusion import DiffusionSampling, diffusion_noise
+from ffsolve.problems.lm import LMDecoding, lm_gumbel
 from ffsolve.problems.made import MADESampling, logistic_noise
 from ffsolve.problems.pixelcnn import PixelCNNSampling, pixelcnn_noise
 from ffsolve.problems.recurrence import RecurrenceAdjoint, RecurrenceForward
@@ -21,6 +22,7 @@ __all__ = [
     "DenseNetLayers",
     "DiffusionSampling",
     "FunctionProblem",
+    "LMDecoding",
     "LinearRecurrence",
     "LinearRecurrenceProblem",
     "MADESampling",
@@ -29,6 +31,7 @@ __all__ = [
     "RecurrenceAdjoint",
     "RecurrenceForward",
     "diffusion_noise",
+    "lm_gumbel",
     "logistic_noise",
     "pixelcnn_noise",
 ]

@@ -73,6 +73,7 @@ class DiffusionSampling(Problem):
     dim = 1
     first_order = True  # step i reads position i - 1 only
     capturable = True  # static shapes for a fixed window, no host reads
+    capturable_stepper = True  # one step per call, restarting from x_T: the loop is capturable
 
     def __init__(
         self,

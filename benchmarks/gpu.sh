@@ -10,7 +10,8 @@
 #
 # An argument is an ffsolve command line without `ffsolve` (`--device $DEVICE --out $RUNS`
 # are added); one starting with `pytest` runs the tests (`pytest -m gpu`: the GPU ones); one
-# starting with `python` runs a script (e.g. `python benchmarks/profile_scan.py cuda 100`). Environment: OUT (default /tmp/ffsolve-out),
+# starting with `python` runs a script (e.g. `python benchmarks/profile_scan.py cuda 100`); one
+# starting with `sh` runs the rest as a shell command line (e.g. joining carried file parts). Environment: OUT (default /tmp/ffsolve-out),
 # DEVICE (cuda), LIMIT (seconds per command, default 540), RUNS (runs), PY (python3),
 # FFSOLVE_COMMIT (the commit recorded in every run's env.json; the device copy's .git may
 # name another). A command that fails or times out is logged and the next one still runs.
@@ -36,6 +37,7 @@ fi
     echo "== [$(date -u +%T)] $cmd (limit ${LIMIT}s)"
     case $cmd in
       pytest*) timeout "$LIMIT" $PY -m $cmd ;;
+      sh\ *) timeout "$LIMIT" bash -c "${cmd#sh }" ;;
       python\ *) timeout "$LIMIT" $PY ${cmd#python } ;;
       *) timeout "$LIMIT" $PY -m ffsolve $cmd --device "$DEVICE" --out "$RUNS" ;;
     esac

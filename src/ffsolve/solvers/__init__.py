@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ffsolve.problems.base import FunctionProblem, Problem
 from ffsolve.solvers.anderson import Anderson
+from ffsolve.solvers.auto import solve_auto
 from ffsolve.solvers.base import Solver, State
 from ffsolve.solvers.gs_jacobi import GSJacobi
 from ffsolve.solvers.jacobi import Jacobi
@@ -75,7 +76,10 @@ def get_solver(method: str | Solver, **options: Any) -> Solver:
             )
         return method
     if not isinstance(method, str) or method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
+        raise ValueError(
+            f"unknown method {method!r}; valid methods: {', '.join(METHODS)}"
+            + (", auto (in solve)" if method != "auto" else " (auto is for solve only)")
+        )
     cls = METHODS[method]
     valid = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(options) - valid)
@@ -107,7 +111,11 @@ def solve(
             fn(x) depends only on indices < t of x. Or a `ffsolve.problems.Problem`.
         x0: (..., T, ...) the starting iterate; leading dims are batch, trailing dims are
             features of a position. Omit when fn is a Problem.
-        method: a name from `METHODS` or a solver object.
+        method: a name from `METHODS`, a solver object, or "auto": probe the methods that
+            apply (a few timed sweeps each, and a few sequential steps), predict each one's
+            whole cost, solve with the cheapest; the choice and every prediction go to
+            `stats["auto"]` (`ffsolve.solvers.auto`). Its options: `probe` (timed sweeps per
+            candidate, default 3) and `methods` (the candidates, names or solver objects).
         dim: the position dimension of x0.
         stopping: a `Stopping` (tolerances, budget, host reads, capture, traces).
         callback: called as callback(k, x) after iteration k with the current iterate (a live
@@ -126,8 +134,8 @@ def solve(
         >>> sol.value, sol.num_iters
     """
     fields, options = Stopping.split(options)
-    solver = get_solver(method, **options)
     stop = Stopping.of(stopping, **fields)
+    solver = None if method == "auto" else get_solver(method, **options)
     if isinstance(fn, Problem):
         if x0 is not None:
             raise TypeError("x0 must be omitted when a Problem is passed (it owns its start)")
@@ -136,13 +144,26 @@ def solve(
         if x0 is None:
             raise TypeError("x0 is required when fn is a function")
         problem = FunctionProblem(fn, x0, dim)
-    sol = run(solver, problem, stop, callback)
+    if solver is None:
+        unknown = sorted(set(options) - {"probe", "methods"})
+        if unknown:
+            raise TypeError(f"method 'auto' does not take {', '.join(unknown)} (it takes: "
+                            "methods, probe)")  # fmt: skip
+        methods = options.get("methods")
+        if methods is not None:
+            methods = [get_solver(m) for m in methods]
+        sol = solve_auto(problem, stop, get_solver, callback, probe=options.get("probe") or 3,
+                         methods=methods)  # fmt: skip
+        name = "auto"
+    else:
+        sol = run(solver, problem, stop, callback)
+        name = solver.name
     if verify:
         report = check(problem, sol.value, atol=stop.atol, rtol=stop.rtol)
         sol.stats["verify"] = dataclasses.asdict(report)
         if not report.ok:
             warnings.warn(
-                f"{solver.name}: verify found: {'; '.join(report.findings)}",
+                f"{name}: verify found: {'; '.join(report.findings)}",
                 VerificationWarning,
                 stacklevel=2,
             )

@@ -154,6 +154,8 @@ def solver_row(
             "converged": sol.all_converged,
             "captured": bool(sol.stats.get("captured")),
         }
+        if "auto" in sol.stats:  # method="auto": what it chose, predicted and why
+            extra["auto"] = {k: sol.stats["auto"].get(k) for k in ("choice", "tuned", "reason")}
         return Outcome(sol.value, sol.num_iters, extra)
 
     opts = {k: v for k, v in solver.options().items() if v is not None}
@@ -253,6 +255,7 @@ def timed_rows(
                 if "captured" in out.extra
                 else ""
             )
+            + (f"  chose {out.extra['auto']['choice']}" if "auto" in out.extra else "")
         )
     by = {r["method"]: r for r in records if "error" not in r}
     ref = reference_value if reference is None else getattr(outcomes.get(reference), "value", None)

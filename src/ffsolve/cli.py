@@ -132,7 +132,6 @@ def _list() -> None:
     print("methods:")
     for name, cls in METHODS.items():
         print(f"  {name:<20} {_first_sentence(cls.__doc__)}")
-    print(f"  {'auto':<20} (solve only) probe the methods that apply, solve with the cheapest.")
     print("bench cases (* run by default):")
     for name, (exp, case) in bench_cases().items():
         print(f"  {name:<20} {'*' if case.default else ' '} {exp.name}")

@@ -42,7 +42,8 @@ def test_every_row_and_the_peer_on_a_tiny_model(tmp_path, tiny_ddpm, capsys):
     _idx(data, 16)
     sets = [f"checkpoint={tiny_ddpm}", "schedules=[ddim-10]", "batches=[2]", "window=4",
             "repeats=1", "warmup=0", "dtype=float64", "frames=[1, 2]", "fid_samples=8",
-            "fid_batch=4", f"data_dir={data}"]  # fmt: skip
+            "fid_batch=4", f"data_dir={data}",
+            "methods=[jacobi, picard, anderson, auto]"]  # fmt: skip
     argv = ["run", "diffusion-sampling", "--device", "cpu", "--out", str(tmp_path / "runs")]
     assert main([*argv, *[x for s in sets for x in ("--set", s)], "--quiet"]) == 0
     (run,) = (tmp_path / "runs" / "diffusion-sampling").iterdir()
@@ -52,6 +53,10 @@ def test_every_row_and_the_peer_on_a_tiny_model(tmp_path, tiny_ddpm, capsys):
     assert not any("error" in r for r in rows.values())
     for label in ("jacobi exact", "picard(window=4) exact", "anderson(window=4, m=3) exact"):
         assert rows[label]["max_abs_diff_vs_sequential"] < 1e-10, label  # the fixed point
+    auto = rows["auto exact"]  # method="auto" among the three, exact
+    assert auto["max_abs_diff_vs_sequential"] < 1e-10
+    assert auto["auto"]["choice"] in ("sequential", "jacobi", "picard(window=4)",
+                                      "anderson(history=3, window=4, base=picard)")  # fmt: skip
     assert rows["diffusers loop"]["max_abs_diff_vs_sequential"] < 1e-4  # DDIM: same noise
     assert rows["paradigms (peer) tol=0.1"]["num_iters"] <= 10
     assert rows["picard(window=4) tol=0.1"]["num_iters"] <= rows["jacobi tol=0.1"]["num_iters"]

@@ -203,3 +203,26 @@ def test_demo_runs(tmp_path, capsys):
     (run_dir,) = (tmp_path / "made-sampling").iterdir()
     assert (run_dir / "samples.png").is_file() and (run_dir / "convergence.png").is_file()
     assert f"figure: {run_dir / 'samples.png'}" in out
+
+
+def test_made_sampling_auto_row_chooses_among_the_listed_methods(tmp_path):
+    import json
+
+    from ffsolve.cli import main
+
+    model = MADE(MADEConfig(dims=784, hidden=(16,), natural_ordering=False, seed=5))
+    save_made(tmp_path / "tiny", model, {"data": {"name": "mnist", "shape": [28, 28], "lam": 1e-6}})
+    args = ["run", "made-sampling", "--device", "cpu", "--out", str(tmp_path / "runs"), "--quiet"]
+    for s in (f"checkpoint={tmp_path / 'tiny'}", "batch=2", "repeats=2", "warmup=0",
+              "window=200", "trace=false", "methods=[jacobi, gs_jacobi-window, auto]"):  # fmt: skip
+        args += ["--set", s]
+    assert main(args) == 0
+    (run_dir,) = (tmp_path / "runs" / "made-sampling").iterdir()
+    by = {r["method"]: r for r in json.loads((run_dir / "records.json").read_text())["methods"]}
+    auto = by["auto"]
+    assert auto["options"]["methods"] == ["jacobi", "gs_jacobi(window=200)"]
+    assert auto["auto"]["choice"] in ("sequential", "jacobi", "gs_jacobi(window=200)")
+    # bitwise the loop whose arithmetic it ran: the incremental loop's, or a full sweep's
+    # (which the naive loop shares)
+    seq = auto["auto"]["choice"] == "sequential"
+    assert auto["max_abs_diff_vs_sequential-" + ("incremental" if seq else "naive")] == 0.0

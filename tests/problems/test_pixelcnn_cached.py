@@ -228,7 +228,7 @@ def test_experiment_rows_batch_sweep_and_window_error(tmp_path, capsys):
     run = ["run", "pixelcnn-sampling", "--device", "cpu", "--out", str(tmp_path / "runs")]
     run += ["--set", f"checkpoint={tmp_path / 'm'}", "--set", "batch=2", "--set", "repeats=1"]
     run += ["--set", "warmup=0", "--set", "trace=false", "--set", "window_rows=2"]
-    run += ["--set", "methods=[jacobi, jacobi_gs, gs_jacobi]", "--set", "batches=[1, 2]"]
+    run += ["--set", "methods=[jacobi, jacobi_gs, gs_jacobi, auto]", "--set", "batches=[1, 2]"]
     assert main(run) == 0
     assert "vs cached" in capsys.readouterr().out
     rec = json.loads(next((tmp_path / "runs").glob("*/*/records.json")).read_text())
@@ -238,6 +238,9 @@ def test_experiment_rows_batch_sweep_and_window_error(tmp_path, capsys):
         assert r["converged"] and r["pixels_differing_1e-3"] == 0, r["method"]
         assert r["speedup_vs_sequential-cached"] > 0
     assert rows["jacobi_gs(row=8)"]["num_iters"] <= 8
+    among = rows["auto"]["options"]["methods"]  # the listed methods, on the cached problem
+    assert among == ["jacobi", "jacobi_gs(block_size=8)", "gs_jacobi(window=16)"]
+    assert rows["auto"]["auto"]["choice"] in ["sequential", *among]
     assert [s["batch"] for s in rec["batch_sweep"]] == [1, 2]
     assert all(s["max_abs_diff"] < 1e-4 for s in rec["batch_sweep"])
     assert main([*run, "--set", "window_rows=9"]) == 2  # taller than the image: one line

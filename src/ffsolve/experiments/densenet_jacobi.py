@@ -58,6 +58,7 @@ class DenseNetJacobiConfig(Config):
     )
     capture: bool = True  # CUDA-graph rows on CUDA
     trace: bool = True  # per-iteration traces and the paper's estimate (untimed)
+    auto: bool = False  # rows of method="auto" (the layer loop or Jacobi), per sweep and atol
     warmup: int = spec(1, ge=0)
     repeats: int = spec(5, ge=1)
     seed: int = spec(0, ge=0)
@@ -145,16 +146,22 @@ def _trace(problem: DenseNetLayers, images: Tensor, ref: Tensor, atol: float) ->
     }
 
 
-def _jacobi_row(label: str, problem: DenseNetLayers, images: Tensor, stop: Stopping) -> Row:
-    """Stem (part of the forward), Jacobi over the layers, head: logits and sweeps."""
-    solver = get_solver("jacobi")
+def _jacobi_row(
+    label: str, problem: DenseNetLayers, images: Tensor, stop: Stopping, method: str = "jacobi"
+) -> Row:
+    """Stem (part of the forward), Jacobi over the layers (or `method`), head: logits and
+    sweeps."""
+    solver = get_solver(method, **({"methods": ["jacobi"]} if method == "auto" else {}))
 
     def call() -> Outcome:
         problem.set_images(images)
         sol = solver.solve(problem, stop.replace(record=False))
-        return Outcome(problem.logits(sol.value), sol.num_iters, {"converged": sol.all_converged})
+        extra = {"converged": sol.all_converged}
+        if "auto" in sol.stats:
+            extra["auto"] = {k: sol.stats["auto"].get(k) for k in ("choice", "tuned", "reason")}
+        return Outcome(problem.logits(sol.value), sol.num_iters, extra)
 
-    return Row(label, "jacobi", call, {"atol": stop.atol})
+    return Row(label, solver.name, call, {"atol": stop.atol})
 
 
 def _forward_rows(model: DenseNet, images: Tensor, cuda: bool, log) -> list[Row]:
@@ -182,6 +189,10 @@ def _sweep_rows(model, images, sweep, trace, cfg, cuda, log) -> list[Row]:
         name = "exact" if atol == 0 else f"atol={atol:g}"
         stop = Stopping(atol=atol, capture=False)
         rows.append(_jacobi_row(f"jacobi {sweep} sweep, {name}", eager, images, stop))
+        if cfg.auto:  # the layer loop or Jacobi, chosen by method="auto" (captured if it can)
+            stop = stop.replace(capture="auto" if cuda and cfg.capture else False)
+            p = DenseNetLayers(model, images, **opts)
+            rows.append(_jacobi_row(f"auto {sweep} sweep, {name}", p, images, stop, "auto"))
     if not (cuda and cfg.capture):
         return rows
     for atol in (0.0, cfg.atol):

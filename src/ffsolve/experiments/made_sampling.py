@@ -26,23 +26,31 @@ from ffsolve.models.made import load_made
 from ffsolve.plots import mosaic, plt, save_figure
 from ffsolve.problems import MADESampling, logistic_noise
 from ffsolve.runtime import DTYPE_NAMES, dtype_of, exact_arithmetic
-from ffsolve.solvers import Stopping
+from ffsolve.solvers import Stopping, get_solver
 
 NAIVE, INCREMENTAL = "sequential-naive", "sequential-incremental"
 
 
 PARALLEL = ("jacobi", "jacobi_gs", "gs_jacobi-block", "gs_jacobi-window")
+#: method="auto" among the rows' methods, on the incremental problem (its sequential
+#: probe is then the strongest loop); not run by default (its probes are its price)
+AUTO = "auto"
 
 
 @dataclass(frozen=True)
 class MADESamplingConfig(Config):
+    """Attributes:
+    methods: the parallel rows; auto adds method="auto" among the others listed, on the
+        incremental problem (its sequential side is then the incremental loop).
+    """
+
     checkpoint: str = "checkpoints/made_mnist"
     batch: int = spec(100, ge=1)
     seed: int = spec(0, ge=0)
     dtype: str = spec("float32", choices=DTYPE_NAMES)
     block_size: int = spec(28, ge=1)  # jacobi_gs and gs_jacobi blocks (one MNIST row)
     window: int = spec(112, ge=1)  # gs_jacobi sliding window
-    methods: tuple[str, ...] = spec(PARALLEL, choices=PARALLEL)
+    methods: tuple[str, ...] = spec(PARALLEL, choices=(*PARALLEL, AUTO))
     # sequential baselines: "incremental" (the strongest) and "naive" (whole network per
     # dimension, the paper's baseline and the reference: it runs Jacobi's exact kernels)
     baselines: tuple[str, ...] = spec(("incremental", "naive"), choices=("incremental", "naive"))
@@ -83,7 +91,14 @@ def _rows(
             if b in cfg.baselines:
                 label, problem = base[b]
                 rows.append(solver_row(label + suffix, "sequential", problem, stop))
-        for m in cfg.methods if methods is None else methods:
+        chosen = cfg.methods if methods is None else methods
+        for m in chosen:
+            if m == AUTO:
+                among = [get_solver(table[c][1], **table[c][2]) for c in chosen if c != AUTO]
+                rows.append(
+                    solver_row("auto" + suffix, "auto", incremental, stop, methods=among or None)
+                )
+                continue
             label, method, opts = table[m]
             rows.append(solver_row(label + suffix, method, naive, stop, **opts))
     return rows

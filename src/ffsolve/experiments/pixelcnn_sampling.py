@@ -50,7 +50,8 @@ class PixelCNNSamplingConfig(Config):
         dtype: the network's dtype (bfloat16: a cheaper forward on both sides; the state and
             the sampling arithmetic stay float32).
         methods: parallel methods: jacobi, jacobi_gs (blocks = image rows), gs_jacobi (a
-            sliding window of `window_rows` rows).
+            sliding window of `window_rows` rows); auto (method="auto" among the others
+            listed, on the cached problem: its sequential side is the cached loop).
         atol, rtol: stopping tolerance on the [-1, 1] scale (isclose); 0 is exact equality,
             atol 0.02 a change of at most 0.01 on the [0, 1] scale; the paper's code used
             atol 1e-5 and rtol 1e-3.
@@ -70,7 +71,9 @@ class PixelCNNSamplingConfig(Config):
     batch: int = spec(16, ge=1)
     seed: int = spec(0, ge=0)
     dtype: str = spec("float32", choices=("float32", "bfloat16", "float64"))
-    methods: tuple[str, ...] = spec(("jacobi",), choices=("jacobi", "jacobi_gs", "gs_jacobi"))
+    methods: tuple[str, ...] = spec(
+        ("jacobi",), choices=("jacobi", "jacobi_gs", "gs_jacobi", "auto")
+    )
     window_rows: int = spec(15, ge=1)
     atol: float = spec(0.0, ge=0.0)
     rtol: float = spec(0.0, ge=0.0)
@@ -116,7 +119,11 @@ def _rows(
     if cached is not None:
         capture = "auto" if cached.capturable_stepper else False
         rows.append(solver_row(SEQC, "sequential", cached, Stopping(capture=capture)))
-    return [*rows, *(table[m]() for m in methods)]
+    chosen = [table[m]() for m in methods if m != "auto"]
+    if "auto" in methods:  # among the rows' methods, on the problem with the cheap loop
+        among = [r.solver for r in chosen]
+        rows.append(solver_row("auto", "auto", fast, stop, methods=among or None))
+    return [*rows, *chosen]
 
 
 def _probe_capture(cached: PixelCNNSampling, log) -> None:

@@ -50,6 +50,8 @@ from ffsolve.solvers import ConvergenceWarning, Stopping, get_solver
 __all__ = ["RNNForwardConfig", "plot", "run", "summary", "winners", "winners_table"]
 
 _METHODS = ("cudnn", "sequential", "sequential_graph", "jacobi", "newton", "quasi_newton")
+_PARALLEL = ("jacobi", "newton", "quasi_newton")
+_AUTO = "auto"  # method="auto" among the parallel methods listed (not run by default)
 _BASELINES = ("cudnn", "sequential", "sequential_graph")  # the sequential rows
 
 
@@ -61,7 +63,8 @@ class RNNForwardConfig(Config):
         cells: "gru" and/or "lstm".
         hidden, lengths, batches: the grid of hidden sizes, sequence lengths T and batches.
         input_size: features of x_t.
-        methods: rows to run (see the module doc).
+        methods: rows to run (see the module doc); auto: method="auto" choosing between the
+            plain loop and the parallel methods listed.
         atol: stopping tolerance of the parallel methods (max-abs change of an iterate).
         weight_scale: factor on the recurrent weights (> 1: slower mixing, more iterations).
         loop_max_length: longest T at which the sequential loop is timed.
@@ -84,7 +87,7 @@ class RNNForwardConfig(Config):
     lengths: tuple[int, ...] = spec((1000, 10000, 100000), ge=1)
     batches: tuple[int, ...] = spec((16,), ge=1)
     input_size: int = spec(2, ge=1)
-    methods: tuple[str, ...] = spec(_METHODS, choices=_METHODS)
+    methods: tuple[str, ...] = spec(_METHODS, choices=(*_METHODS, _AUTO))
     atol: float = spec(1e-6, ge=0.0)
     weight_scale: float = spec(1.0, gt=0.0)
     loop_max_length: int = spec(10000, ge=1)
@@ -173,8 +176,8 @@ def _shape_rows(cfg, kind, H, T, B, ctx, trained: _Trained | None = None) -> lis
     out: list[dict[str, Any]] = []
     rows: list[Row] = []
 
-    def solve_row(label: str, method: str, stop: Stopping) -> Row:
-        solver = get_solver(method)
+    def solve_row(label: str, method: str, stop: Stopping, **opts) -> Row:
+        solver = get_solver(method, **opts)
 
         def call() -> Outcome:
             sol = solver.solve(problem, stop)
@@ -182,6 +185,8 @@ def _shape_rows(cfg, kind, H, T, B, ctx, trained: _Trained | None = None) -> lis
             for k in ("newton_fallbacks", "newton_nonfinite"):
                 if k in sol.stats:
                     extra[k] = int(sum(sol.stats[k]))
+            if "auto" in sol.stats:
+                extra["auto_choice"] = sol.stats["auto"]["choice"]
             return Outcome(sol.value[..., :H], sol.num_iters, extra)  # h of an LSTM's [h, c]
 
         return Row(label, "sequential" if method == "sequential" else method, call)
@@ -208,10 +213,17 @@ def _shape_rows(cfg, kind, H, T, B, ctx, trained: _Trained | None = None) -> lis
                 )
         else:
             entries = B * T * problem.shape[2] ** 2
-            if method == "newton" and entries > cfg.newton_max_entries:
+            too_big = entries > cfg.newton_max_entries
+            if method == "newton" and too_big:
                 out.append({**row, "skipped": f"B*T*F^2 = {entries:.1e} > newton_max_entries"})
                 continue
             stop = Stopping(atol=cfg.atol, record=False, max_iters=cfg.max_iters or None)
+            if method == _AUTO:  # the plain loop against the parallel methods listed
+                among = [
+                    m for m in cfg.methods if m in _PARALLEL and not (m == "newton" and too_big)
+                ]
+                rows.append(solve_row(method, method, stop, methods=among or None))
+                continue
             rows.append(solve_row(method, method, stop))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # recorded as `converged`
@@ -229,7 +241,7 @@ def _shape_rows(cfg, kind, H, T, B, ctx, trained: _Trained | None = None) -> lis
             continue
         cuda = device.type == "cuda"
         peak = (rec["peak_mem_mb"] - rec["mem_before_mb"]) * 2**20 if cuda else None
-        kept = ("converged", "newton_fallbacks", "newton_nonfinite")
+        kept = ("converged", "newton_fallbacks", "newton_nonfinite", "auto_choice")
         row.update(
             time_s=rec["wall_time_s"], iters=rec["num_iters"], peak_bytes=peak,
             max_diff=rec["max_abs_diff_vs_sequential"],

@@ -31,6 +31,7 @@ asks what kind of problem it has:
 | `linear_part(start, stop)` | `picard`, `linear="problem"`: A_t in f_t = A_t x + d_t | identity |
 | `noise_variance()` | `Stopping(rule="variance")`: each step's noise variance (T,) | ones |
 | `guess(x, start, stop, certified)` | window methods: proposals for uncertified positions | None |
+| `tune_key()` | `auto`: tells remembered choices apart beyond class and shape | its models' ids |
 | `graphs` | the captured loops and forwards replayed on this problem | an empty `GraphCache` |
 
 `docs/problems.md` shows a new problem family added as new files only.
@@ -39,7 +40,7 @@ asks what kind of problem it has:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -195,6 +196,12 @@ class Problem:
         `Stopping(rule="variance")` scales its tolerance by. Default: ones (the rule is then a
         root-mean-square one)."""
         return torch.ones(self.length)
+
+    def tune_key(self) -> Hashable:
+        """What, besides the class, shape, dtype and device, tells solves apart for
+        `method="auto"`'s remembered choices. Default: the identity of the problem's models
+        (its `torch.nn.Module` attributes), so another model of the same shape tunes anew."""
+        return tuple(id(v) for v in vars(self).values() if isinstance(v, torch.nn.Module))
 
     def guess(self, x: Tensor, start: int, stop: int, certified: Tensor) -> Tensor | None:
         """Proposals for the uncertified positions of the window [start, stop) about to be

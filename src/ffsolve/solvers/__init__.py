@@ -15,12 +15,12 @@ from torch import Tensor
 
 from ffsolve.problems.base import FunctionProblem, Problem
 from ffsolve.solvers.anderson import Anderson
-from ffsolve.solvers.auto import solve_auto
+from ffsolve.solvers.auto import Auto
 from ffsolve.solvers.base import Solver, State
 from ffsolve.solvers.gs_jacobi import GSJacobi
 from ffsolve.solvers.jacobi import Jacobi
 from ffsolve.solvers.jacobi_gs import JacobiGS
-from ffsolve.solvers.loop import Stopping, run
+from ffsolve.solvers.loop import Stopping
 from ffsolve.solvers.newton import Newton, QuasiNewton
 from ffsolve.solvers.picard import Picard
 from ffsolve.solvers.record import (
@@ -58,7 +58,18 @@ verify = check
 #: The method table: name -> solver class. A new solver is one file plus one entry here.
 METHODS: dict[str, type[Solver]] = {
     cls.name: cls
-    for cls in (Sequential, Jacobi, JacobiGS, GSJacobi, Scan, Newton, QuasiNewton, Picard, Anderson)
+    for cls in (
+        Sequential,
+        Jacobi,
+        JacobiGS,
+        GSJacobi,
+        Scan,
+        Newton,
+        QuasiNewton,
+        Picard,
+        Anderson,
+        Auto,
+    )
 }
 
 
@@ -76,10 +87,7 @@ def get_solver(method: str | Solver, **options: Any) -> Solver:
             )
         return method
     if not isinstance(method, str) or method not in METHODS:
-        raise ValueError(
-            f"unknown method {method!r}; valid methods: {', '.join(METHODS)}"
-            + (", auto (in solve)" if method != "auto" else " (auto is for solve only)")
-        )
+        raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
     cls = METHODS[method]
     valid = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(options) - valid)
@@ -135,7 +143,7 @@ def solve(
     """
     fields, options = Stopping.split(options)
     stop = Stopping.of(stopping, **fields)
-    solver = None if method == "auto" else get_solver(method, **options)
+    solver = get_solver(method, **options)
     if isinstance(fn, Problem):
         if x0 is not None:
             raise TypeError("x0 must be omitted when a Problem is passed (it owns its start)")
@@ -144,26 +152,13 @@ def solve(
         if x0 is None:
             raise TypeError("x0 is required when fn is a function")
         problem = FunctionProblem(fn, x0, dim)
-    if solver is None:
-        unknown = sorted(set(options) - {"probe", "methods"})
-        if unknown:
-            raise TypeError(f"method 'auto' does not take {', '.join(unknown)} (it takes: "
-                            "methods, probe)")  # fmt: skip
-        methods = options.get("methods")
-        if methods is not None:
-            methods = [get_solver(m) for m in methods]
-        sol = solve_auto(problem, stop, get_solver, callback, probe=options.get("probe") or 3,
-                         methods=methods)  # fmt: skip
-        name = "auto"
-    else:
-        sol = run(solver, problem, stop, callback)
-        name = solver.name
+    sol = solver.solve(problem, stop, callback=callback)
     if verify:
         report = check(problem, sol.value, atol=stop.atol, rtol=stop.rtol)
         sol.stats["verify"] = dataclasses.asdict(report)
         if not report.ok:
             warnings.warn(
-                f"{name}: verify found: {'; '.join(report.findings)}",
+                f"{solver.name}: verify found: {'; '.join(report.findings)}",
                 VerificationWarning,
                 stacklevel=2,
             )

@@ -120,17 +120,21 @@ class Anderson(Solver):
         h.count += 1
         dX = h.dX[:, :, start:stop].permute(1, 2, 3, 0)  # (B, n, F, m)
         dF = h.dF[:, :, start:stop].permute(1, 2, 3, 0)
-        dR = dF - dX  # (B, n, F, m)
+        # the small least-squares problems in float32 at least (half precision has no solve
+        # on the CPU, and too few bits for normal equations anyway)
+        acc = torch.promote_types(r.dtype, torch.float32)
+        dR = (dF - dX).to(acc)  # (B, n, F, m)
         # prefix sums over positions of the per-position normal equations (triangular)
         gram = torch.cumsum(dR.transpose(2, 3) @ dR, dim=1)  # (B, n, m, m)
-        rhs = torch.cumsum((dR.transpose(2, 3) @ r[..., None])[..., 0], dim=1)  # (B, n, m)
-        scale = gram.diagonal(dim1=2, dim2=3).mean(-1).clamp_min(torch.finfo(r.dtype).tiny)
-        eye = torch.eye(m, dtype=r.dtype, device=r.device)
-        lam = (self.regularization * scale + torch.finfo(r.dtype).tiny)[..., None, None]
+        rhs = torch.cumsum((dR.transpose(2, 3) @ r.to(acc)[..., None])[..., 0], dim=1)
+        tiny = torch.finfo(acc).tiny
+        scale = gram.diagonal(dim1=2, dim2=3).mean(-1).clamp_min(tiny)
+        eye = torch.eye(m, dtype=acc, device=r.device)
+        lam = (self.regularization * scale + tiny)[..., None, None]
         # zero rhs (a zero-residual prefix) gives exactly zero coefficients: F(x) there
         gamma = torch.linalg.solve(gram + lam * eye, rhs[..., None])  # (B, n, m, 1)
         # no history yet (a zero Gram matrix), or a degenerate one: the Jacobi step there
-        ok = (scale > torch.finfo(r.dtype).tiny)[..., None, None] & gamma.isfinite()
+        ok = (scale > tiny)[..., None, None] & gamma.isfinite()
         gamma = torch.where(ok, gamma, 0.0)
-        new = gx - (dF @ gamma)[..., 0]  # (B, n, F)
+        new = gx - (dF.to(acc) @ gamma)[..., 0].to(gx.dtype)  # (B, n, F)
         return new, gx

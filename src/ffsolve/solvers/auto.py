@@ -1,21 +1,29 @@
-"""method="auto": measure what each method would cost on this problem, then solve with the
-cheapest, saying why.
+"""method="auto": find out which method is cheapest on this problem, solve with it, say why.
 
 A parallel method pays when the sweeps it needs cost less than the sequential loop's T steps;
 both depend on the model, the batch, the device and how fast the certified prefix grows, which
-no rule of thumb knows in advance (measured here: from 113x to 0.04x). So `auto` measures:
+no rule of thumb knows in advance (measured on an H200: from 113x to 0.03x). So `auto`
+measures, on the problem in hand:
 
-- the sequential step: the problem's stepper for a few steps (its cost times T predicts the
-  loop);
-- each candidate method that applies to the problem (jacobi, a sliding window, and for a
-  first-order problem picard, quasi_newton and anderson; scan for a linear one): one sweep to
-  warm up (and capture, on a GPU), then `probe` timed sweeps; the certified prefix's growth
-  over them predicts the sweeps left, its time per sweep their cost.
+1. **the sequential loop**: a few steps of the problem's stepper, times T (a prediction);
+2. **a probe of each candidate** (`candidates`: jacobi, a sliding window of about sqrt(T),
+   and, where the problem allows, picard, quasi_newton, anderson and scan): one warm-up sweep
+   (a capture on a GPU), then `probe` timed sweeps. Time per sweep, and a prediction of the
+   sweeps left: the smaller of the certified prefix growing at its probed rate and the change
+   shrinking geometrically to the tolerance. Predictions from a few sweeps are rough (Jacobi
+   on MADE certifies little for 20 sweeps, then everything), so they only order the race;
+3. **a race**: the `race` best predicted candidates run in turn, each stopped once it has spent
+   the best time so far (first the sequential loop's predicted time). A candidate that
+   finishes is an exact answer and sets the bar for the next; if none finishes, the
+   sequential loop runs.
 
-A candidate that finishes within its probe has measured its whole cost. The choice, the
-prediction of every candidate and the actual time of the chosen solve go to
-`Solution.stats["auto"]`. The probes are the price (a few sweeps per candidate); the result is
-exact whatever the choice, like every method's.
+A tuning solve therefore costs at most about (race + 1) times the sequential loop, plus the
+probes, when every parallel method loses, and the winner's own time plus the probes when one
+wins. The choice is remembered for the process (keyed by the problem's class and
+`tune_key()`, shape, dtype, device, tolerances and candidates), so a repeated solve of the
+same kind runs the winner alone; `forget()` or `Auto(retune=True)` tunes again. The choice,
+the reason, every candidate's probe, prediction and race, and the actual time go to
+`Solution.stats["auto"]`. The result is exact whatever the choice, like every method's.
 
 Example:
     >>> sol = ffsolve.solve(problem, method="auto")
@@ -29,18 +37,72 @@ import math
 import time
 import warnings
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from ffsolve.problems.base import Problem
 from ffsolve.runtime import synchronize
-from ffsolve.solvers.base import Solver
-from ffsolve.solvers.loop import State, Stopping, run
+from ffsolve.solvers.base import Solver, check_int
+from ffsolve.solvers.loop import State, Stopping, captures, run
 from ffsolve.solvers.record import Solution
 
-__all__ = ["candidates", "solve_auto"]
+__all__ = ["Auto", "candidates", "solve_auto"]
+
+
+@dataclass(frozen=True)
+class Auto(Solver):
+    """Find the cheapest method on this problem (probe, predict, race) and solve with it; the
+    choice and why in `stats["auto"]`, remembered for the next solve of the same kind.
+
+    Args:
+        probe: timed sweeps per candidate (after one warm-up sweep).
+        race: how many of the best predicted candidates race the sequential loop.
+        methods: the candidates (names or solver objects); default: every method that
+            applies to the problem (`candidates`).
+        retune: tune again even if a solve of the same kind was tuned in this process.
+
+    Example:
+        >>> sol = ffsolve.solve(problem, method="auto")
+        >>> sol.stats["auto"]["choice"], sol.stats["auto"]["reason"]
+    """
+
+    name: ClassVar[str] = "auto"
+    probe: int = 3
+    race: int = 2
+    methods: tuple[Any, ...] | None = None
+    retune: bool = False
+
+    def __post_init__(self) -> None:
+        check_int("probe", self.probe)
+        check_int("race", self.race, low=0)
+        if self.methods is not None:
+            if isinstance(self.methods, str) or not len(self.methods):
+                raise ValueError(f"auto: methods must be a non-empty list, got {self.methods!r}")
+            object.__setattr__(self, "methods", tuple(self.methods))
+
+    def options(self) -> dict[str, Any]:
+        shown = None if self.methods is None else [
+            m if isinstance(m, str) else _label(m) for m in self.methods
+        ]  # fmt: skip
+        return {"probe": self.probe, "race": self.race, "methods": shown, "retune": self.retune}
+
+    def sweep(self, problem: Problem, state: State, start: int, stop: int, memory: Any) -> Tensor:
+        raise TypeError("auto has no sweep of its own: it chooses a method (call its solve)")
+
+    def solve(
+        self, problem: Problem, stopping: Stopping | None = None, *, callback=None, **fields
+    ) -> Solution:
+        from ffsolve.solvers import get_solver  # the method table, which lists this class
+
+        methods = None if self.methods is None else [get_solver(m) for m in self.methods]
+        if methods is not None and any(isinstance(m, Auto) for m in methods):
+            raise ValueError("auto: a candidate cannot itself be 'auto'")
+        stop = Stopping.of(stopping, **fields)
+        return solve_auto(problem, stop, get_solver, callback, probe=self.probe,
+                          race=self.race, methods=methods, retune=self.retune)  # fmt: skip
 
 
 def candidates(problem: Problem, make: Callable[..., Solver]) -> list[Solver]:
@@ -68,6 +130,20 @@ def _seconds(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
     return time.perf_counter() - t0, out
 
 
+def _sequential(
+    seq: Solver, problem: Problem, stopping: Stopping, steps: int, device: torch.device
+) -> tuple[dict[str, Any], Solution | None]:
+    """The sequential loop's cost: measured in full where it runs as one CUDA graph (a few
+    eager steps would overstate it many times; the solve is then also the answer if nothing
+    beats it), else predicted from a few steps of the stepper."""
+    if captures(stopping, device, declared=seq.captures_with(problem)):
+        run(seq, problem, stopping)  # the capture
+        seconds, sol = _seconds(lambda: run(seq, problem, stopping), device)
+        return {"predicted_s": seconds, "measured": True}, sol
+    per_step = _sequential_step(problem, steps)
+    return {"predicted_s": per_step * problem.length, "per_step_s": per_step}, None
+
+
 def _sequential_step(problem: Problem, steps: int) -> float:
     """Seconds per step of the problem's stepper (the sequential loop's cost per position)."""
     init = problem.initial()
@@ -80,11 +156,10 @@ def _sequential_step(problem: Problem, steps: int) -> float:
         for t in range(k):
             state.v[:, t : t + 1] = state.flat(step(t))
 
-    with torch.no_grad():
-        go()  # warm-up (a cache's first call, allocations)
-        state.x.copy_(init)
-        step = problem.stepper(state.x)
-        seconds, _ = _seconds(go, init.device)
+    go()  # warm-up (a cache's first call, allocations)
+    state.x.copy_(init)
+    step = problem.stepper(state.x)
+    seconds, _ = _seconds(go, init.device)
     return seconds / k
 
 
@@ -95,57 +170,122 @@ def solve_auto(
     callback: Callable[[int, Tensor], None] | None = None,
     *,
     probe: int = 3,
+    race: int = 2,
     methods: list[Solver] | None = None,
+    retune: bool = False,
 ) -> Solution:
-    """Probe, predict, choose, solve (see the module docstring)."""
-    T = problem.length
+    """Probe, predict, race, solve, remember (see the module docstring)."""
+    cands = methods if methods is not None else candidates(problem, make)
+    by_label = {_label(s): s for s in cands}
     device = problem.initial().device
-    seq_step = _sequential_step(problem, max(4, probe))
-    table: dict[str, dict[str, Any]] = {
-        "sequential": {"predicted_s": seq_step * T, "per_step_s": seq_step}
-    }
-    done: dict[str, Solution] = {}
-    for solver in methods if methods is not None else candidates(problem, make):
-        label = _label(solver)
-        k = min(probe, T)
-        trial = stopping.replace(max_iters=k, record=True, raise_on_failure=False)
-        try:
-            with warnings.catch_warnings(), torch.no_grad():
-                warnings.simplefilter("ignore")  # a probe stops early on purpose
-                run(solver, problem, trial.replace(max_iters=1))  # warm-up / capture
-                seconds, sol = _seconds(lambda s=solver, tr=trial: run(s, problem, tr), device)
-        except (TypeError, ValueError, NotImplementedError, RuntimeError, FloatingPointError) as e:
-            table[label] = {"skipped": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
-            continue
-        per_sweep = seconds / max(1, sol.stats.get("sweeps_run", sol.num_iters))
-        if sol.all_converged:  # finished within the probe: its whole cost is known
-            table[label] = {
-                "predicted_s": seconds,
-                "per_sweep_s": per_sweep,
-                "sweeps": sol.num_iters,
-            }
-            done[label] = sol
-            continue
-        sweeps, how = _sweeps_left(sol, T, stopping)
-        sweeps = min(sol.num_iters + sweeps, solver.default_max_iters(T))
-        table[label] = {"predicted_s": per_sweep * sweeps, "per_sweep_s": per_sweep,
-                        "sweeps": sweeps, "by": how}  # fmt: skip
-    ranked = sorted((v["predicted_s"], name) for name, v in table.items() if "predicted_s" in v)
-    best_time, best = ranked[0]
-    if best in done and callback is None:  # already solved in full by its probe
-        sol = done[best]
-        actual = table[best]["predicted_s"]
-    else:
-        solver = make("sequential") if best == "sequential" else _find(best, problem, make,
-                                                                        methods)  # fmt: skip
+    key = _key(problem, stopping, by_label)
+    if not retune and key in _TUNED:
+        label, why = _TUNED[key]
+        solver = by_label.get(label) or make("sequential")
         actual, sol = _seconds(lambda: run(solver, problem, stopping, callback), device)
-    runner_up = ranked[1] if len(ranked) > 1 else None
-    reason = f"{best} predicted {best_time:.3g} s" + (
-        f", {runner_up[1]} next at {runner_up[0]:.3g} s" if runner_up else ""
+        auto = {"choice": label, "reason": f"tuned earlier in this process: {why}",
+                "tuned": False, "actual_s": actual}  # fmt: skip
+        return dataclasses.replace(sol, stats={**sol.stats, "auto": auto})
+
+    t0 = time.perf_counter()
+    T = problem.length
+    seq = make("sequential")
+    table: dict[str, dict[str, Any]] = {}
+    table["sequential"], seq_sol = _sequential(seq, problem, stopping, max(4, probe), device)
+    for label, solver in by_label.items():
+        table[label] = _probe(solver, problem, stopping, min(probe, T), device)
+    ranked = sorted(
+        (row["predicted_s"], label)
+        for label, row in table.items()
+        if label != "sequential" and "predicted_s" in row
     )
-    stats = {**sol.stats, "auto": {"choice": best, "reason": reason, "predicted_s": best_time,
-                                   "actual_s": actual, "candidates": table}}  # fmt: skip
-    return dataclasses.replace(sol, stats=stats)
+    # the race: the best predicted candidates, each stopped once it has spent what the best
+    # so far (first: the sequential loop's prediction) costs; a finisher is the answer
+    bar, best, won = table["sequential"]["predicted_s"], "sequential", None
+    for _, label in ranked[:race]:
+        row = table[label]
+        # (a little slack: a candidate stopped just short would have lost everything)
+        budget = math.floor(1.25 * (bar - row["setup_s"]) / row["per_sweep_s"])
+        cap = stopping.max_iters or by_label[label].default_max_iters(T)
+        if budget < 1:
+            row["race"] = "no budget: one sweep costs more than the best so far"
+            continue
+        trial = stopping.replace(max_iters=min(budget, cap), raise_on_failure=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a race stops early on purpose
+            seconds, sol = _seconds(lambda s=by_label[label], tr=trial: run(s, problem, tr), device)
+        row["race_s"], row["race_sweeps"] = seconds, sol.num_iters
+        row["race"] = "finished" if sol.all_converged else f"stopped at {sol.num_iters} sweeps"
+        if sol.all_converged and seconds < bar:
+            bar, best, won = seconds, label, sol
+    why = (
+        f"{best} finished in {bar:.3g} s, within the sequential loop's predicted "
+        f"{table['sequential']['predicted_s']:.3g} s"
+        if won is not None
+        else f"no parallel method finished within the sequential loop's predicted {bar:.3g} s"
+    )
+    tuning = time.perf_counter() - t0
+    if won is not None and callback is None:
+        sol, actual = won, bar
+    elif won is None and seq_sol is not None and callback is None:
+        sol, actual = seq_sol, table["sequential"]["predicted_s"]
+    else:  # the sequential loop, or the winner again for the callback
+        solver = by_label.get(best) or seq
+        actual, sol = _seconds(lambda: run(solver, problem, stopping, callback), device)
+    _TUNED[key] = (best, why)
+    auto = {"choice": best, "reason": why, "tuned": True, "tuning_s": tuning,
+            "predicted_s": table[best].get("predicted_s"), "actual_s": actual,
+            "candidates": table}  # fmt: skip
+    return dataclasses.replace(sol, stats={**sol.stats, "auto": auto})
+
+
+#: choices made in this process: (problem class, shape, dtype, device, tolerances,
+#: candidates) -> (label, reason); `forget()` clears it
+_TUNED: dict[tuple, tuple[str, str]] = {}
+
+
+def forget() -> None:
+    """Forget the choices `auto` made in this process (the next solve of each kind tunes)."""
+    _TUNED.clear()
+
+
+def _key(problem: Problem, stopping: Stopping, by_label: dict[str, Solver]) -> tuple:
+    init = problem.initial()
+    return (type(problem).__qualname__, problem.tune_key(), tuple(init.shape), init.dtype,
+            str(init.device), stopping.atol, stopping.rtol, stopping.rule, stopping.capture,
+            tuple(by_label))  # fmt: skip
+
+
+def _probe(
+    solver: Solver, problem: Problem, stopping: Stopping, k: int, device: torch.device
+) -> dict[str, Any]:
+    """One warm-up sweep (a capture on a GPU), then k timed sweeps: time per sweep and the
+    predicted whole cost."""
+    trial = stopping.replace(max_iters=k, record=True, raise_on_failure=False)
+    one = trial.replace(max_iters=1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a probe stops early on purpose
+            run(solver, problem, one)  # warm-up (and a capture)
+            # each timing the faster of two (a busy host's noise only ever adds)
+            first = min(_seconds(lambda: run(solver, problem, one), device)[0] for _ in "ab")
+            (seconds, sol), (again, _) = (
+                _seconds(lambda: run(solver, problem, trial), device) for _ in "ab"
+            )
+            seconds = min(seconds, again)
+    except (TypeError, ValueError, NotImplementedError, RuntimeError, FloatingPointError) as e:
+        return {"skipped": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
+    n = max(1, sol.stats.get("sweeps_run", sol.num_iters))
+    # a solve costs a fixed setup plus its sweeps: the two timings separate them
+    per_sweep = (seconds - first) / (n - 1) if n > 1 else seconds
+    per_sweep = max(per_sweep, 0.25 * seconds / n)  # (timing noise)
+    setup = max(0.0, first - per_sweep)
+    row = {"per_sweep_s": per_sweep, "setup_s": setup}
+    if sol.all_converged:
+        return {**row, "predicted_s": seconds, "sweeps": sol.num_iters}
+    left, how = _sweeps_left(sol, problem.length, stopping)
+    sweeps = min(sol.num_iters + left, solver.default_max_iters(problem.length))
+    return {**row, "predicted_s": setup + per_sweep * sweeps, "sweeps": sweeps, "by": how}
 
 
 def _sweeps_left(sol: Solution, T: int, stopping: Stopping) -> tuple[int, str]:
@@ -174,13 +314,7 @@ def _sweeps_left(sol: Solution, T: int, stopping: Stopping) -> tuple[int, str]:
 
 
 def _label(solver: Solver) -> str:
-    opts = {k: v for k, v in solver.options().items() if v is not None}
-    shown = {k: v for k, v in opts.items() if k in ("window", "block_size", "base", "history")}
+    """The method's name and the options it sets away from their defaults."""
+    default = type(solver)()
+    shown = {k: v for k, v in solver.options().items() if v != default.options().get(k)}
     return solver.name + (f"({', '.join(f'{k}={v}' for k, v in shown.items())})" if shown else "")
-
-
-def _find(label: str, problem: Problem, make, methods) -> Solver:
-    for solver in methods if methods is not None else candidates(problem, make):
-        if _label(solver) == label:
-            return solver
-    raise RuntimeError(f"internal: no candidate {label}")

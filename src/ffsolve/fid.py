@@ -82,6 +82,8 @@ def load_feature_net(
 def _unit(images: Tensor | np.ndarray) -> Tensor:
     """uint8 pixels (N, H, W) or (N, 1, H, W), or floats in [-1, 1] -> float32 (N, 1, H, W)
     in [0, 1]."""
+    if isinstance(images, np.ndarray) and not images.flags.writeable:
+        images = images.copy()  # (a read-only array, e.g. a memory-mapped data set)
     x = torch.as_tensor(images)
     if x.dim() == 3:
         x = x[:, None]

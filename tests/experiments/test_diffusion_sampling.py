@@ -1,14 +1,12 @@
 """`ffsolve run diffusion-sampling` end to end on a tiny random DDPM (CPU)."""
 
-import gzip
 import json
-import struct
 
-import numpy as np
 import pytest
 import torch
 
 from ffsolve.cli import main
+from idx_files import idx_folder
 
 pytest.importorskip("diffusers")
 
@@ -24,22 +22,9 @@ def tiny_ddpm(tmp_path):
     return tmp_path / "ddpm"
 
 
-def _idx(folder, n):
-    rng = np.random.default_rng(0)
-    for prefix in ("train", "t10k"):
-        for kind, shape, header in (("images-idx3", (n, 28, 28), (2051, n, 28, 28)),
-                                    ("labels-idx1", (n,), (2049, n))):  # fmt: skip
-            data = rng.integers(0, 256 if "images" in kind else 10, shape).astype(np.uint8)
-            fmt = ">" + "I" * len(header)
-            with gzip.open(folder / f"{prefix}-{kind}-ubyte.gz", "wb") as f:
-                f.write(struct.pack(fmt, *header) + data.tobytes())
-
-
 @pytest.mark.slow
 def test_every_row_and_the_peer_on_a_tiny_model(tmp_path, tiny_ddpm, capsys):
-    data = tmp_path / "mnist"
-    data.mkdir()
-    _idx(data, 16)
+    data = idx_folder(tmp_path / "mnist", 16, 16)
     sets = [f"checkpoint={tiny_ddpm}", "schedules=[ddim-10]", "batches=[2]", "window=4",
             "repeats=1", "warmup=0", "dtype=float64", "frames=[1, 2]", "fid_samples=8",
             "fid_batch=4", f"data_dir={data}",

@@ -1,4 +1,3 @@
-import gzip
 import struct
 
 import numpy as np
@@ -6,26 +5,17 @@ import pytest
 
 from ffsolve.data import load_mnist, read_idx
 from ffsolve.errors import DataError
-
-
-def _write_idx(path, arr, gz=False):
-    header = bytes([0, 0, 8, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
-    data = header + arr.astype(np.uint8).tobytes()
-    if gz:
-        with gzip.open(path, "wb") as f:
-            f.write(data)
-    else:
-        path.write_bytes(data)
+from idx_files import write_idx
 
 
 def test_idx_folder(tmp_path):
     rng = np.random.default_rng(0)
     for split, n, gz in (("train", 6, True), ("t10k", 4, False)):
         suffix = ".gz" if gz else ""
-        _write_idx(
+        write_idx(
             tmp_path / f"{split}-images-idx3-ubyte{suffix}", rng.integers(0, 256, (n, 28, 28)), gz
         )
-        _write_idx(tmp_path / f"{split}-labels-idx1-ubyte{suffix}", rng.integers(0, 10, (n,)), gz)
+        write_idx(tmp_path / f"{split}-labels-idx1-ubyte{suffix}", rng.integers(0, 10, (n,)), gz)
     d = load_mnist(tmp_path)
     assert d["train"][0].shape == (6, 28, 28) and d["test"][1].shape == (4,)
     assert d["train"][0].dtype == np.uint8

@@ -1,6 +1,4 @@
-import gzip
 import json
-import struct
 
 import numpy as np
 import pytest
@@ -21,6 +19,7 @@ from ffsolve.models.ddpm import (  # noqa: E402
     sample_ddpm,
     save_ddpm,
 )
+from idx_files import idx_folder
 
 TINY = DDPMConfig(
     block_out_channels=(8, 16), layers_per_block=1, attention=True, norm_num_groups=8, seed=3
@@ -101,23 +100,6 @@ def test_sample_loop_ddim():
     assert torch.allclose(a, b, atol=1e-5)
 
 
-def _write_idx(folder, name, arr):
-    with gzip.open(folder / f"{name}.gz", "wb") as f:
-        f.write(bytes([0, 0, 8, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape))
-        f.write(arr.astype(np.uint8).tobytes())
-
-
-def _tiny_fmnist(tmp_path, n_train: int, n_test: int):
-    """A folder of the four Fashion-MNIST IDX files with random images and labels."""
-    data = tmp_path / "fmnist"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        _write_idx(data, f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
-        _write_idx(data, f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, n))
-    return data
-
-
 def _train(tmp_path, data, stem, *extra, sets=()):
     sets = [*TINY_SETS, "data=fashion-mnist", f"data_dir={data}", f"save_to={tmp_path / stem}",
             *sets]  # fmt: skip
@@ -128,7 +110,7 @@ def _train(tmp_path, data, stem, *extra, sets=()):
 def test_trainer_refuses_overwrite_and_resumes(tmp_path, monkeypatch):
     import ffsolve.experiments.ddpm_train as dt
 
-    data = _tiny_fmnist(tmp_path, 10, 4)  # 3 batches of 4 a epoch: the order wraps
+    data = idx_folder(tmp_path / "fmnist", 10, 4)  # 3 batches of 4 a epoch: the order wraps
     sets = ["max_steps=4", "save_every_minutes=1e-9"]  # a resumable save after every step
     assert _train(tmp_path, data, "straight", sets=sets) == 0
     meta = json.loads((tmp_path / "straight.json").read_text())
@@ -160,7 +142,7 @@ def test_trainer_refuses_overwrite_and_resumes(tmp_path, monkeypatch):
 
 
 def test_trainer_nan_loss_fails_without_checkpoint(tmp_path, capsys):
-    data = _tiny_fmnist(tmp_path, 8, 4)
+    data = idx_folder(tmp_path / "fmnist", 8, 4)
     assert _train(tmp_path, data, "nan", sets=["max_steps=3", "lr=1e30"]) == 2
     assert "training diverged" in capsys.readouterr().err
     assert not list(tmp_path.glob("nan*"))

@@ -1,8 +1,5 @@
-import gzip
 import json
-import struct
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -20,6 +17,7 @@ from ffsolve.models.densenet import (
     save_densenet,
 )
 from ffsolve.problems.densenet import DenseNetLayers, FusedBlock, prediction_metrics, stable_from
+from idx_files import idx_folder
 
 TINY = DenseNetConfig(
     growth_rate=3,
@@ -186,25 +184,8 @@ def test_prediction_metrics_use_the_largest_logits():
     assert stable_from([[1], [2], [1]]) == 3
 
 
-def _write_idx(folder, name, arr):
-    with gzip.open(folder / f"{name}.gz", "wb") as f:
-        f.write(bytes([0, 0, 8, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape))
-        f.write(arr.astype(np.uint8).tobytes())
-
-
-def _tiny_fmnist(tmp_path, n_train: int, n_test: int):
-    """A folder of the four Fashion-MNIST IDX files with random images and labels."""
-    data = tmp_path / "fmnist"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        _write_idx(data, f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
-        _write_idx(data, f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, n))
-    return data
-
-
 def test_cli_train_and_run_tiny(tmp_path, capsys):
-    data = _tiny_fmnist(tmp_path, 64, 16)
+    data = idx_folder(tmp_path / "fmnist", 64, 16)
     ckpt = tmp_path / "tiny"
     sets = ["depth=10", "growth_rate=2", "epochs=1", "batch_size=32", f"data_dir={data}",
             f"save_to={ckpt}"]  # fmt: skip
@@ -266,7 +247,7 @@ def test_fashion_mnist_missing_says_how_to_get_it(tmp_path):
 def test_train_refuses_overwrite_and_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     import ffsolve.experiments.densenet_train as dt
 
-    data = _tiny_fmnist(tmp_path, 32, 8)
+    data = idx_folder(tmp_path / "fmnist", 32, 8)
 
     def train(stem, *extra):
         sets = ["depth=10", "growth_rate=2", "epochs=2", "batch_size=16", f"data_dir={data}",

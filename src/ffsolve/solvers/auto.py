@@ -140,27 +140,29 @@ def _sequential(
         run(seq, problem, stopping)  # the capture
         seconds, sol = _seconds(lambda: run(seq, problem, stopping), device)
         return {"predicted_s": seconds, "measured": True}, sol
-    per_step = _sequential_step(problem, steps)
-    return {"predicted_s": per_step * problem.length, "per_step_s": per_step}, None
+    first, per_step = _sequential_step(problem, steps)
+    predicted = first + per_step * (problem.length - 1)
+    return {"predicted_s": predicted, "first_step_s": first, "per_step_s": per_step}, None
 
 
-def _sequential_step(problem: Problem, steps: int) -> float:
-    """Seconds per step of the problem's stepper (the sequential loop's cost per position)."""
+def _sequential_step(problem: Problem, steps: int) -> tuple[float, float]:
+    """Seconds of the stepper's first step (a cache's prefill: a prompt, a context) and per
+    step after it, timed over the first `steps` steps after a warm-up pass."""
     init = problem.initial()
     state = State(init, problem.dim)
     problem.prepare()
-    step = problem.stepper(state.x)
-    k = min(problem.length, steps)
+    k = min(problem.length, steps + 1)
 
-    def go() -> None:
-        for t in range(k):
+    def go(step, start: int, stop: int) -> None:
+        for t in range(start, stop):
             state.v[:, t : t + 1] = state.flat(step(t))
 
-    go()  # warm-up (a cache's first call, allocations)
+    go(problem.stepper(state.x), 0, k)  # warm-up (allocations, a first call's setup)
     state.x.copy_(init)
     step = problem.stepper(state.x)
-    seconds, _ = _seconds(go, init.device)
-    return seconds / k
+    first, _ = _seconds(lambda: go(step, 0, 1), init.device)
+    rest, _ = _seconds(lambda: go(step, 1, k), init.device)
+    return first, (rest / (k - 1) if k > 1 else first)
 
 
 def solve_auto(

@@ -140,3 +140,30 @@ def test_variance_rule_and_guesses():
         sol = ffsolve.solve(g, method="gs_jacobi", window=8)
     torch.testing.assert_close(sol.value, ref, rtol=0, atol=1e-12)
     assert seen and all(min(c) >= s for s, _, c in seen)  # the window starts at certified
+
+
+class Oscillating(Problem):
+    """x_t = tanh(-3 x_{t-1}) + 0.1: bounded, but its Jacobian is far from the identity, so
+    Picard's identity linearisation over the whole length grows without bound."""
+
+    first_order = True
+
+    def __init__(self, T=200):
+        self.length = T
+
+    def initial(self):
+        return torch.zeros(2, self.length)
+
+    def evaluate(self, x, start, stop):
+        prev = torch.cat([torch.full_like(x[:, :1], 0.5), x[:, :-1]], 1)[:, start:stop]
+        return torch.tanh(-3.0 * prev) + 0.1
+
+
+def test_a_diverging_linearisation_is_one_clear_error_and_a_window_bounds_it():
+    p = Oscillating()
+    ref = ffsolve.solve(p, method="sequential").value
+    with pytest.raises(ffsolve.NonFiniteError, match="window"):
+        ffsolve.solve(p, method="picard")
+    assert torch.equal(ffsolve.solve(p, method="picard", window=8).value, ref)
+    # Anderson's mixing over the same map stays finite here, and exact
+    assert torch.equal(ffsolve.solve(p, method="anderson", base="picard").value, ref)

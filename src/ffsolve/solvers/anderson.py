@@ -67,6 +67,10 @@ class Anderson(Solver):
     """
 
     name: ClassVar[str] = "anderson"
+    nonfinite_hint: ClassVar[str] = (
+        "the mixing or Picard's map (base='picard') can diverge on strongly coupled systems: "
+        "a window (e.g. window=64) bounds it, or use base='jacobi' or jacobi"
+    )
     capturable: ClassVar[bool] = False  # the history's ring index is a host counter
     residual_certificate: ClassVar[bool] = True
     history: int = 3

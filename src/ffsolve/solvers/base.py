@@ -69,6 +69,8 @@ class Solver:
     host_every_sweep: ClassVar[bool] = False
     #: `sweep` returns (new values, F(x)) and the loop certifies on F(x) - x
     residual_certificate: ClassVar[bool] = False
+    #: what a NaN/Inf in this method's iterate (from a finite model) usually means
+    nonfinite_hint: ClassVar[str] = ""
 
     # --- the hooks ------------------------------------------------------------------------
     def validate(self, length: int, stopping: Stopping) -> None:

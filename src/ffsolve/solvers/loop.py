@@ -194,6 +194,7 @@ class Method(Protocol):
     writes_state: ClassVar[bool]
     host_every_sweep: ClassVar[bool]
     residual_certificate: ClassVar[bool]
+    nonfinite_hint: ClassVar[str]
 
     def validate(self, length: int, stopping: Stopping) -> None: ...
     def default_max_iters(self, length: int) -> int: ...
@@ -322,7 +323,7 @@ def run(solver: Method, problem: Problem, stopping: Stopping, callback: Callback
         # number, it stays in the state); at the budget's end, look at the state once
         frozen = not live and cert_min < T
         if frozen and (k_host < max_iters or not bool(torch.isfinite(s.v).all())):
-            raise_nonfinite(solver.name, s.v, k_host)
+            raise_nonfinite(solver.name, s.v, k_host, hint=solver.nonfinite_hint)
         if cert_min >= T or k_host >= max_iters:
             break
     all_done = cert_min >= T
@@ -564,7 +565,7 @@ def _run_direct(
     assert new is not None and norm is not None  # set by the sweep
     flags = norm.tolist()  # the one host read
     if not all(math.isfinite(v) for v in flags):
-        raise_nonfinite(solver.name, new, 1)
+        raise_nonfinite(solver.name, new, 1, hint=solver.nonfinite_hint)
     s = prog.state
     value = new.reshape(s.shape)
     if graph:

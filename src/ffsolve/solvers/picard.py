@@ -57,6 +57,11 @@ class Picard(Solver):
     """
 
     name: ClassVar[str] = "picard"
+    nonfinite_hint: ClassVar[str] = (
+        "the identity linearisation diverges on strongly coupled systems (a trained GRU does, "
+        "over its whole length): a window (e.g. window=64) bounds how far it reaches, or use "
+        "jacobi"
+    )
     window: int | None = None
     linear: str = "identity"
 

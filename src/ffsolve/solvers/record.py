@@ -76,14 +76,20 @@ def first_nonfinite(v: Tensor) -> int | None:
     return int(bad.int().argmax()) if bool(bad.any()) else None
 
 
-def raise_nonfinite(name: str, v: Tensor, iteration: int, current: int | None = None) -> None:
+def raise_nonfinite(
+    name: str, v: Tensor, iteration: int, current: int | None = None, hint: str = ""
+) -> None:
     """Raise `NonFiniteError` naming the method, the iteration and the first bad position of
-    the iterate v (B, T, F); `current` is the iteration whose iterate v is, when later."""
+    the iterate v (B, T, F); `current` is the iteration whose iterate v is, when later; `hint`
+    says what the method knows about why (its `nonfinite_hint`)."""
     pos = first_nonfinite(v)
     where = f"position {pos}" if pos is not None else "a position no longer non-finite"
     if current is not None and current != iteration:
         where += f" (located in the iterate of iteration {current})"
-    raise NonFiniteError(f"{name}: NaN or Inf in the iterate at iteration {iteration}, {where}")
+    raise NonFiniteError(
+        f"{name}: NaN or Inf in the iterate at iteration {iteration}, {where}"
+        + (f"; {hint}" if hint else "")
+    )
 
 
 def report_failure(name: str, sol: Solution, max_iters: int, raise_on_failure: bool) -> None:

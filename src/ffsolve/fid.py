@@ -80,8 +80,8 @@ def load_feature_net(
 
 
 def _unit(images: Tensor | np.ndarray) -> Tensor:
-    """uint8 pixels (N, H, W) or (N, 1, H, W), or floats in [-1, 1] -> float32 (N, 1, H, W)
-    in [0, 1]."""
+    """uint8 pixels (N, H, W) or (N, 1, H, W), or floats in [-1, 1] (clipped; beyond [-2, 2]
+    a ValueError) -> float32 (N, 1, H, W) in [0, 1]."""
     if isinstance(images, np.ndarray) and not images.flags.writeable:
         images = images.copy()  # (a read-only array, e.g. a memory-mapped data set)
     x = torch.as_tensor(images)
@@ -97,9 +97,9 @@ def _unit(images: Tensor | np.ndarray) -> Tensor:
     if not bool(torch.isfinite(x).all()):
         raise ValueError("images hold NaN or Inf")
     lo, hi = float(x.min()), float(x.max())
-    if lo < -1.01 or hi > 1.01:
+    if lo < -2 or hi > 2:  # e.g. 0..255 floats: not samples in [-1, 1]
         raise ValueError(f"float images must lie in [-1, 1], got values in [{lo:.3g}, {hi:.3g}]")
-    return ((x + 1) / 2).clamp(0, 1)
+    return ((x + 1) / 2).clamp(0, 1)  # an approximate sample's overshoot is clipped
 
 
 @torch.no_grad()
@@ -108,7 +108,8 @@ def features(model: FeatureNet, images: Tensor | np.ndarray, batch: int = 500) -
 
     Args:
         model: from `load_feature_net`.
-        images: uint8 (N, H, W) / (N, 1, H, W) pixels, or floats in [-1, 1] (samples).
+        images: uint8 (N, H, W) / (N, 1, H, W) pixels, or floats in [-1, 1] (samples;
+            clipped to it, and refused beyond [-2, 2], e.g. floats in 0..255).
         batch: images per forward pass.
 
     Returns:

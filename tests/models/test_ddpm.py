@@ -29,6 +29,15 @@ TINY_SETS = ["block_out_channels=[8,16]", "layers_per_block=1", "attention=false
              "lr_warmup=0"]  # fmt: skip
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one thread is faster, and immune to a busy machine's other processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_config_checks():
     with pytest.raises(ValueError, match="divisible"):
         DDPMConfig(block_out_channels=(8, 8, 8, 8), norm_num_groups=8)  # 28 -> 14 -> 7 -> 3

@@ -69,6 +69,28 @@ def test_candidates_follow_what_the_problem_offers():
     assert names(fn) == {"jacobi", "gs_jacobi"}  # neither first order (declared) nor linear
 
 
+class WideChain(Problem):
+    """A first-order chain of 200 features with no Jacobians of its own."""
+
+    first_order = True
+
+    def __init__(self, T=20, F=200):
+        self.length, self.F = T, F
+
+    def initial(self):
+        return torch.zeros(1, self.length, self.F, dtype=D64)
+
+    def evaluate(self, x, start, stop):
+        prev = torch.cat([torch.ones_like(x[:, :1]), x[:, :-1]], 1)[:, start:stop]
+        return torch.tanh(0.5 * prev)
+
+
+def test_quasi_newton_is_no_default_candidate_where_its_generic_jacobian_is_too_big():
+    names = {s.name for s in candidates(WideChain(), get_solver)}
+    assert "picard" in names and "quasi_newton" not in names  # 200 VJPs at once: left out
+    assert "quasi_newton" in {s.name for s in candidates(WideChain(F=8), get_solver)}
+
+
 def test_a_fast_parallel_method_wins_the_race():
     """A strong contraction: Jacobi converges in a few sweeps, the sequential loop of a
     function problem calls the function T times."""

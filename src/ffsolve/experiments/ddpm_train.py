@@ -184,13 +184,22 @@ def _stored(unet: torch.nn.Module, ema: list[torch.Tensor] | None, storage: str)
 
 
 def train(cfg: DDPMTrainConfig, ctx: RunContext) -> dict[str, Any]:
+    """Train, save the checkpoint, return the records (see the module docstring)."""
+    threads_before = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _train(cfg, ctx)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _train(cfg: DDPMTrainConfig, ctx: RunContext) -> dict[str, Any]:
     path = cfg.save_to or str(ctx.out_dir / "ddpm")
     state_path = check_training_output(
         path, named=cfg.save_to is not None, force=ctx.force, resume=ctx.resume
     )
     model_cfg = cfg.model_config()  # ConfigError when the UNet's settings do not fit
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     dev = ctx.device
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True

@@ -105,6 +105,11 @@ class Auto(Solver):
                           race=self.race, methods=methods, retune=self.retune)  # fmt: skip
 
 
+#: the largest feature count F for which quasi_newton is a default candidate when the problem
+#: has no `jacobians` of its own
+MAX_GENERIC_JACOBIAN_FEATURES = 64
+
+
 def candidates(problem: Problem, make: Callable[..., Solver]) -> list[Solver]:
     """The methods worth probing on `problem` (`make(name, **options)` builds one)."""
     T = problem.length
@@ -112,7 +117,12 @@ def candidates(problem: Problem, make: Callable[..., Solver]) -> list[Solver]:
     if T > 4:
         out.append(make("gs_jacobi", window=max(2, math.isqrt(T - 1) + 1)))
     if problem.first_order:
-        out += [make("picard"), make("quasi_newton"), make("anderson", base="picard")]
+        out += [make("picard"), make("anderson", base="picard")]
+        # the generic diagonal Jacobian takes F vector-Jacobian products at once (memory F
+        # times a sweep's): only where F is small or the problem computes its own
+        F = State(problem.initial(), problem.dim).F
+        if F <= MAX_GENERIC_JACOBIAN_FEATURES or type(problem).jacobians is not Problem.jacobians:
+            out.append(make("quasi_newton"))
     try:
         problem.linear_recurrence()
     except (TypeError, NotImplementedError):

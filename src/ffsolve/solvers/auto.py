@@ -276,7 +276,7 @@ def _race(
     return sol, seconds
 
 
-#: choices made in this process: (problem class, shape, dtype, device, tolerances,
+#: choices made in this process: (problem class and tune_key, shape, dtype, device, stopping,
 #: candidates) -> (label, reason); `forget()` clears it
 _TUNED: dict[tuple, tuple[str, str]] = {}
 
@@ -289,7 +289,7 @@ def forget() -> None:
 def _key(problem: Problem, stopping: Stopping, by_label: dict[str, Solver]) -> tuple:
     init = problem.initial()
     return (type(problem).__qualname__, problem.tune_key(), tuple(init.shape), init.dtype,
-            str(init.device), stopping.atol, stopping.rtol, stopping.rule, stopping.capture,
+            str(init.device), stopping.replace(record=False, raise_on_failure=False),
             tuple(by_label))  # fmt: skip
 
 

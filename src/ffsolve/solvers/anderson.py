@@ -136,9 +136,10 @@ class Anderson(Solver):
         eye = torch.eye(m, dtype=acc, device=r.device)
         lam = (self.regularization * scale + tiny)[..., None, None]
         # zero rhs (a zero-residual prefix) gives exactly zero coefficients: F(x) there
-        gamma = torch.linalg.solve(gram + lam * eye, rhs[..., None])  # (B, n, m, 1)
-        # no history yet (a zero Gram matrix), or a degenerate one: the Jacobi step there
-        ok = (scale > tiny)[..., None, None] & gamma.isfinite()
+        # solve_ex: no error (and no host sync) where a matrix is singular, only its info
+        gamma, info = torch.linalg.solve_ex(gram + lam * eye, rhs[..., None])  # (B, n, m, 1)
+        # no history yet (a zero Gram matrix), or a degenerate one: the base map's step there
+        ok = (scale > tiny)[..., None, None] & (info == 0)[..., None, None] & gamma.isfinite()
         gamma = torch.where(ok, gamma, 0.0)
         new = gx - (dF.to(acc) @ gamma)[..., 0].to(gx.dtype)  # (B, n, F)
         return new, gx

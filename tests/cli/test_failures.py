@@ -129,7 +129,13 @@ def _partial_run(tmp_path, sig):
     cmd = [sys.executable, "-m", "ffsolve", "run", "breakeven", "--device", "cpu", "--out",
            str(tmp_path), "--set", "lengths=[8, 8, 8, 8, 8, 8, 4000]", "--set", "batches=[1]",
            "--set", "repeats=2"]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(  # SIGINT as a terminal sends it, even where the tests run in the
+        cmd,  # background of a shell (which starts them with SIGINT ignored)
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.time() + 120
     while time.time() < deadline:
         kept = list(tmp_path.rglob("partial.jsonl"))

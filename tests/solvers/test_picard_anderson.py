@@ -159,11 +159,18 @@ class Oscillating(Problem):
         return torch.tanh(-3.0 * prev) + 0.1
 
 
-def test_a_diverging_linearisation_is_one_clear_error_and_a_window_bounds_it():
+def test_a_diverging_linearisation_falls_back_to_the_plain_step_and_stays_exact():
     p = Oscillating()
     ref = ffsolve.solve(p, method="sequential").value
-    with pytest.raises(ffsolve.NonFiniteError, match="window"):
-        ffsolve.solve(p, method="picard")
+    sol = ffsolve.solve(p, method="picard")  # the full-length Picard update grows unboundedly
+    assert torch.equal(sol.value, ref) and sum(sol.stats["picard_fallbacks"]) > 0
+    with pytest.raises(ffsolve.NonFiniteError, match="fallback"):
+        ffsolve.solve(p, method="picard", fallback=False)
+    loose = ffsolve.solve(p, method="picard", guard=math.inf)  # only non-finite updates
+    assert torch.equal(loose.value, ref)
     assert torch.equal(ffsolve.solve(p, method="picard", window=8).value, ref)
-    # Anderson's mixing over the same map stays finite here, and exact
-    assert torch.equal(ffsolve.solve(p, method="anderson", base="picard").value, ref)
+    # Anderson's mixing over the same map stays exact, its own safeguard counted too
+    sol = ffsolve.solve(p, method="anderson", base="picard")
+    assert torch.equal(sol.value, ref) and len(sol.stats["anderson_fallbacks"]) == 2
+    with pytest.raises(ValueError, match="guard"):
+        ffsolve.solve(p, method="picard", guard=0.5)

@@ -18,12 +18,17 @@ residual (`residual_certificate`): the prefix where G(x) = x, plus one position,
 and is final (G is Jacobi's map F, or Picard's update, which equals F on a zero-residual
 prefix and at its first nonzero residual). Anderson therefore needs at most T sweeps, like
 Jacobi, and returns the same fixed point; the history only changes how fast the uncertified
-part approaches it. With a tolerance, Picard's residual is the accumulated one, the change a
-Picard sweep would make: the rule ParaDiGMS stops on.
+part approaches it. Safeguard (`fallback`, `guard`, as in `picard`): a position whose mixed
+update is not finite or above guard * (max|G(x)| + 1) takes G(x), and with base='picard' one
+whose Picard update is takes F(x) (G stays a map equal to F on a zero-residual prefix and at
+its first nonzero residual, so the certificate holds); counted in
+`stats["anderson_fallbacks"]`. With a tolerance, Picard's residual is the accumulated one,
+the change a Picard sweep would make: the rule ParaDiGMS stops on.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -32,7 +37,8 @@ from torch import Tensor
 
 from ffsolve.problems.base import Problem
 from ffsolve.solvers.base import Solver, State, check_int
-from ffsolve.solvers.picard import window_region
+from ffsolve.solvers.picard import check_guard, guarded, window_region
+from ffsolve.solvers.record import Solution
 
 __all__ = ["Anderson"]
 
@@ -47,6 +53,7 @@ class _History:
     x: Tensor  # (B, T, F) the previous iterate
     fx: Tensor  # (B, T, F) its image F(x)
     seen: Tensor  # (B, T) bool: positions with a previous iterate (swept before)
+    fallbacks: Tensor  # (B,) long: positions that took the base map's step (the safeguard)
     count: int = 0  # sweeps made (the ring's write index is count % m)
 
 
@@ -61,6 +68,7 @@ class Anderson(Solver):
         base: the map accelerated: "jacobi" (x <- F(x)) or "picard" (x <- the Picard update
             with the identity as linear part, which the `picard` method iterates alone; for
             samplers whose steps stay near the identity, ParaTAA's setting).
+        fallback, guard: the safeguard (module doc).
 
     Example:
         >>> sol = ffsolve.solve(problem, method="anderson", history=3)
@@ -68,8 +76,10 @@ class Anderson(Solver):
 
     name: ClassVar[str] = "anderson"
     nonfinite_hint: ClassVar[str] = (
-        "the mixing or Picard's map (base='picard') can diverge on strongly coupled systems: "
-        "a window (e.g. window=64) bounds it, or use base='jacobi' or jacobi"
+        "with fallback=False the mixing or Picard's map (base='picard') may diverge on "
+        "strongly coupled systems: the default fallback, a window (e.g. window=16), "
+        "base='jacobi' or jacobi avoid it; with the fallback on, the problem's own step "
+        "returned NaN or Inf"
     )
     capturable: ClassVar[bool] = False  # the history's ring index is a host counter
     residual_certificate: ClassVar[bool] = True
@@ -77,6 +87,8 @@ class Anderson(Solver):
     regularization: float = 1e-8
     window: int | None = None
     base: str = "jacobi"
+    fallback: bool = True
+    guard: float = 10.0
 
     def validate(self, length: int, stopping: Any) -> None:
         check_int("history", self.history)
@@ -86,6 +98,7 @@ class Anderson(Solver):
             raise ValueError(f"regularization must be >= 0, got {self.regularization}")
         if self.base not in ("jacobi", "picard"):
             raise ValueError(f"base must be 'jacobi' or 'picard', got {self.base!r}")
+        check_guard(self.guard)
 
     def static_region(self) -> bool:
         return self.window is None
@@ -97,10 +110,9 @@ class Anderson(Solver):
         v = state.v
         m = self.history
         z = v.new_zeros(m, *v.shape)
-        return _History(
-            z, z.clone(), v.clone(), v.clone(), torch.zeros(v.shape[:2], dtype=torch.bool,
-                                                            device=v.device)
-        )  # fmt: skip
+        seen = torch.zeros(v.shape[:2], dtype=torch.bool, device=v.device)
+        fallbacks = torch.zeros(v.shape[0], dtype=torch.long, device=v.device)
+        return _History(z, z.clone(), v.clone(), v.clone(), seen, fallbacks)
 
     def sweep(
         self, problem: Problem, state: State, start: int, stop: int, memory: Any
@@ -111,6 +123,9 @@ class Anderson(Solver):
         # the map accelerated: Jacobi's, or Picard's (its linear part, the identity, solved
         # by a cumulative sum: the same fixed point, faster where the steps are near x)
         gx = fx if self.base == "jacobi" else fx + (torch.cumsum(fx - x, dim=1) - (fx - x))
+        if self.base == "picard" and self.fallback:  # Picard's safeguard (its module doc)
+            gx, bad = guarded(gx, fx, self.guard)
+            h.fallbacks.add_(bad.sum(1))
         r = gx - x  # (B, n, F)
         m = self.history
         # the newest differences, where the position was swept before (else zero)
@@ -142,4 +157,13 @@ class Anderson(Solver):
         ok = (scale > tiny)[..., None, None] & (info == 0)[..., None, None] & gamma.isfinite()
         gamma = torch.where(ok, gamma, 0.0)
         new = gx - (dF.to(acc) @ gamma)[..., 0].to(gx.dtype)  # (B, n, F)
+        if self.fallback:  # a mixed step far outside the base map's scale: the base step
+            new, bad = guarded(new, gx, self.guard)
+            h.fallbacks.add_(bad.sum(1))
         return new, gx
+
+    def finish(self, solution: Solution, memory: Any) -> Solution:
+        """`stats["anderson_fallbacks"]`: positions per item that took the base map's step
+        instead of the mixed one, or Jacobi's instead of Picard's (the safeguard)."""
+        stats = {**solution.stats, "anderson_fallbacks": memory.fallbacks.tolist()}
+        return dataclasses.replace(solution, stats=stats)

@@ -16,10 +16,19 @@ Exactness: on a zero-residual prefix of the window d and r are exact zeros, so t
 bitwise f_t(x_{t-1}) there and at the first nonzero residual; an unchanged prefix is therefore
 a zero-residual one, and the loop's certificate (and Jacobi's bound of T sweeps) holds.
 With `Stopping(rule="variance")` the window advances as ParaDiGMS's does.
+
+Safeguard: the lagged part can grow without bound where the steps are far from their linear
+part (a trained GRU over its whole length; a small DDPM's DDIM steps over a window of 32 or
+more overflowed to NaN within 30 sweeps). A position whose update is not finite or larger than
+`guard` times the scale of F(x) there takes F(x) (Jacobi's step) instead, counted per item in
+`stats["picard_fallbacks"]`. Exact either way (on a zero-residual prefix both are F(x));
+`fallback=False` turns it off, and an overflow then raises `NonFiniteError`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -28,9 +37,10 @@ from torch import Tensor
 
 from ffsolve.problems.base import LinearRecurrence, Problem
 from ffsolve.solvers.base import Solver, State, check_int
+from ffsolve.solvers.record import Solution
 from ffsolve.solvers.scan import affine_scan
 
-__all__ = ["Picard", "window_region"]
+__all__ = ["Picard", "guarded", "window_region"]
 
 
 def window_region(window: int | None, certified: int, length: int) -> tuple[int, int]:
@@ -38,6 +48,28 @@ def window_region(window: int | None, certified: int, length: int) -> tuple[int,
     if window is None:
         return 0, length
     return certified, min(length, certified + window)
+
+
+def guarded(new: Tensor, safe: Tensor, guard: float) -> tuple[Tensor, Tensor]:
+    """`new` (B, n, F) where, per position, it is finite and max|new| <= guard * (max|safe| + 1);
+    `safe` elsewhere. Returns the result and the positions that took `safe` (B, n)."""
+    if math.isinf(guard):
+        bad = ~torch.isfinite(new).all(-1)
+    else:  # NaN compares false: bad too
+        bad = ~(new.abs().amax(-1) <= guard * (safe.abs().amax(-1) + 1.0))
+    return torch.where(bad[..., None], safe, new), bad
+
+
+def check_guard(guard: float) -> None:
+    if not guard > 1.0:  # NaN fails too
+        raise ValueError(f"guard must be > 1 (inf: only non-finite updates), got {guard}")
+
+
+@dataclass
+class Fallbacks:
+    """Positions per item that took F(x) instead of the method's update, per solve."""
+
+    count: Tensor  # (B,) long, updated in place (capture-safe)
 
 
 @dataclass(frozen=True)
@@ -50,6 +82,8 @@ class Picard(Solver):
         window: positions per sweep, sliding over the certified prefix (ParaDiGMS's
             `parallel`); None: every position at once (a static window: capturable).
         linear: "identity" (ParaDiGMS) or "problem" (the problem's `linear_part`).
+        fallback, guard: the safeguard (module doc): F(x) where the update is not finite or
+            above guard * (max|F(x)| + 1) at a position.
 
     Example:
         >>> sol = ffsolve.solve(DiffusionSampling(unet, sched, noise), method="picard",
@@ -58,18 +92,22 @@ class Picard(Solver):
 
     name: ClassVar[str] = "picard"
     nonfinite_hint: ClassVar[str] = (
-        "the identity linearisation diverges on strongly coupled systems (a trained GRU does, "
-        "over its whole length): a window (e.g. window=64) bounds how far it reaches, or use "
-        "jacobi"
+        "with fallback=False the identity linearisation may diverge on strongly coupled "
+        "systems (a trained GRU does, over its whole length): the default fallback, a window "
+        "(e.g. window=16) or jacobi avoid it; with the fallback on, the problem's own step "
+        "returned NaN or Inf"
     )
     window: int | None = None
     linear: str = "identity"
+    fallback: bool = True
+    guard: float = 10.0
 
     def validate(self, length: int, stopping: Any) -> None:
         if self.window is not None:
             check_int("window", self.window)
         if self.linear not in ("identity", "problem"):
             raise ValueError(f"linear must be 'identity' or 'problem', got {self.linear!r}")
+        check_guard(self.guard)
 
     def static_region(self) -> bool:
         return self.window is None
@@ -77,12 +115,16 @@ class Picard(Solver):
     def region(self, certified: int, length: int) -> tuple[int, int]:
         return window_region(self.window, certified, length)
 
-    def init(self, problem: Problem, state: State) -> None:
+    def init(self, problem: Problem, state: State) -> Fallbacks:
         if not problem.first_order:
             raise TypeError(
                 f"picard needs a first-order problem (x_t = f_t(x_{{t-1}})); "
                 f"{type(problem).__name__} is not declared one"
             )
+        return Fallbacks(torch.zeros(state.v.shape[0], dtype=torch.long, device=state.v.device))
+
+    def restart(self, memory: Any) -> None:
+        memory.count.zero_()
 
     def sweep(self, problem: Problem, state: State, start: int, stop: int, memory: Any) -> Tensor:
         fx = state.flat(problem.evaluate(state.x, start, stop))  # (B, n, F): f_t(x_{t-1})
@@ -95,4 +137,15 @@ class Picard(Solver):
             A = A.reshape(-1, stop - start, A.shape[-1] if A.dim() > 1 else 1)
             A = A.expand(r.shape).contiguous()  # (B, n, F): a diagonal A_t
             d = affine_scan(LinearRecurrence(r, lambda s, e: A[:, s:e], "diagonal"))
-        return fx + (d - r)  # bitwise f_t(x_{t-1}) wherever the residual prefix is zero
+        new = fx + (d - r)  # bitwise f_t(x_{t-1}) wherever the residual prefix is zero
+        if not self.fallback:
+            return new
+        new, bad = guarded(new, fx, self.guard)
+        if memory is not None:  # None: called outside the loop
+            memory.count.add_(bad.sum(1))
+        return new
+
+    def finish(self, solution: Solution, memory: Any) -> Solution:
+        """`stats["picard_fallbacks"]`: positions per item that took F(x) (module doc)."""
+        stats = {**solution.stats, "picard_fallbacks": memory.count.tolist()}
+        return dataclasses.replace(solution, stats=stats)

@@ -52,6 +52,25 @@ def test_every_row_and_the_peer_on_a_tiny_model(tmp_path, tiny_ddpm, capsys):
     assert "not Inception's" in capsys.readouterr().out
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_every_row_the_peer_and_the_fid_run_on_cuda(tmp_path, tiny_ddpm):
+    """On CUDA: the captured rows, the peer loop (its noise variance once stayed on the CPU)
+    and the FID's uncaptured solves."""
+    data = idx_folder(tmp_path / "mnist", 16, 16)
+    sets = [f"checkpoint={tiny_ddpm}", "schedules=[ddim-10]", "batches=[2]", "window=4",
+            "repeats=1", "warmup=0", "frames=[1, 2]", "fid_samples=8", "fid_batch=4",
+            f"data_dir={data}", "methods=[jacobi, picard, anderson, auto]"]  # fmt: skip
+    argv = ["run", "diffusion-sampling", "--device", "cuda", "--out", str(tmp_path / "runs")]
+    assert main([*argv, *[x for s in sets for x in ("--set", s)], "--quiet"]) == 0
+    (run,) = (tmp_path / "runs" / "diffusion-sampling").iterdir()
+    rec = json.loads((run / "records.json").read_text())
+    rows = {r["method"]: r for r in rec["cases"][0]["rows"]}
+    assert not any("error" in r for r in rows.values()), rows
+    assert rows["paradigms (peer) tol=0.1"]["num_iters"] <= 10
+    assert set(rec["fid"]["ddim-10"]) >= {"sequential", "picard tol=0.1"}
+
+
 def test_bad_schedule_is_refused_before_anything_runs(tmp_path, tiny_ddpm, capsys):
     argv = ["run", "diffusion-sampling", "--set", f"checkpoint={tiny_ddpm}", "--set",
             "schedules=[ddpm-5000]", "--device", "cpu", "--out", str(tmp_path)]  # fmt: skip

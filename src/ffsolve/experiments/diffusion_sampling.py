@@ -380,7 +380,11 @@ def _fid(cfg, unet, base, meta, device, dtype, ctx) -> dict[str, Any]:
                 problem, _ = _problem(unet, base, name, n, cfg, device, dtype, seed)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", ConvergenceWarning)
-                    sol = get_solver(method, **opts).solve(problem, stop.replace(record=False))
+                    # not timed, so not captured (capturing the sequential loop at fid_batch
+                    # 1000 failed on an H100 with a CUDA error during capture)
+                    sol = get_solver(method, **opts).solve(
+                        problem, stop.replace(record=False, capture=False)
+                    )
                 images.append(problem.images(sol.value).float().cpu())
             scores[label] = fid(features(net, torch.cat(images)), ref)
             ctx.log(f"  FID (DenseNet-BC features) {name} {label}: {scores[label]:.3f}")

@@ -160,7 +160,9 @@ class DiffusionSampling(Problem):
             "sigma": sigma,
         }
         self._coef = {k: v.to(device=dev, dtype=x_T.dtype) for k, v in self._coef.items()}
-        self._variance = posterior.to(x_T.dtype)  # the tolerance rule's noise magnitude
+        # the tolerance rule's noise magnitude, on the samples' device (the peer loop of
+        # diffusion-sampling multiplies by it directly: on the CPU it failed on CUDA)
+        self._variance = posterior.to(device=dev, dtype=x_T.dtype)
         self._frontier = 0  # positions computed so far in this solve (guess)
 
     # --- one step, for a window of timesteps at once -------------------------------------

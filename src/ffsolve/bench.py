@@ -244,6 +244,10 @@ def timed_rows(
             "wall_times_s": m["times_s"],
             **{k: m[k] for k in ("min_s", "max_s", "peak_mem_mb", "mem_before_mb")},
         }
+        ref_now = reference_value if reference is None else outcomes.get(reference)
+        ref_now = getattr(ref_now, "value", ref_now)
+        if ref_now is not None:  # known already: the kept record carries the comparison
+            _compare(rec, out.value, ref_now)
         records.append(rec)
         if keep is not None:
             keep(rec)
@@ -262,16 +266,20 @@ def timed_rows(
     timed_baselines = [b for b in baselines if b in by]
     strongest = min(timed_baselines, key=lambda b: by[b]["wall_time_s"], default=None)
     for rec in by.values():
-        if ref is not None:
-            diff = _max_abs_diff(outcomes[rec["method"]].value, ref)
-            rec["max_abs_diff_vs_sequential"] = diff
-            rec["equal_to_sequential"] = diff == 0.0
+        if ref is not None and "max_abs_diff_vs_sequential" not in rec:  # rows before the ref
+            _compare(rec, outcomes[rec["method"]].value, ref)
         if strongest is not None:
             rec["speedup_vs_sequential"] = by[strongest]["wall_time_s"] / rec["wall_time_s"]
             rec["strongest_baseline"] = strongest
         for b in timed_baselines:
             rec[f"speedup_vs_{b}"] = by[b]["wall_time_s"] / rec["wall_time_s"]
     return records, outcomes
+
+
+def _compare(rec: dict[str, Any], value: Tensor, ref: Tensor) -> None:
+    diff = _max_abs_diff(value, ref)
+    rec["max_abs_diff_vs_sequential"] = diff
+    rec["equal_to_sequential"] = diff == 0.0
 
 
 def format_table(records: Sequence[dict[str, Any]], extra: Sequence[tuple[str, str]] = ()) -> str:

@@ -135,3 +135,22 @@ def test_rnn_forward_case_maps_the_winners(tmp_path, capsys):
         ]  # fmt: skip
         assert w["time_s"] == min(r["time_s"] for r in rows if "time_s" in r)
     assert "where each method wins" in capsys.readouterr().out
+
+
+def test_a_kept_row_carries_its_comparison_with_the_reference():
+    """An interrupted run keeps rows as they finish: each row after the reference is kept
+    with its difference to it (rows before the reference get theirs at the end)."""
+    from ffsolve.bench import Outcome, Row, timed_rows
+
+    def row(label, kind, value):
+        return Row(label, kind, lambda: Outcome(torch.tensor(value), 1, {}))
+
+    kept = []
+    rows = [row("early", "parallel", [1.0, 2.5]), row("sequential", "sequential", [1.0, 2.0]),
+            row("late", "parallel", [1.0, 2.0])]  # fmt: skip
+    records, _ = timed_rows(
+        rows, torch.device("cpu"), warmup=0, repeats=1, keep=lambda r: kept.append(dict(r))
+    )  # as written at once
+    assert "max_abs_diff_vs_sequential" not in kept[0]  # no reference yet when it was kept
+    assert kept[2]["max_abs_diff_vs_sequential"] == 0.0 and kept[2]["equal_to_sequential"]
+    assert records[0]["max_abs_diff_vs_sequential"] == 0.5  # filled in at the end

@@ -6,6 +6,8 @@ launch. Everything in ffsolve that records and replays a graph goes through this
 every switch that turns it on is called `capture`:
 
 - `capture(body, times)`: warm `body` up on a side stream, then record `times` calls of it.
+- `try_capture(body, times, what)`: the same, where a recording that fails is not an error:
+  the one capture policy of the library (warn once, run eagerly, record why).
 - `CapturedCall(fn, *inputs)`: fn captured over static copies of its inputs; calling it copies
   fresh inputs in, replays, and returns fn's captured output (a buffer the next call reuses).
 - `GraphCache`: captured objects by key, least recently used dropped, owned by whoever
@@ -18,6 +20,7 @@ are read by address, so inputs are updated in place (`copy_`), never rebound.
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Any
@@ -25,7 +28,27 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["CapturedCall", "GraphCache", "capture", "device_can_capture"]
+__all__ = [
+    "CaptureError",
+    "CaptureWarning",
+    "CapturedCall",
+    "GraphCache",
+    "capture",
+    "device_can_capture",
+    "try_capture",
+]
+
+
+class CaptureError(RuntimeError):
+    """Recording a CUDA graph failed after its warm-up ran (the warm-up's work is done)."""
+
+
+class CaptureWarning(RuntimeWarning):
+    """A capture failed; the work runs eagerly instead (`try_capture`)."""
+
+
+#: (what, reason) pairs already warned about in this process
+_WARNED: set[tuple[str, str]] = set()
 
 
 def device_can_capture(device: torch.device) -> bool:
@@ -48,10 +71,35 @@ def capture(body: Callable[[], Any], times: int = 1, warmup: int | None = None) 
             body()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(times):
-            body()
+    try:
+        with torch.cuda.graph(graph):
+            for _ in range(times):
+                body()
+    except Exception as err:  # the warm-up ran: its work stands, only the recording failed
+        raise CaptureError(f"{type(err).__name__}: {err}".splitlines()[0]) from err
     return graph
+
+
+def try_capture(
+    body: Callable[[], Any], times: int, what: str, warmup: int | None = None
+) -> tuple[Any, str | None]:
+    """`(capture(body, times, warmup), None)`, or `(None, why)` when the recording failed
+    after the warm-up ran (the warm-up's work is done; the caller goes on eagerly). Warns
+    once per process for each (what, why) with a `CaptureWarning`. An error of the warm-up
+    itself is the work's own error and propagates."""
+    try:
+        return capture(body, times, warmup), None
+    except CaptureError as err:
+        why = str(err)
+        if (what, why) not in _WARNED:
+            _WARNED.add((what, why))
+            warnings.warn(
+                f"capturing {what} in a CUDA graph failed ({why}); it runs uncaptured "
+                "(stats['capture_failed'] says why)",
+                CaptureWarning,
+                stacklevel=3,
+            )
+        return None, why
 
 
 class CapturedCall:

@@ -25,7 +25,7 @@ def tiny_ddpm(tmp_path):
 @pytest.mark.slow
 def test_every_row_and_the_peer_on_a_tiny_model(tmp_path, tiny_ddpm, capsys):
     data = idx_folder(tmp_path / "mnist", 16, 16)
-    sets = [f"checkpoint={tiny_ddpm}", "schedules=[ddim-10]", "batches=[2]", "window=4",
+    sets = [f"checkpoint={tiny_ddpm}", "schedules=[ddim-10]", "batches=[2]", "windows=[4]",
             "repeats=1", "warmup=0", "dtype=float64", "frames=[1, 2]", "fid_samples=8",
             "fid_batch=4", f"data_dir={data}",
             "methods=[jacobi, picard, anderson, auto]"]  # fmt: skip
@@ -43,8 +43,10 @@ def test_every_row_and_the_peer_on_a_tiny_model(tmp_path, tiny_ddpm, capsys):
     assert auto["auto"]["choice"] in ("sequential", "jacobi", "picard(window=4)",
                                       "anderson(history=3, window=4, base=picard)")  # fmt: skip
     assert rows["diffusers loop"]["max_abs_diff_vs_sequential"] < 1e-4  # DDIM: same noise
-    assert rows["paradigms (peer) tol=0.1"]["num_iters"] <= 10
+    assert rows["paradigms (peer, window=4) tol=0.1"]["num_iters"] <= 10
     assert rows["picard(window=4) tol=0.1"]["num_iters"] <= rows["jacobi tol=0.1"]["num_iters"]
+    assert rows["picard(window=4) tol=0.1"]["per_sweep_ms"] > 0
+    assert set(case["denoiser_call_s"]) == {"1", "4"}  # a step's call and the window's
     fid = rec["fid"]["ddim-10"]
     assert set(fid) == {"sequential", "sequential seed+1", "picard tol=0.1", "anderson tol=0.1"}
     assert all(v >= 0 for v in fid.values())
@@ -58,7 +60,7 @@ def test_every_row_the_peer_and_the_fid_run_on_cuda(tmp_path, tiny_ddpm):
     """On CUDA: the captured rows, the peer loop (its noise variance once stayed on the CPU)
     and the FID's uncaptured solves."""
     data = idx_folder(tmp_path / "mnist", 16, 16)
-    sets = [f"checkpoint={tiny_ddpm}", "schedules=[ddim-10]", "batches=[2]", "window=4",
+    sets = [f"checkpoint={tiny_ddpm}", "schedules=[ddim-10]", "batches=[2]", "windows=[4]",
             "repeats=1", "warmup=0", "frames=[1, 2]", "fid_samples=8", "fid_batch=4",
             f"data_dir={data}", "methods=[jacobi, picard, anderson, auto]"]  # fmt: skip
     argv = ["run", "diffusion-sampling", "--device", "cuda", "--out", str(tmp_path / "runs")]
@@ -67,7 +69,9 @@ def test_every_row_the_peer_and_the_fid_run_on_cuda(tmp_path, tiny_ddpm):
     rec = json.loads((run / "records.json").read_text())
     rows = {r["method"]: r for r in rec["cases"][0]["rows"]}
     assert not any("error" in r for r in rows.values()), rows
-    assert rows["paradigms (peer) tol=0.1"]["num_iters"] <= 10
+    assert rows["paradigms (peer, window=4) tol=0.1"]["num_iters"] <= 10
+    for label in ("picard(window=4) tol=0.1", "anderson(window=4, m=3) tol=0.1", "jacobi exact"):
+        assert rows[label]["captured"], label  # moving windows are captured too
     assert set(rec["fid"]["ddim-10"]) >= {"sequential", "picard tol=0.1"}
 
 

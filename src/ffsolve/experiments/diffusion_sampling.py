@@ -55,11 +55,15 @@ class DiffusionSamplingConfig(Config):
     methods: parallel methods (each exact and at every tolerance); auto: method="auto"
         among the others listed, per tolerance.
     tolerances: tolerances of ParaDiGMS's rule (0: exact, bitwise certificate).
-    window: steps per sweep of picard, anderson and the peer (ParaDiGMS's `parallel`).
+    windows: steps per sweep of picard, anderson and the peer (ParaDiGMS's `parallel`),
+        one row each (a window as long as the schedule is the static whole).
+    exact_windows: the windows also timed at tolerance 0 (every sweep is needed there;
+        empty: all of `windows`).
     history: anderson's history.
     jacobi_max_steps: jacobi only on schedules this short (it needs ~one sweep per step).
     capture: CUDA graphs on CUDA (the sequential loop; jacobi's chunks).
-    fid_samples: images per FID (0: none); fid_batch: images per sampling call.
+    fid_samples: images per FID (0: none); fid_batch: images per sampling call;
+        fid_window: the window of picard and anderson there (0: the first of `windows`).
     """
 
     checkpoint: str = "checkpoints/ddpm_mnist"
@@ -68,7 +72,8 @@ class DiffusionSamplingConfig(Config):
     batches: tuple[int, ...] = spec((1, 4, 16), ge=1)
     methods: tuple[str, ...] = spec(METHODS, choices=(*METHODS, AUTO))
     tolerances: tuple[float, ...] = spec((0.0, 0.1), ge=0.0)
-    window: int = spec(64, ge=1)
+    windows: tuple[int, ...] = spec((8, 16, 32, 64), ge=1)
+    exact_windows: tuple[int, ...] = spec((), ge=1)
     history: int = spec(3, ge=1)
     jacobi_max_steps: int = spec(100, ge=1)
     capture: bool = True
@@ -82,6 +87,7 @@ class DiffusionSamplingConfig(Config):
     frames: tuple[int, ...] = spec((1, 2, 4, 8, 16), ge=1)
     fid_samples: int = spec(0, ge=0)
     fid_batch: int = spec(250, ge=1)
+    fid_window: int = spec(0, ge=0)
     data_dir: str | None = None  # the test images of the FID (default: the data's usual place)
 
 
@@ -117,7 +123,13 @@ def _solve_row(label: str, method: str, problem: DiffusionSampling, stop: Stoppi
         with warnings.catch_warnings():
             warnings.simplefilter("error", ConvergenceWarning)  # a method that fails is loud
             sol = solver.solve(problem, stop)
-        extra = {"num_evals": sol.num_evals, "captured": bool(sol.stats.get("captured"))}
+        extra = {
+            "num_evals": sol.num_evals,
+            "captured": bool(sol.stats.get("captured")),
+            "sweeps_run": sol.stats.get("sweeps_run", sol.num_iters),
+        }
+        if "capture_failed" in sol.stats:
+            extra["capture_failed"] = sol.stats["capture_failed"]
         if "auto" in sol.stats:
             extra["auto"] = {k: sol.stats["auto"].get(k) for k in ("choice", "tuned", "reason")}
         return Outcome(problem.images(sol.value).flatten(1), sol.num_iters, extra)
@@ -189,7 +201,8 @@ def _peer_row(unet, sched, problem: DiffusionSampling, window: int, tol: float) 
         x, sweeps = paradigms_loop(unet, sched, problem, window, tol)
         return Outcome(x.flatten(1), sweeps, {"num_evals": None})
 
-    return Row(f"paradigms (peer) tol={tol:g}", "paradigms", call, {"window": window})
+    label = f"paradigms (peer, window={window}) tol={tol:g}"
+    return Row(label, "paradigms", call, {"window": window})
 
 
 def _rows(cfg, unet, base, name, problem, sched) -> list[Row]:
@@ -197,42 +210,55 @@ def _rows(cfg, unet, base, name, problem, sched) -> list[Row]:
     rows = [_solve_row("sequential", "sequential", problem, Stopping(capture=capture))]
     if cfg.diffusers_loop:
         rows.append(_diffusers_row(unet, sched, problem))
-    W = min(cfg.window, problem.length)
+    T = problem.length
+    windows = sorted({min(w, T) for w in cfg.windows})
+    exact_windows = sorted({min(w, T) for w in cfg.exact_windows}) or windows
     for tol in cfg.tolerances:
-        stop = Stopping(atol=tol, rule="variance") if tol > 0 else Stopping()
+        stop = Stopping(atol=tol, rule="variance", capture=capture)
+        stop = stop if tol > 0 else Stopping(capture=capture)
         tag = "exact" if tol == 0 else f"tol={tol:g}"
-        if cfg.peer and tol > 0 and problem.eta == 0:
-            rows.append(_peer_row(unet, sched, problem, W, tol))
-        specs = {  # method -> (label, name, stopping, options)
-            "jacobi": (f"jacobi {tag}", "jacobi", stop.replace(capture=capture), {}),
-            "picard": (f"picard(window={W}) {tag}", "picard", stop, {"window": W}),
-            "anderson": (
-                f"anderson(window={W}, m={cfg.history}) {tag}",
-                "anderson",
-                stop,
-                {"window": W, "history": cfg.history, "base": "picard"},
-            ),
-        }
-        if problem.length > cfg.jacobi_max_steps:
-            del specs["jacobi"]
-        for m in cfg.methods:
-            if m in specs:
-                label, name, s, opts = specs[m]
-                rows.append(_solve_row(label, name, problem, s, **opts))
-            elif m == "auto":  # among the methods configured beside it
-                among = [
-                    get_solver(n, **o) for k, (_, n, _, o) in specs.items() if k in cfg.methods
-                ]
-                rows.append(
-                    _solve_row(
-                        f"auto {tag}",
-                        "auto",
-                        problem,
-                        stop.replace(capture=capture),
-                        methods=among or None,
-                    )
-                )
+        specs: dict[str, tuple[str, dict[str, Any]]] = {}  # label -> (method, options)
+        if "jacobi" in cfg.methods and cfg.jacobi_max_steps >= T:
+            specs[f"jacobi {tag}"] = ("jacobi", {})
+        for W in windows if tol > 0 else exact_windows:
+            if cfg.peer and tol > 0 and problem.eta == 0:
+                rows.append(_peer_row(unet, sched, problem, W, tol))
+            if "picard" in cfg.methods:
+                specs[f"picard(window={W}) {tag}"] = ("picard", {"window": W})
+            if "anderson" in cfg.methods:
+                opts = {"window": W, "history": cfg.history, "base": "picard"}
+                specs[f"anderson(window={W}, m={cfg.history}) {tag}"] = ("anderson", opts)
+        for label, (method, opts) in specs.items():
+            rows.append(_solve_row(label, method, problem, stop, **opts))
+        if AUTO in cfg.methods:  # among the methods configured beside it
+            among = [get_solver(m, **o) for m, o in specs.values()]
+            rows.append(_solve_row(f"auto {tag}", "auto", problem, stop, methods=among or None))
     return rows
+
+
+def _call_costs(unet, problem: DiffusionSampling, windows, device, repeats: int) -> dict:
+    """The floor of a sweep's cost: one call of the denoiser on W x B images (captured in a
+    CUDA graph on CUDA, as the captured loop replays it), median seconds, per window W and for
+    one step (W = 1)."""
+    from ffsolve.graphs import CapturedCall, device_can_capture
+
+    out = {}
+    B = problem.B
+    for W in sorted({1, *(min(w, problem.length) for w in windows)}):
+        x = problem.x_T.repeat(W, 1, 1, 1)  # (W B, C, H, W)
+        t = problem.timesteps[:1].repeat(W * B)
+        call = lambda x, t: unet(x, t).sample  # noqa: E731
+        if device_can_capture(device):
+            call = CapturedCall(call, x, t)
+        times = []
+        for _ in range(max(5, repeats)):
+            synchronize(device)
+            t0 = time.perf_counter()
+            call(x, t)
+            synchronize(device)
+            times.append(time.perf_counter() - t0)
+        out[str(W)] = float(np.median(times))
+    return out
 
 
 def run(cfg: DiffusionSamplingConfig, ctx: RunContext) -> dict[str, Any]:
@@ -268,8 +294,20 @@ def run(cfg: DiffusionSamplingConfig, ctx: RunContext) -> dict[str, Any]:
                     log=ctx.log,
                     keep=ctx.keep,
                 )
+                for r in records:  # the per-sweep cost beside the denoiser's call on the window
+                    if "error" not in r and r.get("sweeps_run"):
+                        r["per_sweep_ms"] = 1e3 * r["wall_time_s"] / r["sweeps_run"]
+                costs = _call_costs(unet, problem, cfg.windows, device, cfg.repeats)
+                ctx.log("  denoiser call on W x B images (ms): " + ", ".join(
+                    f"W={w}: {1e3 * c:.3f}" for w, c in costs.items()))  # fmt: skip
                 cases.append(
-                    {"schedule": name, "batch": B, "steps": problem.length, "rows": records}
+                    {
+                        "schedule": name,
+                        "batch": B,
+                        "steps": problem.length,
+                        "rows": records,
+                        "denoiser_call_s": costs,
+                    }  # fmt: skip
                 )
                 if cfg.trace and cfg.batches[0] == B:
                     traces[name] = _traces(cfg, problem, records, device)
@@ -294,7 +332,7 @@ def _traces(cfg, problem: DiffusionSampling, records, device) -> dict[str, Any]:
     t_seq = by["sequential"]["wall_time_s"] / problem.length  # seconds per sequential step
     tol = next((t for t in cfg.tolerances if t > 0), 0.0)
     stop = Stopping(atol=tol, rule="variance") if tol > 0 else Stopping()
-    W = min(cfg.window, problem.length)
+    W = min(cfg.windows[0], problem.length)
     out: dict[str, Any] = {"sequential_images": _uint8(ref)}
     for method, opts in (
         ("picard", {"window": W}),
@@ -348,7 +386,7 @@ def _fid(cfg, unet, base, meta, device, dtype, ctx) -> dict[str, Any]:
     test = load_images(data, cfg.data_dir)["test"][0][: cfg.fid_samples]
     net = load_feature_net(device=device)
     ref = features(net, test)
-    W = cfg.window
+    W = cfg.fid_window or cfg.windows[0]
     out: dict[str, Any] = {
         "samples": cfg.fid_samples,
         "reference": f"{data} test",
@@ -396,7 +434,17 @@ def summary(records: dict[str, Any]) -> str:
     lines = []
     for case in records["cases"]:
         lines.append(f"{case['schedule']}, batch {case['batch']} ({case['steps']} steps):")
-        lines.append(format_table(case["rows"], [("peak_mem_mb", "peak MB")]))
+        lines.append(
+            format_table(
+                case["rows"],
+                [("sweeps_run", "sweeps run"), ("per_sweep_ms", "ms/sweep"),
+                 ("peak_mem_mb", "peak MB")],
+            )
+        )  # fmt: skip
+        costs = case.get("denoiser_call_s") or {}
+        if costs:
+            lines.append("denoiser call on W x B images: " + ", ".join(
+                f"W={w} {1e3 * c:.3f} ms" for w, c in costs.items()))  # fmt: skip
         lines.append("")
     for name, scores in (records.get("fid") or {}).items():
         if isinstance(scores, dict):

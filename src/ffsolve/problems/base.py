@@ -20,6 +20,8 @@ asks what kind of problem it has:
 | `dim` | every method | 1 |
 | `prepare()` | every solve, once before the first sweep (bake weights) | nothing |
 | `evaluate_at(x, index)` | `jacobi_gs` (a strided set of positions) | evaluate all, select |
+| `evaluate_window(x, start, width)` | window methods, start on the device | evaluate all, select |
+| `window_on_device` | window methods keep the window on the device even uncaptured | False |
 | `block_sweep(x, K)`, `block_sweep_evals(K)` | `jacobi_gs` | K calls of `evaluate_at` |
 | `stepper(x)` | `sequential` (a cached or incremental step) | `evaluate(x, t, t + 1)` |
 | `num_evals_per_step` | the record's `num_evals` | 1 |
@@ -30,7 +32,7 @@ asks what kind of problem it has:
 | `linear_recurrence()` | `scan`: x_t = A_t x_{t-1} + b_t | TypeError (nonlinear) |
 | `linear_part(start, stop)` | `picard`, `linear="problem"`: A_t in f_t = A_t x + d_t | identity |
 | `noise_variance()` | `Stopping(rule="variance")`: each step's noise variance (T,) | ones |
-| `guess(x, start, stop, certified)` | window methods: proposals for uncertified positions | None |
+| `guess(x, window, certified)` | window methods: proposals for uncertified positions | None |
 | `tune_key()` | `auto`: tells remembered choices apart beyond class and shape | its models' ids |
 | `graphs` | the captured loops and forwards replayed on this problem | an empty `GraphCache` |
 
@@ -42,7 +44,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -127,6 +129,24 @@ class Problem:
         """
         raise NotImplementedError
 
+    #: `evaluate_window` computes only the window (it gathers the window's inputs, times and
+    #: noise by a device offset), as cheaply as `evaluate` on the same positions: a window
+    #: method then keeps its window on the device even where the loop is not captured
+    #: (no host read per sweep). Without it, only a captured loop does (by the default
+    #: `evaluate_window`), and an eager one places the window from the host.
+    window_on_device: bool = False
+
+    def evaluate_window(self, x: Tensor, start: Tensor, width: int) -> Tensor:
+        """f at positions [start, start + width) given the iterate x, where `start` is a ()
+        long tensor on x's device (a window that moves on the device: no host read, so the
+        sweep can be captured), shaped like x narrowed to `width` positions along `dim`.
+
+        The generic default evaluates every position and gathers the window (as costly as a
+        full sweep); a problem whose steps are independent calls (a sampler's timesteps)
+        gathers the window's inputs instead and sets `window_on_device`."""
+        index = torch.arange(width, device=x.device) + start
+        return self.evaluate(x, 0, self.length).index_select(self.dim, index)
+
     def evaluate_at(self, x: Tensor, index: Tensor) -> Tensor:
         """f at the positions in `index` (a 1-D long tensor, increasing), shaped like x with
         len(index) positions. The default evaluates the full window and selects."""
@@ -203,12 +223,16 @@ class Problem:
         (its `torch.nn.Module` attributes), so another model of the same shape tunes anew."""
         return tuple(id(v) for v in vars(self).values() if isinstance(v, torch.nn.Module))
 
-    def guess(self, x: Tensor, start: int, stop: int, certified: Tensor) -> Tensor | None:
-        """Proposals for the uncertified positions of the window [start, stop) about to be
-        swept by a window method, shaped like x narrowed to the window, or None (no guess,
-        the default). The loop writes them only where the position is at least the item's
-        certified prefix `certified` (B,): exactness never depends on them, a good guess
-        (an n-gram seen before, the last value of the previous window) saves sweeps."""
+    def guess(self, x: Tensor, window: Any, certified: Tensor) -> Tensor | None:
+        """Proposals for the uncertified positions of the `window` (a
+        `ffsolve.solvers.Window`: `take`, `positions()`, `bounds()` where the host knows
+        them, and `frontier`, the end of the furthest window swept before) about to be swept
+        by a window method, shaped like x narrowed to the window, or None (no guess, the
+        default). The loop writes them only where the position is at least the item's
+        certified prefix `certified` (B,) and the sweep counts: exactness never depends on
+        them, a good guess (an n-gram seen before, the last value of the previous window)
+        saves sweeps. Called inside the step: where the window moves on the device, the
+        guess must read nothing on the host."""
         return None
 
     def jacobians(self, x: Tensor, start: int, stop: int, diagonal: bool = False) -> Tensor:

@@ -74,6 +74,7 @@ class DiffusionSampling(Problem):
     first_order = True  # step i reads position i - 1 only
     capturable = True  # static shapes for a fixed window, no host reads
     capturable_stepper = True  # one step per call, restarting from x_T: the loop is capturable
+    window_on_device = True  # a window gathers its inputs, timesteps and noise by index
 
     def __init__(
         self,
@@ -163,11 +164,11 @@ class DiffusionSampling(Problem):
         # the tolerance rule's noise magnitude, on the samples' device (the peer loop of
         # diffusion-sampling multiplies by it directly: on the CPU it failed on CUDA)
         self._variance = posterior.to(device=dev, dtype=x_T.dtype)
-        self._frontier = 0  # positions computed so far in this solve (guess)
 
     # --- one step, for a window of timesteps at once -------------------------------------
-    def step(self, x: Tensor, index: slice) -> Tensor:
-        """x_{t_{i+1}} from x_{t_i} for the steps i of `index` (a slice of positions):
+    def step(self, x: Tensor, index: slice | Tensor) -> Tensor:
+        """x_{t_{i+1}} from x_{t_i} for the steps i of `index` (a slice of positions, or a
+        (n,) long tensor of them on the samples' device: gathered, no host read):
         x (n, B, C, H, W) -> (n, B, C, H, W), one denoiser call on n * B images."""
         n = x.shape[0]
         c = {k: v[index].view(n, 1, 1, 1, 1) for k, v in self._coef.items()}
@@ -194,19 +195,29 @@ class DiffusionSampling(Problem):
         """x_T at every position: (B, T, F)."""
         return self.x_T.reshape(self.B, 1, self.F).expand(self.B, self.length, self.F).clone()
 
-    def prepare(self) -> None:
-        self._frontier = 0
-
     def evaluate(self, x: Tensor, start: int, stop: int) -> Tensor:
-        B, n = self.B, stop - start
+        B = self.B
         prev = (
             x[:, start - 1 : stop - 1]
             if start > 0
             else torch.cat([self.x_T.reshape(B, 1, self.F), x[:, : stop - 1]], dim=1)
         )  # (B, n, F): the input of each step
+        return self._steps(prev, slice(start, stop))
+
+    def evaluate_window(self, x: Tensor, start: Tensor, width: int) -> Tensor:
+        """The steps [start, start + width) with `start` a device tensor: their inputs
+        (position i - 1, x_T before step 0), timesteps, coefficients and noise gathered."""
+        index = torch.arange(width, device=x.device) + start  # (n,)
+        prev = x.index_select(1, (index - 1).clamp(min=0))  # (B, n, F)
+        x_T = self.x_T.reshape(self.B, 1, self.F)
+        prev = torch.where((index == 0)[None, :, None], x_T, prev)
+        return self._steps(prev, index)
+
+    def _steps(self, prev: Tensor, index: slice | Tensor) -> Tensor:
+        """(B, n, F) inputs of the steps of `index` -> (B, n, F) their outputs."""
+        B, n = self.B, prev.shape[1]
         prev = prev.transpose(0, 1).reshape(n, B, *self.image_shape)  # step-major
-        out = self.step(prev, slice(start, stop))  # (n, B, C, H, W)
-        self._frontier = max(self._frontier, stop)
+        out = self.step(prev, index)  # (n, B, C, H, W)
         return out.reshape(n, B, self.F).transpose(0, 1)  # (B, n, F)
 
     def linear_part(self, start: int, stop: int) -> Tensor:
@@ -228,15 +239,13 @@ class DiffusionSampling(Problem):
         DDIM), floored at 1e-20."""
         return self._variance
 
-    def guess(self, x: Tensor, start: int, stop: int, certified: Tensor) -> Tensor | None:
+    def guess(self, x: Tensor, window: Any, certified: Tensor) -> Tensor | None:
         """Positions never computed yet start from the last computed sample (ParaDiGMS:
-        closer than x_T)."""
-        front = self._frontier
-        if front >= stop or front == 0:
-            return None
-        window = x[:, start:stop].clone()  # (B, n, F)
-        window[:, max(front, start) - start :] = x[:, front - 1 : front]
-        return window
+        closer than x_T); on the device, from the window's frontier."""
+        front = window.frontier  # () long: positions < front were computed before
+        last = x.index_select(1, (front - 1).clamp(min=0).reshape(1))  # (B, 1, F)
+        fresh = (window.positions() >= front) & (front > 0)  # (n,)
+        return torch.where(fresh[None, :, None], last, window.take(x))
 
     def images(self, value: Tensor) -> Tensor:
         """The final samples (B, C, H, W) of a solution (its last position)."""

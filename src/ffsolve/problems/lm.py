@@ -248,10 +248,11 @@ class LMDecoding(Problem):
 
         return step
 
-    def guess(self, x: Tensor, start: int, stop: int, certified: Tensor) -> Tensor | None:
+    def guess(self, x: Tensor, window: Any, certified: Tensor) -> Tensor | None:
         """n-gram proposals after each item's last certified token (the lookahead pool)."""
         if not self.ngram or self._cache is None:
             return None
+        start, stop = window.bounds()  # the pool lives on the host: so does the window
         window = x[:, start:stop].clone()
         changed = False
         rows = x.long().tolist()

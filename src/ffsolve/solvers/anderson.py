@@ -36,25 +36,11 @@ import torch
 from torch import Tensor
 
 from ffsolve.problems.base import Problem
-from ffsolve.solvers.base import Solver, State, check_int
-from ffsolve.solvers.picard import check_guard, guarded, window_region
+from ffsolve.solvers.base import Solver, State, Window, check_int, sliding_start
+from ffsolve.solvers.picard import check_guard, guarded
 from ffsolve.solvers.record import Solution
 
 __all__ = ["Anderson"]
-
-
-@dataclass
-class _History:
-    """The last `m` iterates' differences over every position (ring buffers) and the
-    previous iterate and image, per solve."""
-
-    dX: Tensor  # (m, B, T, F)
-    dF: Tensor  # (m, B, T, F)
-    x: Tensor  # (B, T, F) the previous iterate
-    fx: Tensor  # (B, T, F) its image F(x)
-    seen: Tensor  # (B, T) bool: positions with a previous iterate (swept before)
-    fallbacks: Tensor  # (B,) long: positions that took the base map's step (the safeguard)
-    count: int = 0  # sweeps made (the ring's write index is count % m)
 
 
 @dataclass(frozen=True)
@@ -81,7 +67,6 @@ class Anderson(Solver):
         "base='jacobi' or jacobi avoid it; with the fallback on, the problem's own step "
         "returned NaN or Inf"
     )
-    capturable: ClassVar[bool] = False  # the history's ring index is a host counter
     residual_certificate: ClassVar[bool] = True
     history: int = 3
     regularization: float = 1e-8
@@ -100,45 +85,62 @@ class Anderson(Solver):
             raise ValueError(f"base must be 'jacobi' or 'picard', got {self.base!r}")
         check_guard(self.guard)
 
-    def static_region(self) -> bool:
-        return self.window is None
+    def width(self, length: int) -> int:
+        return length if self.window is None else min(self.window, length)
 
-    def region(self, certified: int, length: int) -> tuple[int, int]:
-        return window_region(self.window, certified, length)
+    def window_start(self, certified: Any, length: int) -> Any:
+        return sliding_start(self.width(length), certified, length)
 
-    def init(self, problem: Problem, state: State) -> _History:
-        v = state.v
-        m = self.history
-        z = v.new_zeros(m, *v.shape)
-        seen = torch.zeros(v.shape[:2], dtype=torch.bool, device=v.device)
-        fallbacks = torch.zeros(v.shape[0], dtype=torch.long, device=v.device)
-        return _History(z, z.clone(), v.clone(), v.clone(), seen, fallbacks)
+    def init(self, problem: Problem, state: State) -> dict[str, Tensor]:
+        """The last m iterates' differences over every position (a ring of m slots whose
+        write index is `count` mod m), the previous iterate and image, which positions have
+        one, and the safeguard's count per item."""
+        v = state.v  # (B, T, F)
+        z = v.new_zeros(self.history, *v.shape)  # (m, B, T, F)
+        return {
+            "dX": z,
+            "dF": z.clone(),
+            "x": v.clone(),  # (B, T, F) the previous iterate
+            "fx": v.clone(),  # (B, T, F) its image G(x)
+            "seen": torch.zeros(v.shape[:2], dtype=torch.bool, device=v.device),  # (B, T)
+            "fallbacks": torch.zeros(v.shape[0], dtype=torch.long, device=v.device),
+            "count": torch.zeros((), dtype=torch.long, device=v.device),  # sweeps made
+        }
 
     def sweep(
-        self, problem: Problem, state: State, start: int, stop: int, memory: Any
+        self, problem: Problem, state: State, window: Window, memory: Any
     ) -> tuple[Tensor, Tensor]:
-        h: _History = memory
-        x = state.v[:, start:stop]  # (B, n, F)
-        fx = state.flat(problem.evaluate(state.x, start, stop))  # (B, n, F): Jacobi's map
+        h = memory
+        x = window.take(state.v)  # (B, n, F)
+        fx = state.flat(window.evaluate(problem, state.x))  # (B, n, F): Jacobi's map
         # the map accelerated: Jacobi's, or Picard's (its linear part, the identity, solved
         # by a cumulative sum: the same fixed point, faster where the steps are near x)
         gx = fx if self.base == "jacobi" else fx + (torch.cumsum(fx - x, dim=1) - (fx - x))
+        fallbacks = h["fallbacks"]
         if self.base == "picard" and self.fallback:  # Picard's safeguard (its module doc)
             gx, bad = guarded(gx, fx, self.guard)
-            h.fallbacks.add_(bad.sum(1))
+            fallbacks = fallbacks + bad.sum(1)
         r = gx - x  # (B, n, F)
         m = self.history
-        # the newest differences, where the position was swept before (else zero)
-        seen = h.seen[:, start:stop, None]  # (B, n, 1)
-        slot = h.count % m
-        h.dX[slot, :, start:stop] = torch.where(seen, x - h.x[:, start:stop], 0.0)
-        h.dF[slot, :, start:stop] = torch.where(seen, gx - h.fx[:, start:stop], 0.0)
-        h.x[:, start:stop] = x
-        h.fx[:, start:stop] = gx
-        h.seen[:, start:stop] = True
-        h.count += 1
-        dX = h.dX[:, :, start:stop].permute(1, 2, 3, 0)  # (B, n, F, m)
-        dF = h.dF[:, :, start:stop].permute(1, 2, 3, 0)
+        # the newest differences, where the position was swept before (else zero), into the
+        # ring's slot count mod m at the window's positions
+        seen = window.take(h["seen"])[..., None]  # (B, n, 1)
+        new_dX = torch.where(seen, x - window.take(h["x"]), 0.0)
+        new_dF = torch.where(seen, gx - window.take(h["fx"]), 0.0)
+        B, n = x.shape[:2]
+        at = (
+            (h["count"] % m).view(1, 1).expand(B, n),
+            torch.arange(B, device=x.device)[:, None].expand(B, n),
+            window.positions()[None, :].expand(B, n),
+        )  # (slot, item, position) of every (B, n) entry
+        h["dX"] = dXs = h["dX"].index_put(at, new_dX)
+        h["dF"] = dFs = h["dF"].index_put(at, new_dF)
+        h["x"] = window.put(h["x"], x)
+        h["fx"] = window.put(h["fx"], gx)
+        h["seen"] = window.put(h["seen"], torch.ones_like(seen[..., 0]))
+        h["count"] = h["count"] + 1
+        dX = window.take(dXs, 2).permute(1, 2, 3, 0)  # (B, n, F, m)
+        dF = window.take(dFs, 2).permute(1, 2, 3, 0)
         # the small least-squares problems in float32 at least (half precision has no solve
         # on the CPU, and too few bits for normal equations anyway)
         acc = torch.promote_types(r.dtype, torch.float32)
@@ -159,11 +161,12 @@ class Anderson(Solver):
         new = gx - (dF.to(acc) @ gamma)[..., 0].to(gx.dtype)  # (B, n, F)
         if self.fallback:  # a mixed step far outside the base map's scale: the base step
             new, bad = guarded(new, gx, self.guard)
-            h.fallbacks.add_(bad.sum(1))
+            fallbacks = fallbacks + bad.sum(1)
+        h["fallbacks"] = fallbacks
         return new, gx
 
     def finish(self, solution: Solution, memory: Any) -> Solution:
         """`stats["anderson_fallbacks"]`: positions per item that took the base map's step
         instead of the mixed one, or Jacobi's instead of Picard's (the safeguard)."""
-        stats = {**solution.stats, "anderson_fallbacks": memory.fallbacks.tolist()}
+        stats = {**solution.stats, "anderson_fallbacks": memory["fallbacks"].tolist()}
         return dataclasses.replace(solution, stats=stats)

@@ -45,7 +45,7 @@ from torch import Tensor
 
 from ffsolve.problems.base import Problem
 from ffsolve.runtime import synchronize
-from ffsolve.solvers.base import Solver, check_int
+from ffsolve.solvers.base import Solver, Window, check_int
 from ffsolve.solvers.loop import State, Stopping, captures, run
 from ffsolve.solvers.record import Solution
 
@@ -89,7 +89,7 @@ class Auto(Solver):
         ]  # fmt: skip
         return {"probe": self.probe, "race": self.race, "methods": shown, "retune": self.retune}
 
-    def sweep(self, problem: Problem, state: State, start: int, stop: int, memory: Any) -> Tensor:
+    def sweep(self, problem: Problem, state: State, window: Window, memory: Any) -> Tensor:
         raise TypeError("auto has no sweep of its own: it chooses a method (call its solve)")
 
     def solve(

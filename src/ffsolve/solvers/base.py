@@ -8,11 +8,10 @@ the loop compares, certifies, counts, traces, stops and reports, identically for
 |---|---|---|
 | `validate(length, stopping)` | check the hyper-parameters against T and the stopping | - |
 | `default_max_iters(length)` | the budget that guarantees exactness | T |
-| `region(certified, length)` | the window [start, stop) the next sweep updates | every position |
-| `static_region()` | the window ignores the certified prefix (no host read per sweep) | True |
-| `init(problem, state)` | per-solve memory (histories, counters), kept by the loop | None |
-| `restart(memory)` | reset a captured loop's memory in place for its next replay | nothing |
-| `sweep(problem, state, start, stop, memory)` | new values of the window, (B, n, F) | required |
+| `width(length)` | n, the positions a sweep updates (< T: a window that moves) | T |
+| `window_start(certified, length)` | where a moving window starts, from the certified prefix | - |
+| `init(problem, state)` | per-solve memory: a dict of tensors the loop owns | None |
+| `sweep(problem, state, window, memory)` | new values of the window, (B, n, F) | required |
 | `guaranteed(certified, length)` | a certified prefix known from the method alone | none |
 | `evals_per_sweep(problem, start, stop)` | model calls one sweep makes | the problem's |
 | `finish(solution, memory)` | the record with the method's own stats (and warnings) | unchanged |
@@ -29,7 +28,18 @@ prefix where G(x) = x and gives the certified positions G(x), so the certificate
 bound of T sweeps hold for any update rule).
 
 A solver object is frozen and may be shared by many solves at once: everything that belongs
-to one solve lives in the memory `init` returns, never on the solver.
+to one solve lives in the memory `init` returns, never on the solver. The memory is state in,
+state out (optimistix's pattern): `sweep` gets a copy of the dict and puts NEW tensors under
+its names (never writing the given ones in place); the loop commits them to its own buffers
+under the same `live` mask as the iterate, so a sweep the loop has frozen changes nothing and
+counts never depend on how often the host looks. A method whose memory is not tensors of
+fixed shape declares `host_every_sweep` (and is not `capturable`); its new entries are kept as
+returned.
+
+The window: a method whose `width` is below T sweeps [s, s + n) with s = `window_start` of
+the certified prefix (the minimum over the batch), an int on the host or a tensor on the
+device (the same expression serves both). `sweep` reads and writes positions through the
+`Window` it is given (`take`, `put`, `evaluate`, `positions`), never by slicing with ints.
 """
 
 from __future__ import annotations
@@ -42,10 +52,10 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from ffsolve.problems.base import Problem
-from ffsolve.solvers.loop import State, Stopping, run
+from ffsolve.solvers.loop import State, Stopping, Window, run
 from ffsolve.solvers.record import Solution
 
-__all__ = ["Solver", "State", "check_int"]
+__all__ = ["Solver", "State", "Window", "check_int", "sliding_start"]
 
 
 @dataclass(frozen=True)
@@ -79,26 +89,26 @@ class Solver:
     def default_max_iters(self, length: int) -> int:
         return length
 
-    def region(self, certified: int, length: int) -> tuple[int, int]:
-        """The window [start, stop) the next sweep updates, given the certified prefix (the
-        minimum over the batch). The default is every position (Jacobi)."""
-        return 0, length
+    def width(self, length: int) -> int:
+        """The number of positions one sweep updates (fixed for a solve). Below `length`, the
+        window moves with the certified prefix (`window_start`). Default: every position."""
+        return length
 
-    def static_region(self) -> bool:
-        """True when `region` ignores the certified prefix (no host read needed per sweep)."""
-        return True
+    def window_start(self, certified: Any, length: int) -> Any:
+        """The first position of the next sweep's window given the certified prefix (the
+        minimum over the batch; a host int or a () device tensor, and the result of the same
+        kind), at most `certified` (the window's inputs must be final) and at most
+        length - width (the window has a fixed width)."""
+        raise NotImplementedError(f"{self.name} has no moving window")
 
     def init(self, problem: Problem, state: State) -> Any:
-        """Per-solve memory (tensors a capturable method updates in place), or None."""
+        """Per-solve memory: a dict of tensors (see the module docstring), or None."""
         return None
 
-    def restart(self, memory: Any) -> None:
-        """Put the memory of a captured loop back to its start, in place (its graphs read it
-        by address); a later solve replays them. Default: nothing to reset."""
-
-    def sweep(self, problem: Problem, state: State, start: int, stop: int, memory: Any) -> Tensor:
-        """New values for positions [start, stop), (B, stop - start, F). An iterative method
-        must not write the state (the loop does, once the values are compared)."""
+    def sweep(self, problem: Problem, state: State, window: Window, memory: Any) -> Tensor:
+        """New values for the window's positions, (B, n, F). An iterative method must not
+        write the state (the loop does, once the values are compared) nor its memory's
+        tensors (it puts new ones in the dict)."""
         raise NotImplementedError
 
     def guaranteed(self, certified: Tensor, length: int) -> Tensor:
@@ -132,6 +142,16 @@ class Solver:
             callback: called as callback(k, x) after sweep k with the live iterate.
         """
         return run(self, problem, Stopping.of(stopping, **fields), callback)
+
+
+def sliding_start(window: int, certified: Any, length: int) -> Any:
+    """The start of a window of `window` positions sliding over the certified prefix, kept
+    inside the sequence (near the end it reaches back over certified positions, which the
+    loop leaves alone): min(certified, length - window), for an int or a device tensor."""
+    last = max(length - window, 0)
+    if isinstance(certified, Tensor):
+        return certified.clamp(max=last)
+    return min(certified, last)
 
 
 def check_int(name: str, value: Any, low: int = 1, high: float = math.inf) -> None:

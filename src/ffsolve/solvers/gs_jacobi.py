@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from ffsolve.problems.base import Problem
-from ffsolve.solvers.base import Solver, State, check_int
+from ffsolve.solvers.base import Solver, State, Window, check_int, sliding_start
 from ffsolve.solvers.jacobi_gs import _check_block
 
 __all__ = ["GSJacobi"]
@@ -22,7 +22,10 @@ class GSJacobi(Solver):
     With `block_size` K the window is the block [bK, (b+1)K) holding the first uncertified
     position (Song et al. 2021, Alg. 3); with `window` W it is [c, c + W) where c is the
     certified prefix, so it slides forward as soon as a position is final (as in ParaDiGMS).
-    Only the window is evaluated, so a problem with a cheap windowed `evaluate` pays less.
+    Near the end the window keeps its width and reaches back over certified positions (a
+    last block [T - K, T)). Only the window is evaluated, so a problem with a cheap windowed
+    `evaluate` pays less; where the window moves on the device (a captured loop, a problem
+    with `window_on_device`), no host read is needed per sweep.
 
     Args:
         block_size: fixed blocks of this many positions.
@@ -47,15 +50,16 @@ class GSJacobi(Solver):
         if self.window is not None:
             check_int("window", self.window)
 
-    def static_region(self) -> bool:
-        return False
-
-    def region(self, certified: int, length: int) -> tuple[int, int]:
+    def width(self, length: int) -> int:
         if self.block_size is not None:
-            start = certified // self.block_size * self.block_size
-            return start, min(length, start + self.block_size)
+            return self.block_size
         size = self.window if self.window is not None else math.isqrt(length - 1) + 1
-        return certified, min(length, certified + size)
+        return min(size, length)
 
-    def sweep(self, problem: Problem, state: State, start: int, stop: int, memory: Any) -> Tensor:
-        return problem.evaluate(state.x, start, stop)
+    def window_start(self, certified: Any, length: int) -> Any:
+        if self.block_size is not None:  # the block holding the first uncertified position
+            certified = certified // self.block_size * self.block_size
+        return sliding_start(self.width(length), certified, length)
+
+    def sweep(self, problem: Problem, state: State, window: Window, memory: Any) -> Tensor:
+        return window.evaluate(problem, state.x)

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from ffsolve.problems.base import Problem
-from ffsolve.solvers.base import Solver, State
+from ffsolve.solvers.base import Solver, State, Window
 
 __all__ = ["Jacobi"]
 
@@ -26,5 +26,5 @@ class Jacobi(Solver):
 
     name: ClassVar[str] = "jacobi"
 
-    def sweep(self, problem: Problem, state: State, start: int, stop: int, memory: Any) -> Tensor:
-        return problem.evaluate(state.x, start, stop)
+    def sweep(self, problem: Problem, state: State, window: Window, memory: Any) -> Tensor:
+        return window.evaluate(problem, state.x)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ffsolve.problems.base import Problem
-from ffsolve.solvers.base import Solver, State
+from ffsolve.solvers.base import Solver, State, Window
 
 __all__ = ["JacobiGS"]
 
@@ -47,7 +47,7 @@ class JacobiGS(Solver):
         K = self.size(length)
         return torch.clamp((certified // K + 1) * K, max=length)
 
-    def sweep(self, problem: Problem, state: State, start: int, stop: int, memory: Any) -> Tensor:
+    def sweep(self, problem: Problem, state: State, window: Window, memory: Any) -> Tensor:
         # the problem may offer a cheaper sweep (e.g. cached steps); the default makes
         # block_size calls of evaluate_at, each at position j of every block
         return problem.block_sweep(state.x, self.size(problem.length))

@@ -10,6 +10,13 @@ Every method runs here. The work is split in two:
   certificate into a `Solution`. The step freezes itself once done, so the iteration count,
   value and traces are those of stopping exactly at convergence, whatever the chunk.
 
+A window method sweeps n < T positions from `window_start` of the certified prefix: inside
+the step from the device certificate (a captured loop, or a problem with `window_on_device`),
+so chunks of sweeps replay with no host read, or from the host's last read (an eager loop
+over a problem whose windows want host ints). Per-solve memory (a method's history and
+counters, the window's frontier) lives in the loop's buffers and is committed under the same
+`live` mask as the iterate: a frozen step changes nothing at all.
+
 A direct method (`scan`, `sequential`: one sweep of the whole sequence is the solution) is the
 same loop with one step and a lighter bookkeeping: no comparison of iterates, every position
 certified, one norm that doubles as the NaN/Inf flag.
@@ -41,7 +48,16 @@ from ffsolve import graphs
 from ffsolve.problems.base import Problem, canonical_shape
 from ffsolve.solvers.record import NonFiniteError, Solution, raise_nonfinite, report_failure
 
-__all__ = ["DEFAULT_CHUNKS", "Method", "State", "Stopping", "captures", "direct_value", "run"]
+__all__ = [
+    "DEFAULT_CHUNKS",
+    "Method",
+    "State",
+    "Stopping",
+    "Window",
+    "captures",
+    "direct_value",
+    "run",
+]
 
 #: The tolerance rules of `Stopping.rule`.
 RULES = ("elementwise", "variance")
@@ -198,18 +214,84 @@ class Method(Protocol):
 
     def validate(self, length: int, stopping: Stopping) -> None: ...
     def default_max_iters(self, length: int) -> int: ...
-    def region(self, certified: int, length: int) -> tuple[int, int]: ...
-    def static_region(self) -> bool: ...
+    def width(self, length: int) -> int: ...
+    def window_start(self, certified: Any, length: int) -> Any: ...
     def init(self, problem: Problem, state: State) -> Any: ...
-    def restart(self, memory: Any) -> None: ...
-    def sweep(
-        self, problem: Problem, state: State, start: int, stop: int, memory: Any
-    ) -> Tensor: ...
+    def sweep(self, problem: Problem, state: State, window: Window, memory: Any) -> Tensor: ...
     def guaranteed(self, certified: Tensor, length: int) -> Tensor: ...
     def evals_per_sweep(self, problem: Problem, start: int, stop: int) -> int: ...
     def finish(self, solution: Solution, memory: Any) -> Solution: ...
     def captures_with(self, problem: Problem) -> bool: ...
     def options(self) -> dict[str, Any]: ...
+
+
+# --- the window a sweep updates -----------------------------------------------------------
+
+
+class Window:
+    """The positions [start, start + width) that one sweep updates.
+
+    `start` is a Python int where the host knows it (the whole sequence, or a window placed
+    by the host from the certified prefix it read), or a () long tensor on the state's device
+    where the window moves on the device (the loop places it from the certificate inside the
+    step, so chunks of sweeps are captured and the host reads nothing per sweep). Solvers and
+    problems read and write the window's positions through it, the same code for both.
+
+    Attributes:
+        start: the first position (int, or () long tensor).
+        width: n, the number of positions (fixed for a solve).
+        length: T.
+        frontier: () long tensor, the end of the furthest window swept before in this solve
+            (positions >= frontier were never computed: `Problem.guess` may propose values).
+    """
+
+    def __init__(self, start: int | Tensor, width: int, length: int, frontier: Tensor) -> None:
+        self.start, self.width, self.length, self.frontier = start, width, length, frontier
+        self.moving = isinstance(start, Tensor)
+        self._positions: Tensor | None = None
+
+    @property
+    def stop(self) -> int | Tensor:
+        return self.start + self.width
+
+    def bounds(self) -> tuple[int, int]:
+        """(start, stop) as host ints; a window that moves on the device has none."""
+        if self.moving:
+            raise TypeError("this window moves on the device: its bounds are not host ints")
+        return int(self.start), int(self.start) + self.width
+
+    def positions(self) -> Tensor:
+        """(n,) long: the positions, on the frontier's device."""
+        if self._positions is None:
+            arange = torch.arange(self.width, device=self.frontier.device)
+            self._positions = arange + self.start
+        return self._positions
+
+    @property
+    def index(self) -> slice | Tensor:
+        """What indexes the positions along a dimension: a slice, or the positions tensor."""
+        if self.moving:
+            return self.positions()
+        return slice(int(self.start), int(self.start) + self.width)
+
+    def take(self, t: Tensor, dim: int = 1) -> Tensor:
+        """`t` narrowed to the window along `dim` (a view for a host window, a copy else)."""
+        if self.moving:
+            return t.index_select(dim, self.positions())
+        return t.narrow(dim, int(self.start), self.width)
+
+    def put(self, t: Tensor, values: Tensor, dim: int = 1) -> Tensor:
+        """A copy of `t` with the window's positions along `dim` replaced by `values`."""
+        if not self.moving and self.width == t.shape[dim]:
+            return values
+        return t.index_copy(dim, self.positions(), values)
+
+    def evaluate(self, problem: Problem, x: Tensor) -> Tensor:
+        """f at the window's positions given the iterate x (shaped like x narrowed)."""
+        if self.moving:
+            return problem.evaluate_window(x, self.start, self.width)
+        start, stop = self.bounds()
+        return problem.evaluate(x, start, stop)
 
 
 # --- capture: the one decision ------------------------------------------------------------
@@ -249,12 +331,9 @@ def captures(
 
 
 def _obstacles(solver: Method) -> list[str]:
-    out = []
     if not solver.capturable:
-        out.append(f"{solver.name}'s sweep does host-side work (not capturable)")
-    if not solver.static_region():
-        out.append(f"{solver.name}'s window moves with the certified prefix (a host read)")
-    return out
+        return [f"{solver.name}'s sweep does host-side work (not capturable)"]
+    return []
 
 
 # --- the host driver ----------------------------------------------------------------------
@@ -285,36 +364,31 @@ def run(solver: Method, problem: Problem, stopping: Stopping, callback: Callback
         first = then = 1
     max_iters = stopping.max_iters or solver.default_max_iters(T)
     init_ok = torch.isfinite(init).all().long()  # read with the first chunk's flags
+    width = solver.width(T)
+    # a window narrower than T moves with the certified prefix: on the device where the loop
+    # is captured or the problem gathers a window by a device offset, else placed by the host
+    # from the certificate it reads after every sweep
+    on_host = width < T and not (graph or problem.window_on_device)
 
     if graph:
-        key = ("loop", solver, stopping.atol, stopping.rtol, max_iters, stopping.record,
-               (first, then), tuple(init.shape), init.dtype, init.device)  # fmt: skip
+        key = ("loop", solver, stopping, max_iters, (first, then),
+               tuple(init.shape), init.dtype, init.device)  # fmt: skip
         loop = problem.graphs.get(key, lambda: _Loop(solver, problem, stopping, max_iters, init))
         loop.reset(init)
-        loop.captured = True
     else:
         loop = _Loop(solver, problem, stopping, max_iters, init)
     s = loop.state
-    static = solver.static_region()
-    chunked = static and callback is None  # else one sweep per host read
+    chunked = not on_host and callback is None  # else one sweep per host read
     k_host = 0  # the device count, as last read (exact: frozen steps do not count)
     sweeps = 0  # steps run, frozen ones included (model calls really made)
     num_evals = 0
     cert_min = 0
     while True:
-        if static:
-            chunk = min(first if sweeps == 0 else then, max_iters) if chunked else 1
-            loop.run(chunk, callback, sweeps)
-            sweeps += chunk
-            num_evals += chunk * loop.evals
-        else:
-            start, stop = solver.region(cert_min, T)
-            _guess(problem, s, start, stop, loop.cert)
-            loop.step(start, stop)
-            sweeps += 1
-            num_evals += solver.evals_per_sweep(problem, start, stop)
-            if callback is not None:
-                callback(sweeps, s.x)
+        chunk = min(first if sweeps == 0 else then, max_iters) if chunked else 1
+        start = solver.window_start(cert_min, T) if on_host else None
+        loop.run(chunk, callback, sweeps, captured=graph, start=start)
+        sweeps += chunk
+        num_evals += chunk * loop.evals
         flags = torch.stack([loop.live.long(), loop.cert.min(), loop.k, init_ok])
         live, cert_min, k_host, first_ok = flags.tolist()  # the one host read of a chunk
         if not first_ok:
@@ -339,7 +413,9 @@ def run(solver: Method, problem: Problem, stopping: Stopping, callback: Callback
         stats["check_every"] = first if first == then else [first, then]
         stats["sweeps_run"] = sweeps
     if graph:
-        stats["captured"] = True
+        stats["captured"] = loop.failure is None
+        if loop.failure is not None:
+            stats["capture_failed"] = loop.failure
     record = stopping.record
     res = loop.res_buf[:num_iters].clone() if record else None  # (num_iters, B)
     cer = loop.cer_buf[:num_iters].clone() if record else None
@@ -350,29 +426,22 @@ def run(solver: Method, problem: Problem, stopping: Stopping, callback: Callback
     return solver.finish(sol, loop.memory)
 
 
-def _guess(problem: Problem, s: State, start: int, stop: int, cert: Tensor) -> None:
-    """The problem's proposals for the window's uncertified positions, written into the
-    state before the sweep (the certificate does not depend on starting values, so any
-    proposal keeps the result exact; a good one saves sweeps)."""
-    values = problem.guess(s.x, start, stop, cert)
-    if values is None:
-        return
-    values = s.flat(values)  # (B, n, F)
-    if values.shape[1] != stop - start:
-        raise ValueError(
-            f"guess() gave {values.shape[1]} positions for the window [{start}, {stop})"
-        )
-    pos = torch.arange(start, stop, device=cert.device)  # (n,)
-    window = s.v[:, start:stop]
-    torch.where(pos[None, :, None] >= cert[:, None, None], values.to(window), window, out=window)
+def _at_most(t: Tensor, bound: int | Tensor) -> Tensor:
+    """min(t, bound) for a host int or a device tensor bound (no host-to-device copy: the
+    step may be captured)."""
+    return torch.minimum(t, bound) if isinstance(bound, Tensor) else t.clamp(max=bound)
 
 
 class _Loop:
     """The persistent buffers of one solve, its device step and how the step is replayed.
 
     Every tensor the step reads or writes lives here and is updated in place, so the same
-    `step` runs eagerly or inside a CUDA graph. A captured loop is cached in `problem.graphs`
-    and replayed by later solves with the same settings (buffers reset, graphs kept).
+    `step` runs eagerly or inside a CUDA graph: the iterate, the certificate, the counts, the
+    traces, the window's frontier and the method's per-solve memory (a dict of tensors that
+    the method's sweep replaces by new tensors, which the step commits under the `live` mask:
+    a frozen sweep changes nothing, so counts and results do not depend on `check_every`).
+    A captured loop is cached in `problem.graphs` and replayed by later solves with the same
+    settings (buffers reset in place, graphs kept).
     """
 
     def __init__(
@@ -393,73 +462,93 @@ class _Loop:
             self.variance = var * stopping.atol**2
             self.exact = False
         self.state = s = State(init, problem.dim)
-        self.T = problem.length
+        self.T = T = problem.length
         dev = s.x.device
         self.cert = torch.zeros(s.B, dtype=torch.long, device=dev)  # certified prefix per item
         # iterations after which an item was still uncertified: it converged at not_done + 1
         self.not_done = torch.zeros(s.B, dtype=torch.long, device=dev)
         self.k = torch.zeros((), dtype=torch.long, device=dev)  # iterations made (exact)
         self.live = torch.ones((), dtype=torch.bool, device=dev)  # the next step counts
+        self.front = torch.zeros((), dtype=torch.long, device=dev)  # furthest window end
         # traces; row max_iters is a scratch row written by frozen steps
         n = max_iters + 1 if self.record else 0
         self.res_buf = torch.zeros(n, s.B, dtype=s.x.dtype, device=dev)  # (max_iters + 1, B)
         self.cer_buf = torch.zeros(n, s.B, dtype=torch.long, device=dev)
-        self.start, self.stop = solver.region(0, self.T)
-        self.evals = solver.evals_per_sweep(problem, self.start, self.stop)
+        self.width = min(solver.width(T), T)
+        self.evals = solver.evals_per_sweep(problem, 0, self.width)
         self.memory = solver.init(problem, s)
-        self.captured = False
         self.graphs: dict[int, Any] = {}  # captured chunks, by number of steps
+        self.failure: str | None = None  # why capturing failed (then it runs eagerly)
 
     def reset(self, init: Tensor) -> None:
+        """Back to the start of a solve, in place (captured steps read every buffer by
+        address)."""
         self.state.x.copy_(init)
-        self.cert.zero_()
-        self.not_done.zero_()
-        self.k.zero_()
+        for t in (self.cert, self.not_done, self.k, self.front):
+            t.zero_()
         self.live.fill_(True)
-        if self.graphs:  # the captured steps read the memory by address: reset it in place
-            self.solver.restart(self.memory)
+        fresh = self.solver.init(self.problem, self.state)
+        if isinstance(self.memory, dict):
+            for name, buf in self.memory.items():
+                buf.copy_(fresh[name])
         else:
-            self.memory = self.solver.init(self.problem, self.state)
+            self.memory = fresh
 
     def conv_iter(self) -> Tensor:
         """(B,) the iteration at which each item became certified, -1 if it did not."""
         return torch.where(self.cert >= self.T, self.not_done + 1, -1)
 
-    def step(self, start: int, stop: int) -> None:
+    def window(self, start: int | None) -> Window:
+        """The next sweep's window: every position, the host's start, or (a moving window
+        without one) placed on the device from the certificate."""
+        if self.width == self.T:
+            start = 0
+        elif start is None:
+            start = self.solver.window_start(self.cert.min(), self.T)
+        return Window(start, self.width, self.T, self.front)
+
+    def step(self, start: int | None = None) -> None:
         """One iteration on the device: (state, certificate) -> (state, certificate).
 
         Static shapes, no host read, no Python branch on a tensor value, few kernels (each
         costs as much as a small model's layer). Once every item is certified, the budget is
         spent or a non-finite iterate appeared, `live` turns off and the step is frozen
-        (state, certificate, count and traces unchanged), so a chunk may run past the end
-        and the result is exactly that of stopping right there.
+        (state, certificate, count, memory and traces unchanged), so a chunk may run past the
+        end and the result is exactly that of stopping right there. Certified positions are
+        final: a window reaching back over them neither rewrites nor re-judges them.
         """
         solver, s, T, live, cert = self.solver, self.state, self.T, self.live, self.cert
+        win = self.window(start)
         self.k.add_(live)  # the number of this iteration, if it counts
-        out = solver.sweep(self.problem, s, start, stop, self.memory)
+        pos = win.positions()  # (n,)
+        open_ = pos[None, :] >= cert[:, None]  # (B, n): uncertified before this sweep
+        if win.width < T:  # a window method: the problem may propose uncertified values
+            self._guess(win, open_)
+        memory = dict(self.memory) if isinstance(self.memory, dict) else self.memory
+        out = solver.sweep(self.problem, s, win, memory)
         if solver.residual_certificate:  # (new values, G(x)): certify on G's residual
             new, fx = s.flat(out[0]), s.flat(out[1])  # (B, n, F) each
         else:
             new = fx = s.flat(out)  # (B, n, F): the new values are F(x) where it matters
-        old = s.v[:, start:stop]  # (B, n, F)
+        old = win.take(s.v)  # (B, n, F)
         if self.variance is not None:  # ParaDiGMS: mean squared change vs the step's noise
             err = (fx - old).square().mean(2)  # (B, n)
-            same = err <= self.variance[start:stop]
+            same = err <= win.take(self.variance, 0)
         else:  # (B, n, F): bitwise equality (the exact certificate) or within the tolerances
             tol = None if self.exact else self.atol + self.rtol * fx.abs()
             same = fx == old if tol is None else (fx - old).abs() <= tol
             same = same[:, :, 0] if s.F == 1 else same.all(2)  # (B, n)
+        same = same | ~open_  # certified positions are final
         prefix = same.cumprod(1, dtype=torch.long).sum(1)  # (B,) unchanged prefix of window
         # the first changed position is final too: its inputs are all certified
-        reach = (prefix + (start + 1)).clamp_(max=stop)
+        reach = _at_most(prefix + (win.start + 1), win.stop)
         grown = torch.maximum(solver.guaranteed(cert, T), reach)
-        if start != 0:  # only where the window's inputs are certified
-            grown = torch.where(cert >= start, grown, cert)
+        if win.moving or win.start != 0:  # only where the window's inputs are certified
+            grown = torch.where(cert >= win.start, grown, cert)
         # NaN/Inf: the step freezes on the first non-finite iterate, which stays in the state
         # (the driver finds it there with one reduction per chunk). amax propagates NaN, and
         # |x| < inf is false for NaN and Inf: cheaper than isfinite(x).all() (4-5 kernels).
         if solver.residual_certificate:  # certified positions take G(x): final values
-            pos = torch.arange(start, stop, device=cert.device)  # (n,)
             new = torch.where(pos[None, :, None] < grown[:, None, None], fx, new)
         if self.record:
             res = (fx - old).abs().amax(dim=(1, 2))  # (B,) residual trace
@@ -471,30 +560,74 @@ class _Loop:
                 finite = finite & (new.abs().amax() < math.inf)
         else:
             finite = new.abs().amax() < math.inf
-        if new.requires_grad:  # the state takes the new values if live
-            old.copy_(torch.where(live, new, old))
+        self._commit(memory)
+        write = live & open_[:, :, None]  # (B, n, 1)
+        if win.moving:
+            s.v.index_copy_(1, pos, torch.where(write, new, old))
+        elif new.requires_grad:  # the state takes the new values if live
+            old.copy_(torch.where(write, new, old))
         else:
-            torch.where(live, new, old, out=old)  # elementwise in place, one kernel
+            torch.where(write, new, old, out=old)  # elementwise in place, one kernel
         torch.where(live, grown, cert, out=cert)
+        torch.where(live, -_at_most(-self.front, -win.stop), self.front, out=self.front)
         # an item certified at iteration j was uncertified after exactly j - 1 iterations
         # (all live: nothing freezes before every item is certified or the budget is spent)
         self.not_done.add_(cert < T)
         live.logical_and_(cert.min() < T).logical_and_(self.k < self.max_iters)
         live.logical_and_(finite)
 
-    def run(self, n: int, callback: Callback | None, base: int) -> None:
-        """`n` steps of the static region: eagerly, or one replay of a captured chunk."""
-        if not self.captured:
+    def _guess(self, win: Window, open_: Tensor) -> None:
+        """The problem's proposals for the window's uncertified positions, written into the
+        state before a live sweep (the certificate does not depend on starting values, so any
+        proposal keeps the result exact; a good one saves sweeps)."""
+        s = self.state
+        values = self.problem.guess(s.x, win, self.cert)
+        if values is None:
+            return
+        values = s.flat(values)  # (B, n, F)
+        if values.shape[1] != win.width:
+            raise ValueError(f"guess() gave {values.shape[1]} positions for a window of "
+                             f"{win.width}")  # fmt: skip
+        cur = win.take(s.v)
+        upd = torch.where(self.live & open_[:, :, None], values.to(cur), cur)
+        if win.moving:
+            s.v.index_copy_(1, win.positions(), upd)
+        else:
+            cur.copy_(upd)
+
+    def _commit(self, memory: Any) -> None:
+        """The method's new memory into the loop's buffers, where the sweep counts (a method
+        that sees every sweep on the host keeps whatever it returned)."""
+        if not isinstance(memory, dict):
+            return
+        for name, new in memory.items():
+            buf = self.memory[name]
+            if new is buf:
+                continue
+            if self.solver.host_every_sweep:
+                self.memory[name] = new
+            else:
+                torch.where(self.live, new, buf, out=buf)
+
+    def run(
+        self, n: int, callback: Callback | None, base: int, captured: bool, start: int | None
+    ) -> None:
+        """`n` steps: eagerly, or one replay of a captured chunk (captured at first use; a
+        capture that fails warns once, and the loop runs eagerly from then on)."""
+        if not captured or self.failure is not None:
             for i in range(n):
-                self.step(self.start, self.stop)
+                self.step(start)
                 if callback is not None:
                     callback(base + i + 1, self.state.x)
             return
-        with torch.no_grad():
-            if n not in self.graphs:
-                self.graphs[n] = graphs.capture(lambda: self.step(self.start, self.stop), n)
-            else:
-                self.graphs[n].replay()
+        if n in self.graphs:
+            self.graphs[n].replay()
+            return
+        with torch.no_grad():  # the warm-up runs the chunk's n steps for real
+            graph, self.failure = graphs.try_capture(lambda: self.step(), n,
+                                                     f"{self.solver.name}'s loop")  # fmt: skip
+        if graph is not None:
+            self.graphs[n] = graph
 
 
 # --- direct methods: the loop with one step -----------------------------------------------
@@ -519,12 +652,15 @@ class _Direct:
         self.value: Tensor | None = None
         self.norm: Tensor | None = None
         self.graph: Any = None
+        self.failure: str | None = None  # why capturing failed (then it runs eagerly)
+        zero = torch.zeros((), dtype=torch.long, device=self.start.device)
+        self.window = Window(0, self.state.T, self.state.T, zero)
 
     def body(self) -> None:
         s = self.state
         if self.restart:
             s.x.copy_(self.start)
-        new = s.flat(self.solver.sweep(self.problem, s, 0, s.T, self.memory))  # (B, T, F)
+        new = s.flat(self.solver.sweep(self.problem, s, self.window, self.memory))  # (B, T, F)
         # a max-abs norm is NaN or Inf where the values are: it doubles as the NaN/Inf flag
         # (few kernels: launches are what a small direct solve costs)
         if self.record:
@@ -535,11 +671,12 @@ class _Direct:
         self.value = new
 
     def run(self, captured: bool) -> None:
-        if not captured:
+        if not captured or self.failure is not None:
             self.body()
-        elif self.graph is None:
+        elif self.graph is None:  # the warm-up is this solve's sweep
             with torch.no_grad():
-                self.graph = graphs.capture(self.body, 1)
+                what = f"{self.solver.name}'s sweep"
+                self.graph, self.failure = graphs.try_capture(self.body, 1, what)
         else:
             self.graph.replay()
 
@@ -576,7 +713,9 @@ def _run_direct(
     stats: dict[str, Any] = {"iters_per_item": [1] * B, "certified_final": [T] * B}
     stats.update(solver.options())
     if graph:
-        stats["captured"] = True
+        stats["captured"] = prog.failure is None
+        if prog.failure is not None:
+            stats["capture_failed"] = prog.failure
     sol = Solution(
         value,
         torch.ones(B, dtype=torch.bool, device=dev),
@@ -600,4 +739,5 @@ def direct_value(solver: Method, problem: Problem) -> Tensor:
     init = problem.initial()
     state = State(init, problem.dim, copy=solver.writes_state)
     memory = solver.init(problem, state)
-    return solver.sweep(problem, state, 0, state.T, memory).reshape(state.shape)
+    window = Window(0, state.T, state.T, torch.zeros((), dtype=torch.long, device=init.device))
+    return solver.sweep(problem, state, window, memory).reshape(state.shape)

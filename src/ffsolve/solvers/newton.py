@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from ffsolve.problems.base import LinearRecurrence, Problem
-from ffsolve.solvers.base import Solver, State, check_int
+from ffsolve.solvers.base import Solver, State, Window, check_int
 from ffsolve.solvers.record import DivergenceWarning, Solution
 from ffsolve.solvers.scan import affine_scan
 
@@ -112,15 +112,15 @@ class Newton(Solver):
         # one call for F(x), one for the Jacobians (F batched VJPs of it, or a formula)
         return 2 * problem.num_evals_per_step
 
-    def init(self, problem: Problem, state: State) -> _Safeguards:
+    def init(self, problem: Problem, state: State) -> dict[str, Any]:
         if not problem.first_order:
             raise TypeError(
                 f"{self.name} needs a first-order problem (x_t = f_t(x_{{t-1}})); "
                 f"{type(problem).__name__} is not declared one"
             )
-        return _Safeguards()
+        return {"track": _Safeguards()}  # host-side records (host_every_sweep)
 
-    def sweep(self, problem: Problem, state: State, start: int, stop: int, memory: Any) -> Tensor:
+    def sweep(self, problem: Problem, state: State, window: Window, memory: Any) -> Tensor:
         T = state.T
         x = state.v  # (B, T, F)
         fx = state.flat(problem.evaluate(state.x, 0, T))  # (B, T, F): one Jacobi sweep
@@ -136,7 +136,7 @@ class Newton(Solver):
         )
         d = affine_scan(LinearRecurrence(r, coeffs, kind), chunk=self.chunk, transform=transform)
         new = fx + (d - r)  # = F(x) bitwise wherever the residual prefix is zero
-        track: _Safeguards | None = memory
+        track: _Safeguards | None = None if memory is None else memory["track"]
         if track is None:  # called outside the loop (no per-solve record): plain Newton
             return new
         res = r.abs().amax(dim=(1, 2))  # (B,)
@@ -169,7 +169,7 @@ class Newton(Solver):
         """The safeguards' record in `stats`: `newton_fallbacks`, `newton_nonfinite` and
         `newton_blowups` per item, `newton_residual` (per sweep, max over items of
         max|F(x) - x|); a `DivergenceWarning` when Newton was diverging."""
-        track: _Safeguards = memory
+        track: _Safeguards = memory["track"]
         B = solution.converged.numel()
         fb = track.fallbacks.tolist() if track.fallbacks is not None else [0] * B
         nf = track.nonfinite.tolist() if track.nonfinite is not None else [0] * B

@@ -36,18 +36,11 @@ import torch
 from torch import Tensor
 
 from ffsolve.problems.base import LinearRecurrence, Problem
-from ffsolve.solvers.base import Solver, State, check_int
+from ffsolve.solvers.base import Solver, State, Window, check_int, sliding_start
 from ffsolve.solvers.record import Solution
 from ffsolve.solvers.scan import affine_scan
 
-__all__ = ["Picard", "guarded", "window_region"]
-
-
-def window_region(window: int | None, certified: int, length: int) -> tuple[int, int]:
-    """[c, c + window) clipped to the length (every position when window is None)."""
-    if window is None:
-        return 0, length
-    return certified, min(length, certified + window)
+__all__ = ["Picard", "guarded"]
 
 
 def guarded(new: Tensor, safe: Tensor, guard: float) -> tuple[Tensor, Tensor]:
@@ -102,33 +95,30 @@ class Picard(Solver):
             raise ValueError(f"linear must be 'identity' or 'problem', got {self.linear!r}")
         check_guard(self.guard)
 
-    def static_region(self) -> bool:
-        return self.window is None
+    def width(self, length: int) -> int:
+        return length if self.window is None else min(self.window, length)
 
-    def region(self, certified: int, length: int) -> tuple[int, int]:
-        return window_region(self.window, certified, length)
+    def window_start(self, certified: Any, length: int) -> Any:
+        return sliding_start(self.width(length), certified, length)
 
-    def init(self, problem: Problem, state: State) -> Tensor:
+    def init(self, problem: Problem, state: State) -> dict[str, Tensor]:
         if not problem.first_order:
             raise TypeError(
                 f"picard needs a first-order problem (x_t = f_t(x_{{t-1}})); "
                 f"{type(problem).__name__} is not declared one"
             )
-        # the safeguard's count per item, updated in place (capture-safe)
-        return torch.zeros(state.v.shape[0], dtype=torch.long, device=state.v.device)
+        # the safeguard's count per item
+        return {"fallbacks": state.v.new_zeros(state.B, dtype=torch.long)}
 
-    def restart(self, memory: Any) -> None:
-        memory.zero_()
-
-    def sweep(self, problem: Problem, state: State, start: int, stop: int, memory: Any) -> Tensor:
-        fx = state.flat(problem.evaluate(state.x, start, stop))  # (B, n, F): f_t(x_{t-1})
-        r = fx - state.v[:, start:stop]  # (B, n, F): the residual
-        A = problem.linear_part(start, stop) if self.linear == "problem" else None
+    def sweep(self, problem: Problem, state: State, window: Window, memory: Any) -> Tensor:
+        fx = state.flat(window.evaluate(problem, state.x))  # (B, n, F): f_t(x_{t-1})
+        r = fx - window.take(state.v)  # (B, n, F): the residual
+        A = problem.linear_part(0, state.T) if self.linear == "problem" else None
         if A is None:  # the identity: the linear recurrence is a cumulative sum
             d = torch.cumsum(r, dim=1)
         else:
             A = torch.as_tensor(A, dtype=r.dtype, device=r.device)
-            A = A.reshape(-1, stop - start, A.shape[-1] if A.dim() > 1 else 1)
+            A = window.take(A.reshape(-1, state.T, A.shape[-1] if A.dim() > 1 else 1))
             A = A.expand(r.shape).contiguous()  # (B, n, F): a diagonal A_t
             d = affine_scan(LinearRecurrence(r, lambda s, e: A[:, s:e], "diagonal"))
         new = fx + (d - r)  # bitwise f_t(x_{t-1}) wherever the residual prefix is zero
@@ -136,10 +126,10 @@ class Picard(Solver):
             return new
         new, bad = guarded(new, fx, self.guard)
         if memory is not None:  # None: called outside the loop
-            memory.add_(bad.sum(1))
+            memory["fallbacks"] = memory["fallbacks"] + bad.sum(1)
         return new
 
     def finish(self, solution: Solution, memory: Any) -> Solution:
         """`stats["picard_fallbacks"]`: positions per item that took F(x) (module doc)."""
-        stats = {**solution.stats, "picard_fallbacks": memory.tolist()}
+        stats = {**solution.stats, "picard_fallbacks": memory["fallbacks"].tolist()}
         return dataclasses.replace(solution, stats=stats)

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ffsolve import graphs
 from ffsolve.problems.base import LinearRecurrence, Problem, check_finite
-from ffsolve.solvers.base import Solver, State, check_int
+from ffsolve.solvers.base import Solver, State, Window, check_int
 
 __all__ = ["Scan", "affine_scan", "linear_scan", "auto_chunk", "clear_graphs"]
 
@@ -231,16 +231,14 @@ class Scan(Solver):
         if not isinstance(self.capture_chunks, bool):
             raise TypeError(f"capture_chunks must be True or False, got {self.capture_chunks!r}")
 
-    def sweep(self, problem: Problem, state: State, start: int, stop: int, memory: Any) -> Tensor:
+    def sweep(self, problem: Problem, state: State, window: Window, memory: Any) -> Tensor:
         rec = problem.linear_recurrence()
         if rec.b.shape != (state.B, state.T, state.F):
             raise ValueError(
                 f"linear_recurrence() gave b {tuple(rec.b.shape)}, expected "
                 f"{(state.B, state.T, state.F)}"
             )
-        return affine_scan(rec, chunk=self.chunk, capture=self.capture_chunks)[
-            :, start:stop
-        ]  # (B, n, F)
+        return window.take(affine_scan(rec, chunk=self.chunk, capture=self.capture_chunks))
 
     def guaranteed(self, certified: Tensor, length: int) -> Tensor:
         return torch.full_like(certified, length)  # an exact solve certifies every position

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ffsolve.problems.base import Problem
-from ffsolve.solvers.base import Solver, State
+from ffsolve.solvers.base import Solver, State, Window
 from ffsolve.solvers.record import Solution
 
 __all__ = ["Sequential"]
@@ -48,7 +48,7 @@ class Sequential(Solver):
         # host work of the stepper (if any) happens here, once per captured loop
         return problem.stepper(state.x)
 
-    def sweep(self, problem: Problem, state: State, start: int, stop: int, memory: Any) -> Tensor:
+    def sweep(self, problem: Problem, state: State, window: Window, memory: Any) -> Tensor:
         step = memory
         for t in range(problem.length):
             state.v[:, t : t + 1] = state.flat(step(t))
@@ -66,7 +66,8 @@ class Sequential(Solver):
         if solution.certified is not None:
             steps = torch.arange(1, T + 1, device=solution.value.device)
             cert = steps[:, None].expand(T, B).clone()  # (T, B)
-        stats = {"captured": True} if solution.stats.get("captured") else {}
+        stats = {k: solution.stats[k] for k in ("captured", "capture_failed")
+                 if k in solution.stats}  # fmt: skip
         return dataclasses.replace(
             solution, num_iters=T, residuals=None, certified=cert, stats=stats
         )

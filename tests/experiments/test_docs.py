@@ -5,6 +5,7 @@ block saved as the file the page names."""
 import importlib.util
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 
 import ffsolve.experiments as registry
 from ffsolve import ConvergenceWarning
+from ffsolve.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 PROBLEMS = ROOT / "docs" / "problems.md"
@@ -102,3 +104,19 @@ def test_new_problem_family_runs_from_the_command_line(tmp_path):
     assert "jacobi" in out and "gs_jacobi(window=128)" in out
     (run_dir,) = (tmp_path / "runs" / "ar-process").iterdir()
     assert (run_dir / "records.json").is_file()
+
+
+def test_readme_plot_command_works_on_a_fresh_run(tmp_path, monkeypatch, capsys):
+    """The README's `ffsolve plot runs/causal-net/<timestamp> ...` on a run just made (which
+    has drawn its figures already) does what its comment says."""
+    monkeypatch.chdir(tmp_path)
+    sets = ["length=6", "channels=1", "hidden=4", "batch=1", "block_size=2", "window=3"]
+    argv = ["run", "causal-net", *[x for s in sets for x in ("--set", s)], "--quiet"]
+    assert main([*argv, "--device", "cpu"]) == 0
+    (run_dir,) = (tmp_path / "runs" / "causal-net").iterdir()
+    (command,) = re.findall(r"^ffsolve (plot .*?)\s+#", (ROOT / "README.md").read_text(), re.M)
+    argv = shlex.split(command.replace("<timestamp>", run_dir.name))
+    capsys.readouterr()
+    assert main(argv) == 0, capsys.readouterr().err
+    drawn = [Path(line.removeprefix("figure: ")) for line in capsys.readouterr().out.splitlines()]
+    assert drawn and all(p.is_file() for p in drawn)

@@ -120,3 +120,12 @@ def test_readme_plot_command_works_on_a_fresh_run(tmp_path, monkeypatch, capsys)
     assert main(argv) == 0, capsys.readouterr().err
     drawn = [Path(line.removeprefix("figure: ")) for line in capsys.readouterr().out.splitlines()]
     assert drawn and all(p.is_file() for p in drawn)
+
+
+def test_readme_says_where_the_commands_are():
+    """`make` installs the `ffsolve` command into .venv/bin/, which is not on a fresh shell's
+    PATH: the README says so right after the make block, before the first `ffsolve` command."""
+    readme = (ROOT / "README.md").read_text()
+    assert 'ffsolve = "ffsolve.cli:main"' in (ROOT / "pyproject.toml").read_text()
+    where = readme.index(". .venv/bin/activate")
+    assert readme.index("make test") < where < readme.index("```bash\nffsolve ")

@@ -46,7 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run an experiment; writes runs/<experiment>/<timestamp>/")
     r.add_argument("experiment")
     _common(r)
-    pl = sub.add_parser("plot", help="redraw a run's figures from its records")
+    pl = sub.add_parser(
+        "plot",
+        help="redraw a run's figures from its records (into --out DIR, or in place with --force)",
+        description="Redraw a run's figures from its records.json alone. A run has drawn its "
+        "figures already: write them to a fresh folder with --out DIR, or replace them with "
+        "--force (figures are never replaced without it). Records that draw no figure are an "
+        "error (exit 2).",
+    )
     pl.add_argument("run_dir")
     pl.add_argument("--out", default=None, help="write the figures here (default: the run dir)")
     pl.add_argument("--force", action="store_true", help="replace figures already there")
@@ -142,7 +149,9 @@ def _list() -> None:
 
 def _plot(run_dir: str, out: str | None, force: bool) -> None:
     """Redraw a run's figures from its records into `out` (default: the run folder). An
-    existing figure is replaced only with `force` (the records of a run kept in git, say)."""
+    existing figure is replaced only with `force` (the records of a run kept in git, say); a
+    run always draws its figures, so redrawing in place needs it. Records that draw no figure
+    are an error, as is any other plot that makes nothing."""
     records = read_records(run_dir)
     if "experiment" not in records:
         raise FFSolveError(f"{run_dir} holds no experiment records (nothing to plot)")
@@ -150,24 +159,34 @@ def _plot(run_dir: str, out: str | None, force: bool) -> None:
         raise FFSolveError(f"{run_dir} was stopped early ({records['interrupted']}): no figures")
     exp = get_experiment(records["experiment"])
     target = Path(out) if out else Path(run_dir)
+    created = not target.exists()
     target.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target) as tmp:
-        try:
-            drawn = exp.plot(records, Path(tmp))
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
-            raise FFSolveError(
-                f"{run_dir}: its records are not those of a {records['experiment']!r} run "
-                f"this version can draw (missing or malformed {e})"
-            ) from None
-        clash = [p.name for p in drawn if (target / p.name).exists()]
-        if clash and not force:
-            raise FFSolveError(
-                f"{target} already holds {', '.join(clash)}: give --out DIR for a fresh "
-                "folder, or --force to replace them"
-            )
-        for p in drawn:
-            os.replace(p, target / p.name)
-            print(f"figure: {target / p.name}")
+    try:
+        with tempfile.TemporaryDirectory(dir=target) as tmp:
+            try:
+                drawn = exp.plot(records, Path(tmp))
+            except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+                raise FFSolveError(
+                    f"{run_dir}: its records are not those of a {records['experiment']!r} run "
+                    f"this version can draw (missing or malformed {e})"
+                ) from None
+            if not drawn:
+                raise FFSolveError(
+                    f"{run_dir}: no figures to draw from these {records['experiment']!r} records"
+                )
+            clash = [p.name for p in drawn if (target / p.name).exists()]
+            if clash and not force:
+                raise FFSolveError(
+                    f"{target} already holds {', '.join(clash)}: give --out DIR for a fresh "
+                    "folder, or --force to replace them"
+                )
+            for p in drawn:
+                os.replace(p, target / p.name)
+                print(f"figure: {target / p.name}")
+    except BaseException:
+        if created and not any(target.iterdir()):
+            target.rmdir()  # no empty --out folder left by a plot that failed
+        raise
 
 
 def _out_of_memory(e: BaseException) -> bool:

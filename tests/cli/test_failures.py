@@ -2,6 +2,7 @@
 replayed): every one ends in a run or one line, a non-zero exit where something failed, no
 orphan run folder and no measurement lost."""
 
+import dataclasses
 import json
 import math
 import os
@@ -17,6 +18,7 @@ import torch
 import ffsolve
 from ffsolve.cli import main
 from ffsolve.data import logit_bounds
+from ffsolve.experiments import EXPERIMENTS
 from ffsolve.models.made import MADE, MADEConfig, load_made, save_made
 from ffsolve.models.pixelcnnpp import PixelCNNpp, PixelCNNppConfig
 from ffsolve.problems import MADESampling, PixelCNNSampling, logistic_noise, pixelcnn_noise
@@ -121,6 +123,21 @@ def test_plot_never_replaces_figures_unless_asked(tmp_path, capsys):
     assert main(["plot", str(run), "--out", str(tmp_path / "new")]) == 0
     assert (tmp_path / "new" / "convergence.png").is_file()
     assert main(["plot", str(run), "--force"]) == 0
+
+
+def test_plot_with_nothing_to_draw_says_so(tmp_path, capsys, monkeypatch):
+    """Records whose experiment draws no figure from them: a one-line error, not a silent 0,
+    and no empty --out folder left behind."""
+    out = ["--device", "cpu", "--out", str(tmp_path), "--quiet"]
+    sets = ["length=6", "channels=1", "hidden=4", "batch=1", "block_size=2", "window=3"]
+    assert main(["run", "causal-net", *[x for s in sets for x in ("--set", s)], *out]) == 0
+    (run,) = (tmp_path / "causal-net").iterdir()
+    capsys.readouterr()
+    blank = dataclasses.replace(EXPERIMENTS["causal-net"], plot=lambda records, out_dir: [])
+    monkeypatch.setitem(EXPERIMENTS, "causal-net", blank)
+    assert main(["plot", str(run), "--out", str(tmp_path / "figs")]) == 2
+    assert "no figures to draw" in _one_line(capsys)
+    assert not (tmp_path / "figs").exists()
 
 
 def _partial_run(tmp_path, sig):

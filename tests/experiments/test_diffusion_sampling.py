@@ -1,6 +1,7 @@
 """`ffsolve run diffusion-sampling` end to end on a tiny random DDPM (CPU)."""
 
 import json
+import logging
 
 import pytest
 import torch
@@ -9,6 +10,19 @@ from ffsolve.cli import main
 from idx_files import idx_folder
 
 pytest.importorskip("diffusers")
+
+
+@pytest.fixture
+def diffusers_log():
+    """What diffusers' model code logs (a handler on its logger: its own prints to the stderr
+    of import time, past pytest's capture)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    log = logging.getLogger("diffusers.models.modeling_utils")
+    log.addHandler(handler)
+    yield records
+    log.removeHandler(handler)
 
 
 @pytest.fixture
@@ -23,7 +37,7 @@ def tiny_ddpm(tmp_path):
 
 
 @pytest.mark.slow
-def test_every_row_and_the_peer_on_a_tiny_model(tmp_path, tiny_ddpm, capsys):
+def test_every_row_and_the_peer_on_a_tiny_model(tmp_path, tiny_ddpm, capsys, diffusers_log):
     data = idx_folder(tmp_path / "mnist", 16, 16)
     sets = [f"checkpoint={tiny_ddpm}", "schedules=[ddim-10]", "batches=[2]", "windows=[4]",
             "repeats=1", "warmup=0", "dtype=float64", "frames=[1, 2]", "fid_samples=8",
@@ -52,6 +66,8 @@ def test_every_row_and_the_peer_on_a_tiny_model(tmp_path, tiny_ddpm, capsys):
     assert all(v >= 0 for v in fid.values())
     assert (run / "frames_ddim-10.png").is_file()
     assert "not Inception's" in capsys.readouterr().out
+    notices = [r for r in diffusers_log if "kept in float32" in r.getMessage()]
+    assert not notices  # diffusers' "should be kept in float32: []" on every dtype cast
 
 
 @pytest.mark.gpu

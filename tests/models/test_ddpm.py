@@ -1,4 +1,5 @@
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -45,6 +46,31 @@ def test_config_checks():
         DDPMConfig(block_out_channels=(8, 16))
     with pytest.raises(ValueError, match="beta_start"):
         DDPMConfig(beta_start=0.03)
+
+
+@pytest.fixture
+def diffusers_log():
+    """What diffusers' model code logs (its loggers print to the stderr of import time, past
+    pytest's capture: a handler on the logger sees each message it lets through)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    log = logging.getLogger("diffusers.models.modeling_utils")
+    log.addHandler(handler)
+    yield records
+    log.removeHandler(handler)
+
+
+def test_load_in_float64_prints_no_float32_notice(tmp_path, diffusers_log):
+    """diffusers' `ModelMixin.to(dtype)` logs "should be kept in float32: []" on every cast,
+    even for a UNet that keeps no module in float32: loading in float64 stays quiet, and a cast
+    outside the loader still logs it (only the loader's own cast is silenced)."""
+    save_ddpm(tmp_path / "d", build_ddpm(TINY), TINY)
+    unet, _, _ = load_ddpm(tmp_path / "d", dtype=torch.float64)
+    assert all(p.dtype == torch.float64 for p in unet.parameters()) and not unet.training
+    assert not diffusers_log
+    unet.to(torch.float32)
+    assert "kept in float32" in diffusers_log[0].getMessage()
 
 
 def test_build_save_load_roundtrip_float16(tmp_path):

@@ -267,8 +267,7 @@ def run(cfg: DiffusionSamplingConfig, ctx: RunContext) -> dict[str, Any]:
     device = ctx.device
     exact_arithmetic(device)
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
-    unet, mcfg, meta = load_ddpm(cfg.checkpoint, device)
-    unet = unet.to(dtype)
+    unet, mcfg, meta = load_ddpm(cfg.checkpoint, device, dtype)
     base = ddpm_scheduler(mcfg)
     for name in cfg.schedules:
         if _schedule(name)[1] > mcfg.num_train_timesteps:

@@ -23,7 +23,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -176,10 +179,34 @@ def save_ddpm(
     )
 
 
+class _DropFloat32Notice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be kept in float32" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_dtype_cast(unet: Any) -> Iterator[None]:
+    """diffusers' `ModelMixin.to` logs "There are modules in UNet2DModel that should be kept
+    in float32: []" on every dtype cast, also when the model keeps none (it tests the list
+    `is not None`; diffusers 0.42). Drop that one message, on its logger, for this cast and a
+    model that keeps no module in float32; any other message, or a real list, still shows."""
+    if getattr(unet, "_keep_in_fp32_modules", None):
+        yield
+        return
+    log = logging.getLogger("diffusers.models.modeling_utils")
+    notice = _DropFloat32Notice()
+    log.addFilter(notice)
+    try:
+        yield
+    finally:
+        log.removeFilter(notice)
+
+
 def load_ddpm(
-    path: str | Path, device: torch.device | str = "cpu"
+    path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
 ) -> tuple[Any, DDPMConfig, dict[str, Any]]:
-    """Load a DDPM checkpoint; returns (UNet2DModel in eval mode, its config, metadata).
+    """Load a DDPM checkpoint; returns (UNet2DModel in eval mode, its config, metadata),
+    on `device`, its weights cast to `dtype` (default: as stored, float32).
 
     Raises:
         CheckpointError: missing, corrupted, not a "ddpm" checkpoint, or weights that do not
@@ -207,7 +234,11 @@ def load_ddpm(
     except (RuntimeError, KeyError, ValueError) as e:
         first = str(e).strip().splitlines()[0]
         raise CheckpointError(f"{path} does not match its DDPM config: {first}") from None
-    return unet.to(device).eval(), cfg, meta
+    unet = unet.to(device)
+    if dtype is not None:
+        with _quiet_dtype_cast(unet):
+            unet = unet.to(dtype)
+    return unet.eval(), cfg, meta
 
 
 @torch.no_grad()

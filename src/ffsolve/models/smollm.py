@@ -8,12 +8,16 @@ The package itself is never imported (it needs other tools): its folder is found
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ffsolve import progress
 from ffsolve.errors import DataError
 
 __all__ = ["GGUF_FILE", "HOWTO", "load_smollm2", "smollm2_folder"]
@@ -51,6 +55,37 @@ def load_smollm2(
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as e:
         raise DataError(f"{e}; {HOWTO}") from None
-    tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=GGUF_FILE)
-    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=GGUF_FILE, dtype=dtype)
+    with _loading_bars(progress.enabled()):
+        tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=GGUF_FILE)
+        model = AutoModelForCausalLM.from_pretrained(path, gguf_file=GGUF_FILE, dtype=dtype)
     return model.to(device).eval(), tokenizer
+
+
+@contextlib.contextmanager
+def _loading_bars(show: bool) -> Iterator[None]:
+    """transformers' loading bars ("Converting and de-quantizing GGUF tensors", "Loading
+    weights") follow ffsolve's rule for bars (`ffsolve.progress`: on a terminal, not --quiet);
+    otherwise they are off for this load only, so no log fills with them. The weights bar
+    obeys transformers' switch; the GGUF one is a plain `tqdm.auto.tqdm` of
+    `transformers.modeling_gguf_pytorch_utils` (transformers 5.x), given `disable=True` here."""
+    if show:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # another layout: only transformers' own switch applies
+        gguf_utils = None
+    bar = getattr(gguf_utils, "tqdm", None)
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    if bar is not None:
+        gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        if bar is not None:
+            gguf_utils.tqdm = bar
+        if was_on:
+            hf_logging.enable_progress_bar()

@@ -49,7 +49,16 @@ from ffsolve.errors import DivergedError, FFSolveError
 from ffsolve.experiments import RunContext
 from ffsolve.progress import track
 
-__all__ = ["DIVERGENCE_FACTOR", "Fit", "Loop", "Task", "cosine", "exponential", "fit"]
+__all__ = [
+    "DIVERGENCE_FACTOR",
+    "Fit",
+    "Loop",
+    "Task",
+    "cosine",
+    "exponential",
+    "fit",
+    "shuffled_batches",
+]
 
 #: a test loss more than this many times as bad as its reference is never saved
 DIVERGENCE_FACTOR = 2.0
@@ -71,6 +80,18 @@ def exponential(lr: float, decay: float) -> Callable[[int, float], float]:
     """lr(step, progress) = lr * decay ** step (PixelCNN++'s schedule: it does not depend on
     the run's length, so a finished run can be extended)."""
     return lambda step, progress: lr * decay**step
+
+
+def shuffled_batches(
+    n: int, batch_size: int, device: torch.device | str = "cpu"
+) -> Callable[[torch.Generator], list[Tensor]]:
+    """A `Task.plan`: a new random order of n examples per epoch, cut into index batches."""
+
+    def plan(g: torch.Generator) -> list[Tensor]:
+        perm = torch.randperm(n, generator=g).to(device)
+        return [perm[i : i + batch_size] for i in range(0, n, batch_size)]
+
+    return plan
 
 
 @dataclass

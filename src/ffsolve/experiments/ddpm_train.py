@@ -33,7 +33,7 @@ from ffsolve.data import load_images
 from ffsolve.errors import ConfigError, FFSolveError
 from ffsolve.experiments import RunContext, Trainer, register_trainer
 from ffsolve.models.ddpm import DDPMConfig, build_ddpm, ddpm_scheduler, load_ddpm, save_ddpm
-from ffsolve.training import Fit, Loop, Task, cosine, fit
+from ffsolve.training import Fit, Loop, Task, cosine, fit, shuffled_batches
 
 __all__ = ["DDPMTrainConfig", "denoising_loss"]
 
@@ -193,10 +193,6 @@ def _train(cfg: DDPMTrainConfig, ctx: RunContext) -> dict[str, Any]:
     ema = [p.detach().clone() for p in params] if cfg.ema_decay > 0 else None
     amp = cfg.amp and dev.type == "cuda"
 
-    def plan(g: torch.Generator) -> list[torch.Tensor]:
-        perm = torch.randperm(len(x_train), generator=g)
-        return [perm[i : i + cfg.batch_size] for i in range(0, len(x_train), cfg.batch_size)]
-
     def loss(idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         t = torch.randint(0, cfg.num_train_timesteps, (len(idx),), generator=g)
         noise = torch.randn((len(idx), 1, 28, 28), generator=g)
@@ -243,7 +239,7 @@ def _train(cfg: DDPMTrainConfig, ctx: RunContext) -> dict[str, Any]:
         model=unet,
         optimizer=torch.optim.Adam(params, lr=cfg.lr),
         lr=cosine(cfg.lr, cfg.lr_final, cfg.lr_warmup),
-        plan=plan,
+        plan=shuffled_batches(len(x_train), cfg.batch_size),
         loss=loss,
         evaluate=evaluate,
         save=save,

@@ -23,7 +23,7 @@ from ffsolve.config import Config, config_to_dict, spec
 from ffsolve.data import load_images
 from ffsolve.experiments import RunContext, Trainer, register_trainer
 from ffsolve.models.densenet import DenseNet, densenet_bc, load_densenet, save_densenet
-from ffsolve.training import Fit, Loop, Task, cosine, fit
+from ffsolve.training import Fit, Loop, Task, cosine, fit, shuffled_batches
 
 
 @dataclass(frozen=True)
@@ -113,10 +113,6 @@ def train(cfg: DenseNetTrainConfig, ctx: RunContext) -> dict[str, Any]:
     flip = cfg.data == "fashion-mnist"
     x_dev, y_dev = x_train.to(ctx.device), y_train.to(ctx.device)  # 47 MB: keep on device
 
-    def plan(g: torch.Generator) -> list[torch.Tensor]:
-        perm = torch.randperm(len(x_train), generator=g).to(ctx.device)
-        return [perm[i : i + cfg.batch_size] for i in range(0, len(x_train), cfg.batch_size)]
-
     def loss(idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         xb = x_dev[idx]
         if cfg.augment:
@@ -146,7 +142,7 @@ def train(cfg: DenseNetTrainConfig, ctx: RunContext) -> dict[str, Any]:
         model=model,
         optimizer=opt,
         lr=cosine(cfg.lr),  # over the larger of the steps' and the time budget's progress
-        plan=plan,
+        plan=shuffled_batches(len(x_train), cfg.batch_size, ctx.device),
         loss=loss,
         evaluate=lambda m: accuracy(m, x_test, y_test, mean, std, ctx.device),
         save=save,

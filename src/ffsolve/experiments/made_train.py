@@ -16,7 +16,7 @@ from ffsolve.config import Config, config_to_dict, spec
 from ffsolve.data import bits_per_dim, dequantize_logit, load_images
 from ffsolve.experiments import RunContext, Trainer, register_trainer
 from ffsolve.models.made import MADE, MADEConfig, load_made, save_made
-from ffsolve.training import Fit, Loop, Task, cosine, fit
+from ffsolve.training import Fit, Loop, Task, cosine, fit, shuffled_batches
 
 
 @dataclass(frozen=True)
@@ -98,10 +98,6 @@ def train(cfg: MADETrainConfig, ctx: RunContext) -> dict[str, Any]:
     )
     extra = {"data": {"name": cfg.data, "shape": shape, "lam": cfg.lam}}
 
-    def plan(g: torch.Generator) -> list[torch.Tensor]:
-        perm = torch.randperm(len(x_train), generator=g)
-        return [perm[i : i + cfg.batch_size] for i in range(0, len(x_train), cfg.batch_size)]
-
     def loss(idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         xb = x_train[idx]
         u = torch.rand(xb.shape, generator=g)
@@ -126,7 +122,7 @@ def train(cfg: MADETrainConfig, ctx: RunContext) -> dict[str, Any]:
         model=model,
         optimizer=torch.optim.Adam(model.parameters(), lr=cfg.lr),
         lr=cosine(cfg.lr, cfg.lr_final),
-        plan=plan,
+        plan=shuffled_batches(len(x_train), cfg.batch_size),
         loss=loss,
         evaluate=evaluate,
         save=save,

@@ -32,7 +32,7 @@ from ffsolve.models.pixelcnnpp import (
     mixture_nll,
     save_pixelcnnpp,
 )
-from ffsolve.training import Fit, Loop, Task, exponential, fit
+from ffsolve.training import Fit, Loop, Task, exponential, fit, shuffled_batches
 
 
 @dataclass(frozen=True)
@@ -144,10 +144,6 @@ def train(cfg: PixelCNNTrainConfig, ctx: RunContext) -> dict[str, Any]:
     amp = cfg.amp and dev.type == "cuda"
     dims = C * H * W
 
-    def plan(g: torch.Generator) -> list[torch.Tensor]:
-        perm = torch.randperm(len(x_train), generator=g).to(dev)
-        return [perm[i : i + cfg.batch_size] for i in range(0, len(x_train), cfg.batch_size)]
-
     def loss(idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         xb = to_unit(x_train[idx])
         with torch.autocast(dev.type, torch.bfloat16, enabled=amp):
@@ -181,7 +177,7 @@ def train(cfg: PixelCNNTrainConfig, ctx: RunContext) -> dict[str, Any]:
         model=model,
         optimizer=torch.optim.Adam(model.parameters(), lr=cfg.lr),
         lr=exponential(cfg.lr, cfg.lr_decay),  # the paper's decay per step
-        plan=plan,
+        plan=shuffled_batches(len(x_train), cfg.batch_size, dev),
         loss=loss,
         evaluate=evaluate,
         save=save,

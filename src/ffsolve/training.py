@@ -45,7 +45,7 @@ from ffsolve.checkpoint import (
     save_train_state,
     train_state_path,
 )
-from ffsolve.errors import DivergedError, FFSolveError
+from ffsolve.errors import CheckpointError, DivergedError, FFSolveError
 from ffsolve.experiments import RunContext
 from ffsolve.progress import track
 
@@ -253,6 +253,11 @@ def fit(
     if resume and state_path.is_file():
         st = load_train_state(state_path, model, opt, None, config=same, generator=g)
         ex = st["extra"]
+        if "plan_rng" not in ex:
+            raise CheckpointError(
+                f"{state_path} was written by an older ffsolve's trainer; it cannot be resumed "
+                "(train again with --force)"
+            )
         run = Fit(
             history=ex["history"],
             step=ex["step"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import sys
 import tempfile
@@ -11,7 +12,7 @@ import traceback
 from pathlib import Path
 
 from ffsolve import progress
-from ffsolve.errors import FFSolveError
+from ffsolve.errors import FFSolveError, Terminated
 from ffsolve.experiments import DEMOS, all_experiments, all_trainers, get_experiment, get_trainer
 from ffsolve.runner import RunSpec, bench_cases, execute, run_bench
 from ffsolve.runs import read_records
@@ -204,10 +205,31 @@ def _user_error(e: BaseException, show_traceback: bool, prefix: str = "") -> int
 
 
 def _on_sigterm(signum, frame) -> None:
-    raise KeyboardInterrupt("terminated (SIGTERM)")
+    raise Terminated("terminated (SIGTERM)")
+
+
+def _interrupted(e: KeyboardInterrupt, args: argparse.Namespace, argv: list[str]) -> int:
+    """Say that the run stopped, and for `train` how to continue it; the exit code: 143 for
+    SIGTERM, 130 for Ctrl-C (SIGINT), as shells report them."""
+    message = f"ffsolve: interrupted{f' ({e})' if str(e) else ''}"
+    state = getattr(e, "resume_from", None)
+    if args.command == "train" and state is not None:
+        # the same command, with --resume (and the checkpoint named, which --resume needs)
+        stem = Path(str(state).removesuffix(".resume.pt"))
+        again = [a for a in argv if a != "--force"]
+        if not any(s.partition("=")[0].strip() == "save_to" for s in args.set):
+            again += ["--set", f"save_to={stem}"]
+        if "--resume" not in again:
+            again.append("--resume")
+        message += f"; resume from {state} with: ffsolve {shlex.join(again)}"
+    elif args.command == "train":
+        message += "; nothing was saved to resume from yet (run it again)"
+    print(message, file=sys.stderr)
+    return 143 if isinstance(e, Terminated) else 130
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     progress.set_quiet(args.quiet)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)  # stop like Ctrl-C: clean up, say so
@@ -220,8 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             raise  # a bug: the full traceback helps
         return _user_error(e, args.traceback, "out of memory (try a smaller batch or size): ")
     except KeyboardInterrupt as e:
-        print(f"ffsolve: interrupted{f' ({e})' if str(e) else ''}", file=sys.stderr)
-        return 130
+        return _interrupted(e, args, argv)
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -1,6 +1,13 @@
 """User-facing errors: the command line prints these as one line and exits non-zero."""
 
-__all__ = ["FFSolveError", "ConfigError", "DataError", "CheckpointError", "DivergedError"]
+__all__ = [
+    "FFSolveError",
+    "ConfigError",
+    "DataError",
+    "CheckpointError",
+    "DivergedError",
+    "Terminated",
+]
 
 
 class FFSolveError(Exception):
@@ -21,3 +28,8 @@ class CheckpointError(FFSolveError, ValueError):
 
 class DivergedError(FFSolveError, FloatingPointError):
     """Training produced a non-finite loss or weight; nothing broken was saved."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the signal lands: the run stops as on Ctrl-C (cleans up, says
+    so), and the command line exits 143 (128 + 15) where Ctrl-C's SIGINT gives 130."""

@@ -143,7 +143,7 @@ def _train(tmp_path, data, stem, *extra, sets=()):
 
 
 def test_trainer_refuses_overwrite_and_resumes(tmp_path, monkeypatch):
-    import ffsolve.experiments.ddpm_train as dt
+    import ffsolve.training as dt
 
     data = idx_folder(tmp_path / "fmnist", 10, 4)  # 3 batches of 4 a epoch: the order wraps
     sets = ["max_steps=4", "save_every_minutes=1e-9"]  # a resumable save after every step
@@ -154,7 +154,7 @@ def test_trainer_refuses_overwrite_and_resumes(tmp_path, monkeypatch):
     assert not (tmp_path / "straight.resume.pt").exists()  # finished: nothing to resume
     (run,) = (tmp_path / "runs" / "ddpm").iterdir()
     rec = json.loads((run / "records.json").read_text())
-    assert [h["step"] for h in rec["history"]] == [1, 2, 3, 4] and rec["device"] == "cpu"
+    assert [h["step"] for h in rec["history"]] == [0, 1, 2, 3, 4] and rec["device"] == "cpu"
     assert _train(tmp_path, data, "straight", sets=sets) == 2  # not overwritten silently
     assert _train(tmp_path, data, "none", "--resume") == 2  # nothing to resume
     # killed after the save at step 2, resumed: the same weights as a run never stopped

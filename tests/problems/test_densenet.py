@@ -262,7 +262,7 @@ def test_train_refuses_overwrite_and_resume_equals_an_uninterrupted_run(tmp_path
 
     def killed_in_epoch_2(*args, **kwargs):  # the run dies after epoch 1's periodic save
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == 3:  # the model before training, after epoch 1, after epoch 2
             raise KeyboardInterrupt
         return accuracy(*args, **kwargs)
 

@@ -10,25 +10,20 @@ replace the final ones (a crash never leaves a half-written checkpoint).
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
-from ffsolve.checkpoint import (
-    check_finite_loss,
-    check_training_output,
-    load_train_state,
-    save_train_state,
-)
+from ffsolve.checkpoint import check_training_output
 from ffsolve.config import Config, config_to_dict, spec
 from ffsolve.data import load_images
 from ffsolve.experiments import RunContext, Trainer, register_trainer
-from ffsolve.models.densenet import DenseNet, densenet_bc, save_densenet
-from ffsolve.progress import track
+from ffsolve.models.densenet import DenseNet, densenet_bc, load_densenet, save_densenet
+from ffsolve.training import Fit, Loop, Task, cosine, fit, shuffled_batches
 
 
 @dataclass(frozen=True)
@@ -70,21 +65,21 @@ def _augment(x: torch.Tensor, flip: bool, g: torch.Generator) -> torch.Tensor:
 
 @torch.no_grad()
 def accuracy(model: DenseNet, x: torch.Tensor, y: torch.Tensor, mean: float, std: float,
-             device: torch.device, batch: int = 1000) -> float:  # fmt: skip
-    """Test accuracy in eval mode (float32)."""
+             device: torch.device, batch: int = 1000) -> dict[str, float]:  # fmt: skip
+    """Test accuracy and cross-entropy (nats) in eval mode (float32)."""
     model.eval()
-    correct = 0
+    correct, loss = 0, 0.0
     for i in range(0, len(x), batch):
         xb = (x[i : i + batch].to(device) - mean) / std
-        correct += int((model(xb).argmax(1).cpu() == y[i : i + batch]).sum())
-    return correct / max(1, len(x))
+        logits = model(xb).float().cpu()  # (B, 10)
+        correct += int((logits.argmax(1) == y[i : i + batch]).sum())
+        loss += float(F.cross_entropy(logits, y[i : i + batch].long(), reduction="sum"))
+    return {"test_loss": loss / max(1, len(x)), "test_acc": correct / max(1, len(x))}
 
 
 def train(cfg: DenseNetTrainConfig, ctx: RunContext) -> dict[str, Any]:
     path = cfg.save_to or str(ctx.out_dir / "densenet")
-    state_path = check_training_output(
-        path, named=cfg.save_to is not None, force=ctx.force, resume=ctx.resume
-    )
+    check_training_output(path, named=cfg.save_to is not None, force=ctx.force, resume=ctx.resume)
     torch.manual_seed(cfg.seed)
     data = load_images(cfg.data, cfg.data_dir)
     x_train, y_train = (
@@ -114,76 +109,53 @@ def train(cfg: DenseNetTrainConfig, ctx: RunContext) -> dict[str, Any]:
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay}],
         lr=cfg.lr, momentum=0.9, nesterov=True,
     )  # fmt: skip
-    steps_per_epoch = math.ceil(len(x_train) / cfg.batch_size)
-    total = cfg.epochs * steps_per_epoch
-    budget = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
     g = torch.Generator().manual_seed(cfg.seed)
     flip = cfg.data == "fashion-mnist"
     x_dev, y_dev = x_train.to(ctx.device), y_train.to(ctx.device)  # 47 MB: keep on device
-    history: list[dict[str, Any]] = []
-    step, progress, epoch, elapsed0 = 0, 0.0, 0, 0.0
+
+    def loss(idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        xb = x_dev[idx]
+        if cfg.augment:
+            xb = _augment(xb, flip, g)
+        xb = (xb - mean) / std
+        if ctx.device.type == "cuda":
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(ctx.device.type, torch.bfloat16, enabled=use_amp):
+            return F.cross_entropy(model(xb), y_dev[idx])
+
+    def save(run: Fit, final: bool) -> Path:
+        extra = {
+            "data": {"name": cfg.data, "shape": [1, 28, 28], "mean": mean, "std": std},
+            "test_accuracy": run.final["test_acc"],
+            "test_loss": run.final["test_loss"],
+            "num_test": len(x_test),
+            "epochs": run.epoch,
+            "steps": run.step,
+            "train_seconds": run.elapsed_s,
+        }
+        kept = model.to(memory_format=torch.contiguous_format).cpu()
+        saved = save_densenet(path, kept, extra)  # atomic (save_checkpoint)
+        model.to(ctx.device)
+        return saved
+
+    task = Task(
+        model=model,
+        optimizer=opt,
+        lr=cosine(cfg.lr),  # over the larger of the steps' and the time budget's progress
+        plan=shuffled_batches(len(x_train), cfg.batch_size, ctx.device),
+        loss=loss,
+        evaluate=lambda m: accuracy(m, x_test, y_test, mean, std, ctx.device),
+        save=save,
+        load=lambda p: load_densenet(p, ctx.device)[0],
+        test_key="test_loss",
+        steps_per_epoch=math.ceil(len(x_train) / cfg.batch_size),
+    )
+    loop = Loop(epochs=cfg.epochs, max_minutes=cfg.max_minutes or 0.0, save_every=1)
     same = config_to_dict(cfg)  # a resumed run continues the same training, nothing else
-    if ctx.resume:
-        state = load_train_state(state_path, model, opt, config=same, generator=g)
-        epoch, step = state["epoch"], state["extra"]["step"]
-        elapsed0, history = state["extra"]["elapsed_s"], state["extra"]["history"]
-        progress = max(step / total, elapsed0 / budget)
-        ctx.log(f"  resuming after epoch {epoch} from {state_path}")
-    t0 = time.perf_counter() - elapsed0  # the time budget counts the interrupted run's time
-    while progress < 1 and epoch < cfg.epochs:
-        epoch += 1
-        model.train()
-        perm = torch.randperm(len(x_train), generator=g).to(ctx.device)
-        loss_sum = torch.zeros((), device=ctx.device)
-        n_seen = 0
-        starts = range(0, len(x_train), cfg.batch_size)
-        for i in track(starts, desc=f"epoch {epoch}", unit="batch", lines=False):
-            progress = max(step / total, (time.perf_counter() - t0) / budget)
-            if progress >= 1:
-                break
-            for group in opt.param_groups:
-                group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
-            idx = perm[i : i + cfg.batch_size]
-            xb = x_dev[idx]
-            if cfg.augment:
-                xb = _augment(xb, flip, g)
-            xb = (xb - mean) / std
-            if ctx.device.type == "cuda":
-                xb = xb.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(ctx.device.type, torch.bfloat16, enabled=use_amp):
-                loss = F.cross_entropy(model(xb), y_dev[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.detach() * len(idx)
-            n_seen += len(idx)
-            step += 1
-        test_acc = accuracy(model, x_test, y_test, mean, std, ctx.device)
-        elapsed = time.perf_counter() - t0
-        train_loss = float(loss_sum) / max(1, n_seen)
-        check_finite_loss(train_loss, f"epoch {epoch}")  # one host read per epoch
-        history.append(
-            {"epoch": epoch, "train_loss": train_loss, "test_acc": test_acc, "elapsed_s": elapsed}
-        )
-        ctx.log(
-            f"  epoch {epoch:3d}  loss {train_loss:.4f}  test acc {test_acc:.4f}  "
-            f"lr {opt.param_groups[0]['lr']:.4f}  ({elapsed:.0f} s)"
-        )
-        resume = {"step": step, "history": history, "elapsed_s": elapsed}
-        save_train_state(state_path, model, opt, None, epoch, resume, config=same, generator=g)
-    model = model.to(memory_format=torch.contiguous_format).cpu().eval()
-    final_acc = accuracy(model.to(ctx.device), x_test, y_test, mean, std, ctx.device)
-    extra = {
-        "data": {"name": cfg.data, "shape": [1, 28, 28], "mean": mean, "std": std},
-        "test_accuracy": final_acc,
-        "num_test": len(x_test),
-        "epochs": epoch,
-        "steps": step,
-        "train_seconds": time.perf_counter() - t0,
-    }
-    saved = save_densenet(path, model.cpu(), extra)  # atomic (save_checkpoint)
-    state_path.unlink(missing_ok=True)  # finished: nothing left to resume
-    ctx.log(f"checkpoint: {saved} (test accuracy {final_acc:.4f})")
+    run = fit(task, loop, ctx, path, same=same, generator=g, resume=ctx.resume)
+    final_acc = run.final["test_acc"]
+    ctx.log(f"checkpoint: {run.checkpoint} (test accuracy {final_acc:.4f})")
+    history, saved = run.history, run.checkpoint
     return {
         "history": history,
         "checkpoint": str(saved),

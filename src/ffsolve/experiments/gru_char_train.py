@@ -10,7 +10,6 @@ input `rnn-forward` feeds the trained cell, identical on every machine.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,18 +17,13 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from ffsolve.checkpoint import (
-    check_finite_loss,
-    check_training_output,
-    load_train_state,
-    save_train_state,
-)
+from ffsolve.checkpoint import check_training_output
 from ffsolve.config import Config, config_to_dict, spec
 from ffsolve.data import TEXT_SOURCES, TEXT_VOCAB, decode_text, encode_text, load_text
 from ffsolve.errors import DataError
 from ffsolve.experiments import RunContext, Trainer, register_trainer
 from ffsolve.models.char_gru import CharGRU, CharGRUConfig, load_char_gru, save_char_gru
-from ffsolve.progress import track
+from ffsolve.training import Fit, Loop, Task, cosine, fit
 
 __all__ = ["GRUCharTrainConfig", "evaluate_bpc", "train"]
 
@@ -106,9 +100,7 @@ def _sample(model: CharGRU, prompt: torch.Tensor, n: int, seed: int) -> str:
 
 def train(cfg: GRUCharTrainConfig, ctx: RunContext) -> dict[str, Any]:
     path = cfg.save_to or str(ctx.out_dir / "gru_char")
-    state_path = check_training_output(
-        path, named=cfg.save_to is not None, force=ctx.force, resume=ctx.resume
-    )
+    check_training_output(path, named=cfg.save_to is not None, force=ctx.force, resume=ctx.resume)
     text = load_text(cfg.text, cfg.text_file)[: cfg.max_chars]
     ids = encode_text(text)
     n_valid = int(len(ids) * cfg.valid_fraction)
@@ -128,83 +120,55 @@ def train(cfg: GRUCharTrainConfig, ctx: RunContext) -> dict[str, Any]:
         f"GRU hidden {cfg.hidden}, {n_params} parameters; {len(train_ids)} train / "
         f"{n_valid} valid characters of {source}"
     )
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(
-        opt, cfg.epochs * steps_per_epoch, eta_min=cfg.lr_final
-    )
-    g = torch.Generator().manual_seed(cfg.seed)
-    same = {k: v for k, v in config_to_dict(cfg).items() if k != "save_every"}
-    if ctx.resume:
-        state = load_train_state(state_path, model, opt, sched, config=same, generator=g)
-        history = state["extra"]["history"]
-        start = state["epoch"] + 1
-        ctx.log(f"  resuming after epoch {state['epoch']} from {state_path}")
-    else:
-        bpc = evaluate_bpc(model, valid_ids, cfg.chunk)
-        history = [{"epoch": 0, "train_bpc": None, "valid_bpc": bpc, "elapsed_s": 0.0}]
-        ctx.log(f"  epoch   0 (initial)  valid {bpc:.4f} bits/char")
-        start = 1
     heldout = valid_ids[: cfg.heldout_chars]
+    carried: list[torch.Tensor | None] = [None]  # the state carried from chunk to chunk
 
-    def save(epoch: int) -> Path:
-        """Checkpoint first, then the resume state (a kill between the two resumes one save
-        earlier, never from a state newer than the checkpoint)."""
+    def plan(g: torch.Generator) -> range:
+        # a random shift per epoch moves the chunk boundaries (the state is reset there)
+        shift = min(int(torch.randint(cfg.chunk, (1,), generator=g)), data.shape[1] - 2)
+        carried[0] = None
+        return range(shift, data.shape[1] - 1, cfg.chunk)
+
+    def loss(i: int, g: torch.Generator) -> torch.Tensor:
+        x, y = data[:, i : i + cfg.chunk], data[:, i + 1 : i + cfg.chunk + 1]
+        x = x[:, : y.shape[1]]
+        logits, h = model(x, carried[0])  # (B, L, vocab), (1, B, H)
+        carried[0] = h.detach()  # truncated BPTT
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten())  # nats
+
+    def save(run: Fit, final: bool) -> Path:
         meta = {
             "text": source,
             "vocab_chars": TEXT_VOCAB,
             "heldout": f"the first {len(heldout)} characters of the held-out tail",
             "train_chars": len(train_ids),
             "valid_chars": n_valid,
-            "valid_bits_per_char": history[-1]["valid_bpc"],
-            "epochs": epoch,
+            "valid_bits_per_char": run.final["valid_bpc"],
+            "epochs": run.epoch,
         }
-        saved = save_char_gru(path, model, heldout, meta)
-        if epoch < cfg.epochs:
-            save_train_state(
-                state_path, model, opt, sched, epoch, {"history": history}, config=same, generator=g
-            )
-        return saved
+        return save_char_gru(path, model, heldout, meta)
 
-    t0 = time.perf_counter() - (history[-1]["elapsed_s"] or 0.0)
-    saved = None
-    for epoch in track(range(start, cfg.epochs + 1), desc="epochs", unit="epoch"):
-        model.train()
-        # a random shift per epoch moves the chunk boundaries (the state is reset there)
-        shift = int(torch.randint(cfg.chunk, (1,), generator=g))
-        shift = min(shift, data.shape[1] - 2)
-        h, total, count = None, 0.0, 0
-        starts = range(shift, data.shape[1] - 1, cfg.chunk)
-        for i in track(starts, desc=f"epoch {epoch}", unit="chunk", lines=False):
-            x, y = data[:, i : i + cfg.chunk], data[:, i + 1 : i + cfg.chunk + 1]
-            x = x[:, : y.shape[1]]
-            logits, h = model(x, h)  # (B, L, vocab), (1, B, H)
-            h = h.detach()  # truncated BPTT
-            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-            opt.step()
-            sched.step()
-            value = float(loss.detach())
-            check_finite_loss(value, f"epoch {epoch}, chunk {i}")
-            total += value * y.numel()
-            count += y.numel()
-        bpc = evaluate_bpc(model, valid_ids, cfg.chunk)
-        train_bpc = total / count / math.log(2)
-        elapsed = time.perf_counter() - t0
-        history.append(
-            {"epoch": epoch, "train_bpc": train_bpc, "valid_bpc": bpc, "elapsed_s": elapsed}
-        )
-        ctx.log(
-            f"  epoch {epoch:3d}/{cfg.epochs}  train {train_bpc:.4f}  valid {bpc:.4f} bits/char"
-            f"  ({elapsed:.0f} s)"
-        )
-        if epoch % cfg.save_every == 0 or epoch == cfg.epochs:
-            saved = save(epoch)
-    if saved is None:  # resumed after the last epoch's checkpoint but before its cleanup
-        saved = save(cfg.epochs)
-    state_path.unlink(missing_ok=True)  # finished: nothing left to resume
+    task = Task(
+        model=model,
+        optimizer=torch.optim.Adam(model.parameters(), lr=cfg.lr),
+        lr=cosine(cfg.lr, cfg.lr_final),
+        plan=plan,
+        loss=loss,
+        evaluate=lambda m: {"valid_bpc": evaluate_bpc(m, valid_ids, cfg.chunk)},
+        save=save,
+        load=lambda p: load_char_gru(p, ctx.device)[0],
+        test_key="valid_bpc",
+        train_key="train_bpc",
+        train_scale=1 / math.log(2),  # nats -> bits
+        steps_per_epoch=steps_per_epoch,
+        clip=cfg.clip,
+    )
+    # the state is carried across the chunks of an epoch: saves only at an epoch's end
+    loop = Loop(epochs=cfg.epochs, save_every=cfg.save_every, checkpoint_each_save=True)
+    same = {k: v for k, v in config_to_dict(cfg).items() if k != "save_every"}
+    g = torch.Generator().manual_seed(cfg.seed)
+    run = fit(task, loop, ctx, path, same=same, generator=g, resume=ctx.resume)
+    history, saved = run.history, run.checkpoint
     model, _, meta = load_char_gru(path, ctx.device)
     prompt = valid_ids[:40]
     sample = _sample(model, prompt, 200, cfg.seed)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,18 +11,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ffsolve.checkpoint import (
-    STORAGE_DTYPES,
-    check_finite_loss,
-    check_training_output,
-    load_train_state,
-    save_train_state,
-)
+from ffsolve.checkpoint import STORAGE_DTYPES, check_training_output
 from ffsolve.config import Config, config_to_dict, spec
 from ffsolve.data import bits_per_dim, dequantize_logit, load_images
 from ffsolve.experiments import RunContext, Trainer, register_trainer
 from ffsolve.models.made import MADE, MADEConfig, load_made, save_made
-from ffsolve.progress import track
+from ffsolve.training import Fit, Loop, Task, cosine, fit, shuffled_batches
 
 
 @dataclass(frozen=True)
@@ -86,9 +79,7 @@ def _rounded(model: MADE, storage_dtype: str) -> MADE:
 
 def train(cfg: MADETrainConfig, ctx: RunContext) -> dict[str, Any]:
     path = cfg.save_to or str(ctx.out_dir / "made")
-    state_path = check_training_output(
-        path, named=cfg.save_to is not None, force=ctx.force, resume=ctx.resume
-    )
+    check_training_output(path, named=cfg.save_to is not None, force=ctx.force, resume=ctx.resume)
     torch.manual_seed(cfg.seed)
     kw = {"num_train": cfg.rgb_train, "num_test": cfg.rgb_test, "seed": cfg.seed,
           "photos": cfg.rgb_photos}  # fmt: skip
@@ -105,94 +96,53 @@ def train(cfg: MADETrainConfig, ctx: RunContext) -> dict[str, Any]:
         f"MADE {D} dims, hidden {cfg.hidden}, {n_params / 1e6:.2f}M parameters; "
         f"{len(x_train)} train / {len(x_test)} test images ({cfg.data})"
     )
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    steps_per_epoch = math.ceil(len(x_train) / cfg.batch_size)
-    total_steps = cfg.epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total_steps, eta_min=cfg.lr_final)
-    g = torch.Generator().manual_seed(cfg.seed)
-    # what must not change across a resume (save_every may)
-    same = {k: v for k, v in config_to_dict(cfg).items() if k != "save_every"}
-    if ctx.resume:
-        state = load_train_state(state_path, model, opt, sched, config=same, generator=g)
-        history = state["extra"]["history"]
-        start = state["epoch"] + 1
-        ctx.log(f"  resuming after epoch {state['epoch']} from {state_path}")
-    else:
-        model.eval()
-        history = [
-            {
-                "epoch": 0,
-                "train_bpd": None,
-                "elapsed_s": 0.0,
-                "test_bpd": evaluate_bpd(model, x_test, cfg.lam, ctx.device),
-            }
-        ]
-        ctx.log(f"  epoch   0 (initial)  test {history[0]['test_bpd']:.4f} bits/dim")
-        start = 1
     extra = {"data": {"name": cfg.data, "shape": shape, "lam": cfg.lam}}
 
-    def save(epoch: int) -> Path:
-        """Checkpoint first, then the resume state: a kill between the two resumes one
-        save earlier, never from a state newer than the checkpoint."""
-        final = epoch == cfg.epochs
+    def loss(idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        xb = x_train[idx]
+        u = torch.rand(xb.shape, generator=g)
+        z, logdet = dequantize_logit(xb.to(ctx.device), cfg.lam, u.to(ctx.device))
+        return bits_per_dim(model.log_prob(z), logdet, D).mean()
+
+    def evaluate(m: MADE) -> dict[str, float]:
+        return {"test_bpd": evaluate_bpd(m.eval(), x_test, cfg.lam, ctx.device)}
+
+    def save(run: Fit, final: bool) -> Path:
         storage = cfg.storage_dtype if final else "float32"
         kept = _rounded(model, storage)
-        test = history[-1]["test_bpd"]
+        test = run.final["test_bpd"]
         if kept is not model:  # re-measure with the weights as they are stored
             test = evaluate_bpd(kept.eval(), x_test, cfg.lam, ctx.device)
-        meta = {**extra, "test_bits_per_dim": test, "epochs": epoch}
+        meta = {**extra, "test_bits_per_dim": test, "epochs": run.epoch}
         if storage != "float32":
-            meta["test_bits_per_dim_float32"] = history[-1]["test_bpd"]
-        saved = save_made(path, kept, meta, storage_dtype=storage)
-        if not final:
-            save_train_state(
-                state_path, model, opt, sched, epoch, {"history": history}, config=same, generator=g
-            )
-        return saved
+            meta["test_bits_per_dim_float32"] = run.final["test_bpd"]
+        return save_made(path, kept, meta, storage_dtype=storage)
 
-    t0 = time.perf_counter() - (history[-1]["elapsed_s"] or 0.0)
-    saved = None
-    for epoch in track(range(start, cfg.epochs + 1), desc="epochs", unit="epoch"):
-        model.train()
-        perm = torch.randperm(len(x_train), generator=g)
-        losses = []
-        starts = range(0, len(x_train), cfg.batch_size)
-        for i in track(starts, desc=f"epoch {epoch}", unit="batch", lines=False):
-            xb = x_train[perm[i : i + cfg.batch_size]]
-            u = torch.rand(xb.shape, generator=g)
-            z, logdet = dequantize_logit(xb.to(ctx.device), cfg.lam, u.to(ctx.device))
-            loss = bits_per_dim(model.log_prob(z), logdet, D).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
-            check_finite_loss(losses[-1], f"epoch {epoch}, batch {i // cfg.batch_size}")
-        model.eval()
-        test = evaluate_bpd(model, x_test, cfg.lam, ctx.device)
-        train_bpd = float(np.mean(losses))
-        history.append(
-            {
-                "epoch": epoch,
-                "train_bpd": train_bpd,
-                "test_bpd": test,
-                "elapsed_s": time.perf_counter() - t0,
-            }
-        )
-        ctx.log(
-            f"  epoch {epoch:3d}/{cfg.epochs}  train {train_bpd:.4f}  test {test:.4f} bits/dim"
-            f"  ({time.perf_counter() - t0:.0f} s)"
-        )
-        if epoch % cfg.save_every == 0 or epoch == cfg.epochs:
-            saved = save(epoch)
-    if saved is None:  # resumed after the last epoch's checkpoint but before its cleanup
-        saved = save(cfg.epochs)
-    state_path.unlink(missing_ok=True)  # finished: nothing left to resume
+    task = Task(
+        model=model,
+        optimizer=torch.optim.Adam(model.parameters(), lr=cfg.lr),
+        lr=cosine(cfg.lr, cfg.lr_final),
+        plan=shuffled_batches(len(x_train), cfg.batch_size),
+        loss=loss,
+        evaluate=evaluate,
+        save=save,
+        load=lambda p: load_made(p, ctx.device)[0],
+        test_key="test_bpd",
+        train_key="train_bpd",
+        steps_per_epoch=math.ceil(len(x_train) / cfg.batch_size),
+    )
+    loop = Loop(epochs=cfg.epochs, save_every=cfg.save_every, checkpoint_each_save=True)
+    # what must not change across a resume (save_every may)
+    same = {k: v for k, v in config_to_dict(cfg).items() if k != "save_every"}
+    g = torch.Generator().manual_seed(cfg.seed)
+    run = fit(task, loop, ctx, path, same=same, generator=g, resume=ctx.resume)
     _, meta = load_made(path)
-    ctx.log(f"checkpoint: {saved} (test {meta['test_bits_per_dim']:.4f} bits/dim as stored)")
+    ctx.log(
+        f"checkpoint: {run.checkpoint} (test {meta['test_bits_per_dim']:.4f} bits/dim as stored)"
+    )
     return {
-        "history": history,
-        "checkpoint": str(saved),
+        "history": run.history,
+        "checkpoint": str(run.checkpoint),
         "num_params": n_params,
         "storage_dtype": cfg.storage_dtype,
         "test_bits_per_dim": meta["test_bits_per_dim"],

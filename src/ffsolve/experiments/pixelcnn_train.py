@@ -14,30 +14,25 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ffsolve.checkpoint import (
-    check_finite_loss,
-    check_training_output,
-    load_train_state,
-    save_train_state,
-    train_state_path,
-)
+from ffsolve.checkpoint import check_training_output, train_state_path
 from ffsolve.config import Config, spec
 from ffsolve.data import load_images
 from ffsolve.experiments import RunContext, Trainer, register_trainer
 from ffsolve.models.pixelcnnpp import (
     PixelCNNpp,
     PixelCNNppConfig,
+    load_pixelcnnpp,
     mixture_nll,
     save_pixelcnnpp,
 )
-from ffsolve.progress import track
+from ffsolve.training import Fit, Loop, Task, exponential, fit, shuffled_batches
 
 
 @dataclass(frozen=True)
@@ -118,7 +113,7 @@ def train(cfg: PixelCNNTrainConfig, ctx: RunContext) -> dict[str, Any]:
     # --resume insists on a resume state; the config's `resume` continues one when present
     resume = cfg.resume or ctx.resume
     continues = cfg.resume and train_state_path(save_to).is_file()
-    rpath = check_training_output(
+    check_training_output(
         save_to, named=cfg.save_to is not None, force=ctx.force or continues, resume=ctx.resume
     )
     torch.manual_seed(cfg.seed)
@@ -142,105 +137,69 @@ def train(cfg: PixelCNNTrainConfig, ctx: RunContext) -> dict[str, Any]:
     )
     model = PixelCNNpp(model_cfg).to(dev)
     n_params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=cfg.lr_decay)
-    g = torch.Generator().manual_seed(cfg.seed)
-    history: list[dict[str, Any]] = []
-    start_epoch, step, elapsed0, skipped = 1, 0, 0.0, 0
-    same = dataclasses.asdict(model_cfg)  # a resumed run trains the same model
-    if resume and rpath.is_file():
-        st = load_train_state(rpath, model, opt, sched, config=same, generator=g)
-        start_epoch = st["epoch"] + 1
-        step, elapsed0, history = (st["extra"][k] for k in ("step", "elapsed_s", "history"))
-        ctx.log(f"resumed from {rpath}: epoch {start_epoch}, step {step}, {elapsed0:.0f} s")
-    elif resume:
-        ctx.log(f"no resumable state at {rpath}: starting afresh")
     ctx.log(
         f"PixelCNN++ {C}x{H}x{W} ({cfg.data}), {cfg.filters} filters, {cfg.resnets} resnets, "
         f"{n_params / 1e6:.2f}M parameters; {len(x_train)} train / {len(x_test)} test images"
     )
     amp = cfg.amp and dev.type == "cuda"
     dims = C * H * W
-    t0 = time.perf_counter() - elapsed0
-    last_save = time.perf_counter()
 
-    def save_state(epochs_done: int) -> None:
-        extra = {"step": step, "elapsed_s": time.perf_counter() - t0, "history": history}
-        rpath.parent.mkdir(parents=True, exist_ok=True)
-        save_train_state(  # atomic
-            rpath, model, opt, sched, epochs_done, extra, config=same, generator=g
-        )
+    def loss(idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        xb = to_unit(x_train[idx])
+        with torch.autocast(dev.type, torch.bfloat16, enabled=amp):
+            params = model(xb)
+        return mixture_nll(params, xb, cfg.mixtures).mean() / (dims * math.log(2.0))
 
-    out_of_time = False
-    epoch = start_epoch
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        model.train()
-        perm = torch.randperm(len(x_train), generator=g).to(dev)
-        losses = []
-        n_batches = math.ceil(len(x_train) / cfg.batch_size)
-        for b in track(range(n_batches), desc=f"epoch {epoch}", unit="batch", lines=False):
-            xb = to_unit(x_train[perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]])
-            with torch.autocast(dev.type, torch.bfloat16, enabled=amp):
-                params = model(xb)
-            loss = mixture_nll(params, xb, cfg.mixtures).mean() / (dims * math.log(2.0))
-            opt.zero_grad(set_to_none=True)
-            if not torch.isfinite(loss):  # one host read per batch: stop at the first
-                check_finite_loss(float(loss), f"epoch {epoch}, batch {b}")
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            losses.append(loss.detach())
-            if cfg.max_minutes and time.perf_counter() - t0 > 60 * cfg.max_minutes:
-                out_of_time = True
-                break
-        train_bpd = float(torch.stack(losses).mean()) if losses else float("nan")
-        test = evaluate_bpd(model, x_test, cfg.eval_batch, dev, amp)
-        history.append(
-            {
-                "epoch": epoch,
-                "step": step,
-                "train_bpd": train_bpd,
-                "test_bpd": test,
-                "elapsed_s": time.perf_counter() - t0,
-                "complete": not out_of_time,
-            }
-        )
-        ctx.log(
-            f"  epoch {epoch:3d}  train {train_bpd:.4f}  test {test:.4f} bits/dim  "
-            f"(step {step}, {time.perf_counter() - t0:.0f} s)"
-        )
-        if out_of_time:
-            break
-        if cfg.save_every_minutes and time.perf_counter() - last_save > 60 * cfg.save_every_minutes:
-            save_state(epoch)
-            last_save = time.perf_counter()
-    save_state(epoch)  # an epoch cut short by the time budget counts as done
-    model.eval()
-    stored_bpd = history[-1]["test_bpd"] if history else None
-    if cfg.storage_dtype == "float16":  # measure what ships: the float16-rounded weights
-        rounded = copy.deepcopy(model)
-        with torch.no_grad():
-            for p in rounded.parameters():
-                p.copy_(p.half().float())
-        stored_bpd = evaluate_bpd(rounded, x_test, cfg.eval_batch, dev, amp)
-        ctx.log(f"  test with float16-stored weights: {stored_bpd:.4f} bits/dim")
-    extra = {
-        "data": {"name": cfg.data, "shape": [C, H, W]},
-        "test_bits_per_dim": stored_bpd,
-        "epochs": history[-1]["epoch"] if history else 0,
-        "steps": step,
-        "train_seconds": history[-1]["elapsed_s"] if history else 0.0,
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-    }
-    saved = save_pixelcnnpp(save_to, model.cpu(), extra, cfg.storage_dtype)
-    ctx.log(f"checkpoint: {saved}")
+    def evaluate(m: PixelCNNpp) -> dict[str, float]:
+        return {"test_bpd": evaluate_bpd(m, x_test, cfg.eval_batch, dev, amp)}
+
+    def save(run: Fit, final: bool) -> Path:
+        stored_bpd = run.final["test_bpd"]
+        if cfg.storage_dtype == "float16":  # measure what ships: the float16-rounded weights
+            rounded = copy.deepcopy(model)
+            with torch.no_grad():
+                for p in rounded.parameters():
+                    p.copy_(p.half().float())
+            stored_bpd = evaluate(rounded)["test_bpd"]
+            ctx.log(f"  test with float16-stored weights: {stored_bpd:.4f} bits/dim")
+        run.final["stored_bpd"] = stored_bpd
+        extra = {
+            "data": {"name": cfg.data, "shape": [C, H, W]},
+            "test_bits_per_dim": stored_bpd,
+            "epochs": run.epoch,
+            "steps": run.step,
+            "train_seconds": run.elapsed_s,
+            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        }
+        return save_pixelcnnpp(save_to, copy.deepcopy(model).cpu(), extra, cfg.storage_dtype)
+
+    task = Task(
+        model=model,
+        optimizer=torch.optim.Adam(model.parameters(), lr=cfg.lr),
+        lr=exponential(cfg.lr, cfg.lr_decay),  # the paper's decay per step
+        plan=shuffled_batches(len(x_train), cfg.batch_size, dev),
+        loss=loss,
+        evaluate=evaluate,
+        save=save,
+        load=lambda p: load_pixelcnnpp(p, dev)[0],
+        test_key="test_bpd",
+        train_key="train_bpd",
+        steps_per_epoch=math.ceil(len(x_train) / cfg.batch_size),
+    )
+    # the schedule does not depend on the run's length: the state is kept for --resume with
+    # more epochs; a resumed run trains the same model (epochs and budget may change)
+    loop = Loop(epochs=cfg.epochs, max_minutes=cfg.max_minutes,
+                save_every_minutes=cfg.save_every_minutes, keep_state=True)  # fmt: skip
+    same = dataclasses.asdict(model_cfg)
+    g = torch.Generator().manual_seed(cfg.seed)
+    run = fit(task, loop, ctx, save_to, same=same, generator=g, resume=resume)
+    ctx.log(f"checkpoint: {run.checkpoint}")
     return {
-        "history": history,
-        "checkpoint": str(saved),
+        "history": run.history,
+        "checkpoint": str(run.checkpoint),
         "num_params": n_params,
-        "test_bits_per_dim": stored_bpd,
-        "skipped_batches": skipped,
+        "test_bits_per_dim": run.final["stored_bpd"],
+        "skipped_batches": 0,
     }
 
 

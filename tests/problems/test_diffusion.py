@@ -109,3 +109,65 @@ def test_bad_inputs_give_one_clear_error():
     nan = DiffusionSampling(broken, sched, x_T, z)
     with pytest.raises(ffsolve.NonFiniteError, match="position 2"), torch.no_grad():
         ffsolve.solve(nan, method="picard")
+
+
+class _HostWindows(DiffusionSampling):
+    """The same sampler with its windows placed by the host (`evaluate` with ints)."""
+
+    window_on_device = False
+
+
+WINDOWED = [
+    ("gs_jacobi", {"window": 6}),
+    ("picard", {"window": 6}),
+    ("picard", {"window": 5, "linear": "problem"}),
+    ("anderson", {"base": "picard", "history": 2, "window": 7}),
+]
+
+
+@pytest.mark.parametrize("method,opts", WINDOWED, ids=[f"{m}{o}" for m, o in WINDOWED])
+@pytest.mark.parametrize("atol", [0.0, 0.1])
+def test_windows_on_the_device_sweep_as_the_host_places_them(method, opts, atol):
+    """The window's steps, timesteps, coefficients, noise and guesses gathered by a device
+    offset give the solve the host's slices give, sweep for sweep (the same denoiser calls)."""
+    problem, sched, x_T, z = _problem("ddim", eta=0.7)
+    host = _HostWindows(problem.denoiser, sched, x_T, z, eta=0.7)
+    stop = ffsolve.Stopping(atol=atol, rule="variance") if atol else ffsolve.Stopping()
+    with torch.no_grad():
+        got = ffsolve.solve(problem, method=method, stopping=stop, check_every=4, **opts)
+        ref = ffsolve.solve(host, method=method, stopping=stop, **opts)
+    assert got.num_iters == ref.num_iters and got.all_converged
+    assert torch.equal(got.value, ref.value)
+    assert torch.equal(got.certified, ref.certified)
+
+
+@pytest.mark.parametrize("method,opts", WINDOWED[1:], ids=[f"{m}{o}" for m, o in WINDOWED[1:]])
+def test_captured_windows_replay_the_eager_solve(fake_graphs, method, opts):
+    problem, *_ = _problem("ddpm")
+    stop = ffsolve.Stopping(atol=0.1, rule="variance")
+    with torch.no_grad():
+        ref = ffsolve.solve(problem, method=method, stopping=stop, **opts)
+        for _ in range(2):  # the capture, then a replay of the cached loop
+            got = ffsolve.solve(problem, method=method, stopping=stop, capture=True, **opts)
+            assert got.stats["captured"] and got.num_iters == ref.num_iters
+            assert torch.equal(got.value, ref.value)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method,opts", WINDOWED, ids=[f"{m}{o}" for m, o in WINDOWED])
+def test_windows_are_captured_on_cuda(method, opts):
+    """Real CUDA graphs of a moving window (the offset a device tensor): the captured loop
+    equals the eager one bitwise (the same kernels), replayed again after a reset."""
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    problem, sched, x_T, z = _problem("ddim", eta=0.7)
+    problem = DiffusionSampling(problem.denoiser.float().cuda(), sched, x_T.float().cuda(),
+                                z.float().cuda(), eta=0.7)  # fmt: skip
+    stop = ffsolve.Stopping(atol=0.1, rule="variance")
+    with torch.no_grad():
+        eager = ffsolve.solve(problem, method=method, stopping=stop, capture=False, **opts)
+        for _ in range(2):
+            got = ffsolve.solve(problem, method=method, stopping=stop, **opts)
+            assert got.stats.get("captured"), got.stats
+            assert got.num_iters == eager.num_iters
+            assert torch.equal(got.value, eager.value)

@@ -464,7 +464,11 @@ def backprop_through(
     fields, options = Stopping.split(options)
     solver = get_solver(method, **options)
     # fail now, not inside backward
-    backward = Stopping.of(backward or Stopping(capture=False), **fields)
+    backward = (
+        Stopping(capture=False).replace(**fields)
+        if backward is None
+        else Stopping.merged(backward, **fields)
+    )
     parts, is_tuple = _as_parts(h0)
     _check_inputs(parts, xs, batch_first)
     user_cell = cell

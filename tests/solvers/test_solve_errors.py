@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import ffsolve
+import ffsolve.problems
 from systems import chain, dense
 
 
@@ -95,3 +96,22 @@ def test_model_is_causal():
     for t in range(10):
         assert torch.all(jac[t, :, t:, :] == 0)
     assert jac[5, :, :5, :].abs().sum() > 0
+
+
+def test_a_stopping_field_given_twice_is_refused():
+    """solve(stopping=Stopping(atol=a), atol=b) let the keyword win silently; now it names
+    the field. A keyword for another field, or the same value twice, still combines."""
+    x0 = torch.zeros(1, 6, dtype=torch.float64)
+
+    def fn(x):
+        return torch.tanh(torch.cumsum(x, 1) - x + 1)
+
+    with pytest.raises(TypeError, match=r"atol=0\.1 vs 0\.2"):
+        ffsolve.solve(fn, x0, stopping=ffsolve.Stopping(atol=0.1), atol=0.2)
+    with pytest.raises(TypeError, match="given twice"):
+        ffsolve.get_solver("jacobi").solve(
+            ffsolve.problems.FunctionProblem(fn, x0), ffsolve.Stopping(max_iters=3), max_iters=4
+        )
+    sol = ffsolve.solve(fn, x0, stopping=ffsolve.Stopping(atol=0.1), atol=0.1, record=False)
+    assert sol.residuals is None and sol.all_converged
+    assert ffsolve.Stopping(atol=0.1).replace(atol=0.2).atol == 0.2  # replace changes a field

@@ -142,7 +142,7 @@ def solve(
         >>> sol.value, sol.num_iters
     """
     fields, options = Stopping.split(options)
-    stop = Stopping.of(stopping, **fields)
+    stop = Stopping.merged(stopping, **fields)
     solver = get_solver(method, **options)
     if isinstance(fn, Problem):
         if x0 is not None:

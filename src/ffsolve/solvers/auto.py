@@ -100,7 +100,7 @@ class Auto(Solver):
         methods = None if self.methods is None else [get_solver(m) for m in self.methods]
         if methods is not None and any(isinstance(m, Auto) for m in methods):
             raise ValueError("auto: a candidate cannot itself be 'auto'")
-        stop = Stopping.of(stopping, **fields)
+        stop = Stopping.merged(stopping, **fields)
         return solve_auto(problem, stop, get_solver, callback, probe=self.probe,
                           race=self.race, methods=methods, retune=self.retune)  # fmt: skip
 

@@ -141,7 +141,7 @@ class Solver:
             stopping: a `Stopping`; or give its fields as keywords (atol=..., record=...).
             callback: called as callback(k, x) after sweep k with the live iterate.
         """
-        return run(self, problem, Stopping.of(stopping, **fields), callback)
+        return run(self, problem, Stopping.merged(stopping, **fields), callback)
 
 
 def sliding_start(window: int, certified: Any, length: int) -> Any:

@@ -149,6 +149,27 @@ class Stopping:
         base = stopping if stopping is not None else cls()
         return dataclasses.replace(base, **fields) if fields else base
 
+    @classmethod
+    def merged(cls, stopping: Stopping | None = None, **fields: Any) -> Stopping:
+        """`of`, for a user's call that gives both a `Stopping` and keyword fields: a field
+        set in both to different values (the Stopping's not its default) is a TypeError
+        naming it, never silently the keyword's."""
+        if stopping is not None and isinstance(stopping, Stopping):
+            both = sorted(
+                k
+                for k, v in fields.items()
+                if k in FIELDS
+                and getattr(stopping, k) != _DEFAULTS[k]
+                and getattr(stopping, k) != v
+            )
+            if both:
+                given = ", ".join(f"{k}={getattr(stopping, k)!r} vs {fields[k]!r}" for k in both)
+                raise TypeError(
+                    f"stopping option(s) given twice, in stopping= and as keywords ({given}): "
+                    "give each once (stopping.replace(...) changes a field)"
+                )
+        return cls.of(stopping, **fields)
+
     @staticmethod
     def split(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """(the stopping fields, the rest) of keyword options."""
@@ -172,6 +193,7 @@ class Stopping:
 
 
 FIELDS = frozenset(f.name for f in dataclasses.fields(Stopping))
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Stopping)}
 
 
 class State:

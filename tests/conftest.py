@@ -62,3 +62,18 @@ def fake_graphs(monkeypatch):
     monkeypatch.setattr(ffsolve.solvers.loop, "captures", captures)
     monkeypatch.setattr(ffsolve.backprop, "captures", captures)
     return made
+
+
+@pytest.fixture
+def diffusers_log():
+    """What diffusers' model code logs (its loggers print to the stderr of import time, past
+    pytest's capture: a handler on the logger sees each message it lets through)."""
+    import logging
+
+    records: list = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    log = logging.getLogger("diffusers.models.modeling_utils")
+    log.addHandler(handler)
+    yield records
+    log.removeHandler(handler)

@@ -1,7 +1,6 @@
 """`ffsolve run diffusion-sampling` end to end on a tiny random DDPM (CPU)."""
 
 import json
-import logging
 
 import pytest
 import torch
@@ -10,19 +9,6 @@ from ffsolve.cli import main
 from idx_files import idx_folder
 
 pytest.importorskip("diffusers")
-
-
-@pytest.fixture
-def diffusers_log():
-    """What diffusers' model code logs (a handler on its logger: its own prints to the stderr
-    of import time, past pytest's capture)."""
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    log = logging.getLogger("diffusers.models.modeling_utils")
-    log.addHandler(handler)
-    yield records
-    log.removeHandler(handler)
 
 
 @pytest.fixture

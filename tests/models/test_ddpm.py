@@ -1,5 +1,4 @@
 import json
-import logging
 
 import numpy as np
 import pytest
@@ -46,19 +45,6 @@ def test_config_checks():
         DDPMConfig(block_out_channels=(8, 16))
     with pytest.raises(ValueError, match="beta_start"):
         DDPMConfig(beta_start=0.03)
-
-
-@pytest.fixture
-def diffusers_log():
-    """What diffusers' model code logs (its loggers print to the stderr of import time, past
-    pytest's capture: a handler on the logger sees each message it lets through)."""
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    log = logging.getLogger("diffusers.models.modeling_utils")
-    log.addHandler(handler)
-    yield records
-    log.removeHandler(handler)
 
 
 def test_load_in_float64_prints_no_float32_notice(tmp_path, diffusers_log):

@@ -35,6 +35,7 @@ def test_made_is_causal(natural, hidden):
         assert jac[~future].abs().sum() > 0  # and it does depend on the past
 
 
+@pytest.mark.exactness
 @pytest.mark.parametrize("natural", [True, False])
 def test_every_method_equals_sequential(natural):
     model = small(natural)

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import ffsolve
+from exactness import sequential_tolerance
 from ffsolve.checkpoint import PROJECT_ROOT, save_checkpoint
 from ffsolve.data import logit_bounds
 from ffsolve.errors import CheckpointError
@@ -35,6 +36,7 @@ def test_made_is_causal(natural, hidden):
         assert jac[~future].abs().sum() > 0  # and it does depend on the past
 
 
+@pytest.mark.exactness
 @pytest.mark.parametrize("natural", [True, False])
 def test_every_method_equals_sequential(natural):
     model = small(natural)
@@ -223,6 +225,13 @@ def test_made_sampling_auto_row_chooses_among_the_listed_methods(tmp_path):
     assert auto["options"]["methods"] == ["jacobi", "gs_jacobi(window=200)"]
     assert auto["auto"]["choice"] in ("sequential", "jacobi", "gs_jacobi(window=200)")
     # bitwise the loop whose arithmetic it ran: the incremental loop's, or a full sweep's
-    # (which the naive loop shares)
-    seq = auto["auto"]["choice"] == "sequential"
-    assert auto["max_abs_diff_vs_sequential-" + ("incremental" if seq else "naive")] == 0.0
+    # (which the naive loop shares); a window's sweep runs other shapes: equal to rounding
+    # (it differed by 6e-8 under MKL_CBWR=COMPATIBLE)
+    choice = auto["auto"]["choice"]
+    diff = auto[
+        "max_abs_diff_vs_sequential-" + ("incremental" if choice == "sequential" else "naive")
+    ]
+    if choice in ("sequential", "jacobi"):
+        assert diff == 0.0
+    else:
+        assert diff <= sequential_tolerance(torch.float32, 784)

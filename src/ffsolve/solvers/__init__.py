@@ -111,6 +111,11 @@ def solve(
     """Solve the triangular system x_t = f_t(x_<t) by `method`; every method gives the
     sequential answer.
 
+    Exact with zero tolerances means the certified fixed point of the parallel evaluation:
+    the sequential answer bit for bit where the sweep and the sequential step run the same
+    kernels on the same shapes, to rounding where they do not (the BLAS may sum a batched
+    sweep and a one-step call in another order; docs/design.md).
+
     Iteration (Jacobi): x^{k+1} = fn(x^k), stopped once every position is certified, i.e.
     unchanged within atol + rtol*|x| (bitwise with the default zero tolerances).
 

@@ -8,7 +8,10 @@ cheap checks can:
 
 - fixed point: at sampled positions t, f_t of the solution equals its x_t (what the
   sequential loop computes from the same x_<t); bitwise for an exact solve, within ten times
-  the tolerance for a tolerance solve;
+  the tolerance for a tolerance solve. f_t is evaluated one position at a time: where that
+  runs other shapes than the solve's sweep (a recurrence's cell on B rows instead of B*T),
+  the BLAS may round it differently on some CPUs and builds, and an exact solve is then
+  reported off by an ulp or so (docs/design.md, "Exactness on real hardware");
 - causality: positions >= p of the solution replaced by other values change no output at a
   position <= p (f_t reads positions < t only), for a few sampled p.
 

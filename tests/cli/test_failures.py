@@ -248,3 +248,19 @@ def test_rough_edges(tmp_path, capsys):
     line = next(x for x in listing.splitlines() if x.strip().startswith("jacobi_gs"))
     assert line.rstrip().endswith(".")  # a whole sentence
     assert "rnn-forward" in listing and "bench cases" in listing
+
+
+def test_verify_allows_one_steps_rounding_not_more():
+    """An exact solve whose f_t, evaluated one position at a time, rounds differently from
+    the sweep (other shapes, another BLAS path) is not reported; an error of a few thousand
+    ulps is."""
+    x0 = torch.zeros(2, 12, dtype=torch.float32)
+    value = ffsolve.solve(chain, x0).value
+    problem = ffsolve.FunctionProblem(chain, x0)
+    ulp = torch.finfo(torch.float32).eps
+    nudged = value.clone()
+    nudged[:, 5] += 4 * ulp * value[:, 5].abs().clamp(min=1)  # rounding-sized
+    assert ffsolve.verify(problem, nudged, positions=12).fixed_point
+    nudged[:, 5] += 4000 * ulp  # far beyond one step's rounding
+    report = ffsolve.verify(problem, nudged, positions=12)
+    assert not report.fixed_point and "position 5" in report.findings[0]

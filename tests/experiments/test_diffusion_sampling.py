@@ -41,7 +41,7 @@ def test_every_row_and_the_peer_on_a_tiny_model(tmp_path, tiny_ddpm, capsys, dif
     auto = rows["auto exact"]  # method="auto" among the three, exact
     assert auto["max_abs_diff_vs_sequential"] < 1e-10
     assert auto["auto"]["choice"] in ("sequential", "jacobi", "picard(window=4)",
-                                      "anderson(history=3, window=4, base=picard)")  # fmt: skip
+                                      "anderson(window=4, base=picard)")  # fmt: skip
     assert rows["diffusers loop"]["max_abs_diff_vs_sequential"] < 1e-4  # DDIM: same noise
     assert rows["paradigms (peer, window=4) tol=0.1"]["num_iters"] <= 10
     assert rows["picard(window=4) tol=0.1"]["num_iters"] <= rows["jacobi tol=0.1"]["num_iters"]

@@ -132,20 +132,15 @@ def _stats(feats: Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _trace_sqrt_product(s1: np.ndarray, s2: np.ndarray) -> float:
-    """tr((S1 S2)^(1/2)) for symmetric positive semi-definite S1, S2, in float64."""
-    try:
-        from scipy import linalg
-    except ImportError:
-        linalg = None
-    if linalg is not None:  # the reference implementation's route (pytorch-fid)
-        covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
-        if not np.isfinite(covmean).all():
-            offset = np.eye(len(s1)) * 1e-6
-            covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))
-        return float(np.real(np.trace(covmean)))
-    # S1 S2 is similar to S1^(1/2) S2 S1^(1/2), which is symmetric PSD: the trace of its
-    # square root is the sum of the square roots of its eigenvalues (negatives are rounding)
-    w, v = np.linalg.eigh(s1)
+    """tr((S1 S2)^(1/2)) for symmetric positive semi-definite S1, S2, in float64.
+
+    S1 S2 is similar to S1^(1/2) S2 S1^(1/2), which is symmetric PSD: the trace of its square
+    root is the sum of the square roots of its eigenvalues (negatives are rounding). Two
+    symmetric eigen-decompositions, no general matrix square root: pytorch-fid's
+    `scipy.linalg.sqrtm(..., disp=False)` route broke when newer scipy dropped `disp`, and
+    the general square root of the non-symmetric S1 S2 can come back complex or NaN.
+    """
+    w, v = np.linalg.eigh((s1 + s1.T) / 2)
     root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T  # S1^(1/2)
     m = root @ s2 @ root
     m = (m + m.T) / 2
@@ -156,9 +151,9 @@ def fid(feats_a: Tensor | np.ndarray, feats_b: Tensor | np.ndarray) -> float:
     """The Frechet distance between Gaussians fitted to two feature sets (N_a, D), (N_b, D).
 
     With features from `features`, this is an FID on DenseNet-BC (Fashion-MNIST) features,
-    not Inception's. The matrix square root is scipy.linalg.sqrtm when scipy is importable,
-    else an eigen-decomposition in float64 (tr sqrt(S_a S_b) = sum of the square roots of the
-    eigenvalues of S_a^(1/2) S_b S_a^(1/2)).
+    not Inception's. The square-root term comes from symmetric eigen-decompositions in
+    float64 (tr sqrt(S_a S_b) = the sum of the square roots of the eigenvalues of
+    S_a^(1/2) S_b S_a^(1/2)), the same with every numpy and without scipy.
     """
     mu1, s1 = _stats(feats_a)
     mu2, s2 = _stats(feats_b)

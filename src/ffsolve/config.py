@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -68,7 +69,8 @@ def spec(
     """A config field with its valid range or choices declared next to its default.
 
     For a list or tuple field the bounds and choices apply to every item; None always passes
-    when the field's type allows it.
+    when the field's type allows it. A bounded number must also be finite (NaN and +-inf are
+    refused, whatever the bounds).
 
     Example:
         >>> batch: int = spec(100, ge=1)
@@ -89,13 +91,17 @@ def _allowed(rule: dict[str, Any]) -> str:
     return " and ".join(parts)
 
 
+def _bounded(rule: dict[str, Any]) -> bool:
+    return any(rule.get(k) is not None for k in ("ge", "gt", "le", "lt"))
+
+
 def _violates(rule: dict[str, Any], v: Any) -> bool:
     if rule.get("choices") is not None:
         return v not in rule["choices"]
     if isinstance(v, bool) or not isinstance(v, int | float):
         return False
-    if v != v:  # NaN is never in range
-        return any(rule.get(k) is not None for k in ("ge", "gt", "le", "lt"))
+    if not math.isfinite(v):  # NaN, and infinities (never a meant tolerance, rate or budget)
+        return _bounded(rule)
     return (
         (rule.get("ge") is not None and not v >= rule["ge"])
         or (rule.get("gt") is not None and not v > rule["gt"])
@@ -114,9 +120,10 @@ def check_config(config: Any) -> None:
         items = value if isinstance(value, list | tuple) else [value]
         for v in items:
             if v is not None and _violates(rule, v):
+                finite = "finite numbers " if isinstance(v, float) and _bounded(rule) else ""
                 raise ConfigError(
                     f"{type(config).__name__}.{f.name}={value!r} is out of range: "
-                    f"allowed {_allowed(rule)}"
+                    f"allowed {finite}{_allowed(rule)}"
                 )
 
 

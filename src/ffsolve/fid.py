@@ -28,7 +28,6 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ffsolve.errors import CheckpointError
 from ffsolve.models.densenet import DenseNet, load_densenet
 
 __all__ = ["FID_CHECKPOINT", "FeatureNet", "features", "fid", "fid_of_samples", "load_feature_net"]
@@ -71,12 +70,8 @@ def load_feature_net(
         CheckpointError: the checkpoint is missing, corrupted or not a DenseNet, or its
             sidecar lacks the training images' mean and std.
     """
-    net, meta = load_densenet(path, device)
-    try:
-        mean, std = float(meta["data"]["mean"]), float(meta["data"]["std"])
-    except (KeyError, TypeError, ValueError):
-        raise CheckpointError(f"{path}: no data mean/std in its sidecar") from None
-    return FeatureNet(net, mean, std).to(device)
+    net, meta = load_densenet(path, device, require=("data.mean", "data.std"))
+    return FeatureNet(net, meta["data"]["mean"], meta["data"]["std"]).to(device)
 
 
 def _unit(images: Tensor | np.ndarray) -> Tensor:
@@ -132,20 +127,15 @@ def _stats(feats: Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _trace_sqrt_product(s1: np.ndarray, s2: np.ndarray) -> float:
-    """tr((S1 S2)^(1/2)) for symmetric positive semi-definite S1, S2, in float64."""
-    try:
-        from scipy import linalg
-    except ImportError:
-        linalg = None
-    if linalg is not None:  # the reference implementation's route (pytorch-fid)
-        covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
-        if not np.isfinite(covmean).all():
-            offset = np.eye(len(s1)) * 1e-6
-            covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))
-        return float(np.real(np.trace(covmean)))
-    # S1 S2 is similar to S1^(1/2) S2 S1^(1/2), which is symmetric PSD: the trace of its
-    # square root is the sum of the square roots of its eigenvalues (negatives are rounding)
-    w, v = np.linalg.eigh(s1)
+    """tr((S1 S2)^(1/2)) for symmetric positive semi-definite S1, S2, in float64.
+
+    S1 S2 is similar to S1^(1/2) S2 S1^(1/2), which is symmetric PSD: the trace of its square
+    root is the sum of the square roots of its eigenvalues (negatives are rounding). Two
+    symmetric eigen-decompositions, no general matrix square root: pytorch-fid's
+    `scipy.linalg.sqrtm(..., disp=False)` warns on SciPy 1.17 and is a TypeError once `disp`
+    is removed (1.18), and the square root of the non-symmetric S1 S2 can be complex or NaN.
+    """
+    w, v = np.linalg.eigh((s1 + s1.T) / 2)
     root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T  # S1^(1/2)
     m = root @ s2 @ root
     m = (m + m.T) / 2
@@ -156,9 +146,9 @@ def fid(feats_a: Tensor | np.ndarray, feats_b: Tensor | np.ndarray) -> float:
     """The Frechet distance between Gaussians fitted to two feature sets (N_a, D), (N_b, D).
 
     With features from `features`, this is an FID on DenseNet-BC (Fashion-MNIST) features,
-    not Inception's. The matrix square root is scipy.linalg.sqrtm when scipy is importable,
-    else an eigen-decomposition in float64 (tr sqrt(S_a S_b) = sum of the square roots of the
-    eigenvalues of S_a^(1/2) S_b S_a^(1/2)).
+    not Inception's. The square-root term comes from symmetric eigen-decompositions in
+    float64 (tr sqrt(S_a S_b) = the sum of the square roots of the eigenvalues of
+    S_a^(1/2) S_b S_a^(1/2)), the same with every numpy and without scipy.
     """
     mu1, s1 = _stats(feats_a)
     mu2, s2 = _stats(feats_b)

@@ -264,3 +264,22 @@ def test_verify_allows_one_steps_rounding_not_more():
     nudged[:, 5] += 4000 * ulp  # far beyond one step's rounding
     report = ffsolve.verify(problem, nudged, positions=12)
     assert not report.fixed_point and "position 5" in report.findings[0]
+
+
+@pytest.mark.parametrize("bad", ["[.inf]", "[0.1, -.inf]", "[.nan]", "[-0.1]"])
+def test_non_finite_or_negative_tolerances_are_refused_up_front(tmp_path, capsys, bad):
+    # was: tolerances=[.inf] passed the config check (inf >= 0) and failed mid-run
+    argv = ["run", "diffusion-sampling", "--set", f"tolerances={bad}", "--device", "cpu"]
+    assert main([*argv, "--out", str(tmp_path)]) == 2
+    line = _one_line(capsys)
+    assert "DiffusionSamplingConfig.tolerances=" in line and "allowed finite numbers >= 0" in line
+    assert not any(tmp_path.rglob("*.json"))  # nothing started
+
+
+def test_bounded_config_numbers_must_be_finite():
+    from ffsolve.errors import ConfigError
+    from ffsolve.experiments.pixelcnn_sampling import PixelCNNSamplingConfig
+
+    with pytest.raises(ConfigError, match=r"atol=inf is out of range: allowed finite numbers"):
+        PixelCNNSamplingConfig(atol=math.inf)
+    assert PixelCNNSamplingConfig(atol=1e300).atol == 1e300

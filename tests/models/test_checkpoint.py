@@ -67,3 +67,74 @@ def test_an_explicit_commit_wins_over_the_checkout(monkeypatch):
     assert environment(torch.device("cpu"))["commit"] == "abc1234"
     monkeypatch.delenv("FFSOLVE_COMMIT")
     assert environment(torch.device("cpu"))["commit"] != "abc1234"
+
+
+def _made_with_sidecar(tmp_path, edit):
+    """A tiny MADE checkpoint whose sidecar `edit(meta)` changes; returns its stem."""
+    from ffsolve.models.made import MADE, MADEConfig, save_made
+
+    data = {"name": "mnist", "shape": [2, 2], "lam": 1e-6}
+    save_made(tmp_path / "m", MADE(MADEConfig(dims=4, hidden=(8,))), {"data": data})
+    side = tmp_path / "m.json"
+    meta = json.loads(side.read_text())
+    edit(meta)
+    side.write_text(json.dumps(meta))
+    return tmp_path / "m"
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m.pop("config"), "the sidecar has no 'config'"),
+        (lambda m: m.update(config=[4]), "'config' must be a mapping"),
+        (lambda m: m.pop("data"), "the sidecar has no 'data'"),
+        (lambda m: m["data"].pop("lam"), "the sidecar has no 'data.lam'"),
+        (lambda m: m["data"].update(lam=-1), r"'data.lam' must be a number in \(0, 0.5\)"),
+        (lambda m: m["data"].update(lam="abc"), "'data.lam' must be a number.*'abc'"),
+        (lambda m: m["data"].update(lam=None), "'data.lam' must be a number"),
+        (lambda m: m["data"].update(shape=[2, 0]), "'data.shape' must be a non-empty list"),
+        (lambda m: m.update(data="mnist"), "'data' must be a mapping"),
+    ],
+)
+def test_a_bad_sidecar_is_one_error_naming_the_file_and_key(tmp_path, edit, message):
+    # was: KeyError 'config' from load_made, 'math domain error' / 'could not convert
+    # string to float' for data.lam, naming no file
+    from ffsolve.models.made import load_made
+
+    stem = _made_with_sidecar(tmp_path, edit)
+    with pytest.raises(CheckpointError, match=message) as info:
+        load_made(stem, require=("data.lam", "data.shape"))
+    assert str(tmp_path / "m.json") in str(info.value)
+
+
+def test_sidecar_fields_are_required_only_where_read(tmp_path):
+    from ffsolve.models.made import load_made
+
+    stem = _made_with_sidecar(tmp_path, lambda m: m.pop("data"))
+    load_made(stem)  # the model alone needs no data description
+    with pytest.raises(ValueError, match="unknown sidecar field 'data.lamda'"):
+        load_made(stem, require=("data.lamda",))
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m.pop("config"), "has no 'config'"),
+        (lambda m: m.pop("data"), "has no 'data'"),
+        (lambda m: m["data"].update(lam=-1), "'data.lam' must be a number in"),
+        (lambda m: m["data"].update(lam="abc"), "'data.lam' must be a number in"),
+    ],
+)
+def test_the_cli_reports_a_bad_sidecar_in_one_line(tmp_path, capsys, edit, message):
+    import re
+
+    from ffsolve.cli import main
+
+    stem = _made_with_sidecar(tmp_path, edit)
+    argv = ["run", "made-sampling", "--device", "cpu", "--out", str(tmp_path / "runs")]
+    argv += ["--set", f"checkpoint={stem}", "--set", "batch=1", "--set", "block_size=2"]
+    argv += ["--set", "window=2"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert str(tmp_path / "m.json") in err and re.search(message, err), err

@@ -111,6 +111,29 @@ def test_bad_inputs_give_one_clear_error():
         ffsolve.solve(nan, method="picard")
 
 
+def test_x_T_must_fit_the_denoiser():
+    # was: accepted, then failed inside diffusers at solve time
+    problem, sched, _, _ = _problem("ddim", steps=3)
+    unet = problem.denoiser  # 1 channel, 8x8, float64
+
+    def noise(shape, dtype=D64):
+        return diffusion_noise(2, shape, 3, torch.Generator().manual_seed(0), dtype=dtype)
+
+    with pytest.raises(ValueError, match=r"x_T has 3 channels, the denoiser takes 1"):
+        DiffusionSampling(unet, sched, *noise((3, 8, 8)))
+    with pytest.raises(ValueError, match=r"x_T is 6x6, the denoiser was built for 8x8"):
+        DiffusionSampling(unet, sched, *noise((1, 6, 6)))
+    with pytest.raises(ValueError, match=r"x_T is torch.float32, the denoiser's weights are"):
+        DiffusionSampling(unet, sched, *noise((1, 8, 8), torch.float32))
+
+    def plain(x, t):  # declares nothing: only what the problem itself needs is checked
+        return unet(x.double(), t).sample.to(x.dtype)
+
+    p = DiffusionSampling(plain, sched, *noise((1, 8, 8), torch.float32))
+    with torch.no_grad():
+        assert ffsolve.solve(p, method="sequential").value.dtype == torch.float32
+
+
 class _HostWindows(DiffusionSampling):
     """The same sampler with its windows placed by the host (`evaluate` with ints)."""
 

@@ -148,3 +148,30 @@ def test_bad_inputs_give_one_clear_error():
     encdec = transformers.T5ForConditionalGeneration(t5).eval()
     with pytest.raises(ValueError, match="encoder-decoder"):
         LMDecoding(encdec, [[1]], 4)
+
+
+def test_token_ids_are_checked_when_the_problem_is_made():
+    # was: eos_id / pad_id outside the vocabulary failed inside torch at solve time, 1.5 was
+    # truncated to token 1, and a text prompt gave an unclear TypeError
+    model = _llama()
+    for name in ("eos_id", "pad_id"):
+        for bad in (48, -1, 2.0, True):
+            with pytest.raises(
+                ValueError, match=rf"{name} must be None or a token id in \[0, 48\)"
+            ):
+                LMDecoding(model, [[1, 2]], 4, **{name: bad})
+    with pytest.raises(TypeError, match=r"prompt 0: token ids must be ints, got 1.5"):
+        LMDecoding(model, [[1.5, 2]], 4)
+    with pytest.raises(TypeError, match="integer token ids, got torch.float32"):
+        LMDecoding(model, torch.tensor([[1.5, 2.0]]), 4)
+    for text in ("hello", ["hello", "world"], b"hi"):
+        with pytest.raises(TypeError, match="not text: encode them first"):
+            LMDecoding(model, text, 4)
+    with pytest.raises(TypeError, match="prompt 1 must be a list"):
+        LMDecoding(model, [[1], 2], 4)
+    with pytest.raises(TypeError, match="got int"):
+        LMDecoding(model, 3, 4)
+    with pytest.raises(ValueError, match="at least one token"):
+        LMDecoding(model, torch.zeros(2, 0, dtype=torch.long), 4)
+    ok = LMDecoding(model, torch.tensor([[1, 2]]), 2, eos_id=47, pad_id=0)
+    assert ok.eos_id == 47 and ok.prompt_ids.tolist() == [[1, 2]]

@@ -124,7 +124,7 @@ def _check_sizes(cfg: MADESamplingConfig, D: int) -> None:
 def run(cfg: MADESamplingConfig, ctx: RunContext) -> dict[str, Any]:
     exact_arithmetic(ctx.device)  # exactness is checked: no TF32 matrix products
     dtype = dtype_of(cfg.dtype)
-    model, meta = load_made(cfg.checkpoint, ctx.device)
+    model, meta = load_made(cfg.checkpoint, ctx.device, require=("data.lam", "data.shape"))
     model = model.to(dtype)
     lam = float(meta["data"]["lam"])
     shape = list(meta["data"]["shape"])

@@ -163,7 +163,7 @@ def run(cfg: PixelCNNSamplingConfig, ctx: RunContext) -> dict[str, Any]:
     dev = ctx.device
     exact_arithmetic(dev, cfg.cudnn_benchmark)  # equality is checked: no TF32
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
-    model, meta = load_pixelcnnpp(cfg.checkpoint, dev)
+    model, meta = load_pixelcnnpp(cfg.checkpoint, dev, require=("data.name",))
     model = model.to(dtype[cfg.dtype])
     mcfg = model.config
     if cfg.window_rows > mcfg.height and "gs_jacobi" in cfg.methods:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -290,10 +290,14 @@ def save_densenet(path: str | Path, model: DenseNet, extra: dict[str, Any] | Non
 
 
 def load_densenet(
-    path: str | Path, device: torch.device | str = "cpu"
+    path: str | Path, device: torch.device | str = "cpu", *, require: Sequence[str] = ()
 ) -> tuple[DenseNet, dict[str, Any]]:
-    """Load a DenseNet checkpoint; returns (model in eval mode, metadata)."""
-    tensors, meta = load_checkpoint(path, "densenet", device="cpu")
+    """Load a DenseNet checkpoint; returns (model in eval mode, metadata).
+
+    `require`: sidecar fields the caller reads, e.g. ("data.mean", "data.std") (see
+    `check_sidecar`).
+    """
+    tensors, meta = load_checkpoint(path, "densenet", device="cpu", require=require)
     cfg = dict(meta["config"])
     try:
         cfg["block_config"] = tuple(cfg["block_config"])

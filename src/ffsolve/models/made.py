@@ -8,6 +8,7 @@ log-scale of a logistic distribution in logit space, as in Song et al. (2021).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,9 +133,15 @@ def save_made(
     )
 
 
-def load_made(path: str | Path, device: torch.device | str = "cpu") -> tuple[MADE, dict]:
-    """Load a MADE checkpoint (masks as saved); returns (model in eval mode, metadata)."""
-    tensors, meta = load_checkpoint(path, "made", device="cpu")
+def load_made(
+    path: str | Path, device: torch.device | str = "cpu", *, require: Sequence[str] = ()
+) -> tuple[MADE, dict]:
+    """Load a MADE checkpoint (masks as saved); returns (model in eval mode, metadata).
+
+    `require`: sidecar fields the caller reads, e.g. ("data.lam", "data.shape"); a missing or
+    bad one is a CheckpointError naming the file and the field (see `check_sidecar`).
+    """
+    tensors, meta = load_checkpoint(path, "made", device="cpu", require=require)
     cfg = dict(meta["config"])
     try:
         cfg["hidden"] = tuple(cfg["hidden"])

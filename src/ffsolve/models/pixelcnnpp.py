@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -454,10 +455,13 @@ def save_pixelcnnpp(
 
 
 def load_pixelcnnpp(
-    path: str | Path, device: torch.device | str = "cpu"
+    path: str | Path, device: torch.device | str = "cpu", *, require: Sequence[str] = ()
 ) -> tuple[PixelCNNpp, dict[str, Any]]:
-    """Load a PixelCNN++ checkpoint as float32 in eval mode; returns (model, metadata)."""
-    tensors, meta = load_checkpoint(path, "pixelcnnpp", device="cpu")
+    """Load a PixelCNN++ checkpoint as float32 in eval mode; returns (model, metadata).
+
+    `require`: sidecar fields the caller reads, e.g. ("data.name",) (see `check_sidecar`).
+    """
+    tensors, meta = load_checkpoint(path, "pixelcnnpp", device="cpu", require=require)
     try:
         model = PixelCNNpp(PixelCNNppConfig(**meta["config"]))
         model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)

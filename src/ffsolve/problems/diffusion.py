@@ -117,6 +117,29 @@ class DiffusionSampling(Problem):
             raise ValueError("the scheduler's timesteps must decrease and lie in its schedule")
         if x_T.dim() != 4:
             raise ValueError(f"x_T must be (B, C, H, W), got {tuple(x_T.shape)}")
+        # x_T must fit the denoiser where it says what it takes (a diffusers UNet2DModel: its
+        # config and weights); a plain callable may say nothing, and is then not checked here
+        C, H, W = x_T.shape[1:]
+        declared = getattr(denoiser, "config", None)
+        channels = getattr(declared, "in_channels", None)
+        if isinstance(channels, int) and channels != C:
+            raise ValueError(
+                f"x_T has {C} channels, the denoiser takes {channels} (config.in_channels)"
+            )
+        size = getattr(declared, "sample_size", None)
+        size = (size, size) if isinstance(size, int) else size
+        if isinstance(size, list | tuple) and len(size) == 2 and tuple(size) != (H, W):
+            raise ValueError(
+                f"x_T is {H}x{W}, the denoiser was built for {size[0]}x{size[1]} "
+                "(config.sample_size)"
+            )
+        weights = denoiser.parameters() if isinstance(denoiser, torch.nn.Module) else ()
+        weight = next((w for w in weights if w.is_floating_point()), None)
+        if weight is not None and weight.dtype != x_T.dtype:
+            raise ValueError(
+                f"x_T is {x_T.dtype}, the denoiser's weights are {weight.dtype}: use one dtype "
+                "(e.g. diffusion_noise(..., dtype=) or denoiser.to(dtype))"
+            )
         if noise.shape != (T, *x_T.shape):
             raise ValueError(
                 f"noise must be (steps, *x_T.shape) = {(T, *x_T.shape)}, got {tuple(noise.shape)}"

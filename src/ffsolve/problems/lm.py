@@ -28,6 +28,7 @@ rounding and an argmax near a tie may flip; `ffsolve run lm-decoding` reports ea
 from __future__ import annotations
 
 import inspect
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -52,6 +53,47 @@ def lm_gumbel(
     u = torch.rand(batch, steps, vocab, generator=generator, dtype=torch.float64)
     g = -torch.log(-torch.log(u.clamp(1e-12, 1 - 1e-12)))
     return g.to(device=device, dtype=dtype)
+
+
+def _is_int(v: Any) -> bool:
+    """An integer (Python, numpy or a 0-dim integer tensor), not a bool or a float."""
+    if isinstance(v, bool):
+        return False
+    try:
+        operator.index(v)
+    except TypeError:
+        return False
+    return True
+
+
+def _token_lists(prompts: Any) -> list[list[int]]:
+    """Prompts as B lists of int token ids; anything else (text, floats such as 1.5, which
+    a long tensor would truncate silently, an empty prompt) is a clear error."""
+    if isinstance(prompts, Tensor):
+        if prompts.dim() != 2:
+            raise ValueError(f"prompts must be (B, P), got {tuple(prompts.shape)}")
+        if prompts.is_floating_point() or prompts.is_complex() or prompts.dtype == torch.bool:
+            raise TypeError(f"a prompts tensor must hold integer token ids, got {prompts.dtype}")
+        prompts = prompts.tolist()
+    text = isinstance(prompts, str | bytes)
+    if not text and not isinstance(prompts, list | tuple):
+        raise TypeError(f"prompts must be B lists of int token ids, got {type(prompts).__name__}")
+    if text or any(isinstance(p, str | bytes) for p in prompts):
+        raise TypeError(
+            "prompts must be token ids (B lists of ints, or a (B, P) integer tensor), not "
+            "text: encode them first, e.g. tokenizer(texts).input_ids"
+        )
+    out = []
+    for b, prompt in enumerate(prompts):
+        if not isinstance(prompt, list | tuple):
+            raise TypeError(f"prompt {b} must be a list of int token ids, got {prompt!r}")
+        bad = next((t for t in prompt if not _is_int(t)), None)
+        if bad is not None:
+            raise TypeError(f"prompt {b}: token ids must be ints, got {bad!r}")
+        out.append([operator.index(t) for t in prompt])
+    if not out or any(len(p) == 0 for p in out):
+        raise ValueError("every prompt needs at least one token (an empty prompt was given)")
+    return out
 
 
 class LMDecoding(Problem):
@@ -92,17 +134,18 @@ class LMDecoding(Problem):
             raise ValueError("an encoder-decoder model is not a causal LM: use a decoder-only one")
         if model.training:
             raise ValueError("the model is in training mode (dropout): call model.eval() first")
-        if isinstance(prompts, Tensor):
-            if prompts.dim() != 2:
-                raise ValueError(f"prompts must be (B, P), got {tuple(prompts.shape)}")
-            prompts = prompts.tolist()
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token (an empty prompt was given)")
+        prompts = _token_lists(prompts)
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"steps must be an int >= 1, got {steps!r}")
         V = int(config.vocab_size)
         if any(not 0 <= t < V for p in prompts for t in p):
             raise ValueError(f"prompt token ids must lie in [0, {V})")
+        for name, token in (("eos_id", eos_id), ("pad_id", pad_id)):
+            if token is not None and not (_is_int(token) and 0 <= token < V):
+                raise ValueError(
+                    f"{name} must be None or a token id in [0, {V}) (the model's vocabulary), "
+                    f"got {token!r}"
+                )
         limit = getattr(config, "max_position_embeddings", None)
         longest = max(len(p) for p in prompts)
         if limit is not None and longest + steps > limit:

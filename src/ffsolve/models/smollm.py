@@ -20,7 +20,7 @@ import torch
 from ffsolve import progress
 from ffsolve.errors import DataError
 
-__all__ = ["GGUF_FILE", "HOWTO", "load_smollm2", "smollm2_folder"]
+__all__ = ["GGUF_FILE", "HOWTO", "gguf_special_ids", "load_smollm2", "smollm2_folder"]
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HOWTO = (
@@ -58,7 +58,31 @@ def load_smollm2(
     with _loading_bars(progress.enabled()):
         tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=GGUF_FILE)
         model = AutoModelForCausalLM.from_pretrained(path, gguf_file=GGUF_FILE, dtype=dtype)
+    # the special ids as the file declares them: transformers versions disagree (5.x on the
+    # GPU machine read EOS 1, <|im_start|>; the file says 2, <|im_end|>, ChatML's end of turn)
+    ids = gguf_special_ids(path / GGUF_FILE)
+    for name in ("eos", "bos", "pad"):
+        if name in ids:
+            token = tokenizer.convert_ids_to_tokens(ids[name])
+            setattr(tokenizer, f"{name}_token", token)
+            setattr(model.config, f"{name}_token_id", ids[name])
+            if model.generation_config is not None:
+                setattr(model.generation_config, f"{name}_token_id", ids[name])
     return model.to(device).eval(), tokenizer
+
+
+def gguf_special_ids(path: str | Path) -> dict[str, int]:
+    """The special token ids a GGUF file declares in its metadata
+    (`tokenizer.ggml.{eos,bos,padding}_token_id`), as {"eos": .., "bos": .., "pad": ..}."""
+    import gguf
+
+    fields = gguf.GGUFReader(str(path)).fields
+    out = {}
+    for name, key in (("eos", "eos"), ("bos", "bos"), ("pad", "padding")):
+        field = fields.get(f"tokenizer.ggml.{key}_token_id")
+        if field is not None and field.data:
+            out[name] = int(field.parts[field.data[0]][0])
+    return out
 
 
 @contextlib.contextmanager

@@ -175,3 +175,19 @@ def test_token_ids_are_checked_when_the_problem_is_made():
         LMDecoding(model, torch.zeros(2, 0, dtype=torch.long), 4)
     ok = LMDecoding(model, torch.tensor([[1, 2]]), 2, eos_id=47, pad_id=0)
     assert ok.eos_id == 47 and ok.prompt_ids.tolist() == [[1, 2]]
+
+
+@pytest.mark.parametrize("method,opts", [("jacobi", {}), ("anderson", {})])
+@pytest.mark.parametrize("ngram", [0, 4])
+def test_a_batch_that_has_ended_stops_sweeping(method, opts, ngram):
+    """Every item of this batch reaches EOS (33) by new token 4 of 24: the positions after it
+    are padding, final as soon as EOS is, so the solve ends a few sweeps later instead of
+    running one sweep per position."""
+    model = _llama()
+    problem = LMDecoding(model, PROMPTS, 24, eos_id=33, ngram=ngram)
+    with torch.no_grad():
+        ref = ffsolve.solve(problem, method="sequential").value
+        ended = [row.index(33) for row in ref.long().tolist()]
+        sol = ffsolve.solve(problem, method=method, **opts)
+    assert max(ended) <= 4 and torch.equal(sol.value, ref)
+    assert sol.num_iters <= max(ended) + 3, sol.stats["iters_per_item"]

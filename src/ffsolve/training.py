@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -46,8 +46,10 @@ from ffsolve.checkpoint import (
     train_state_path,
 )
 from ffsolve.errors import CheckpointError, DivergedError, FFSolveError
-from ffsolve.experiments import RunContext
 from ffsolve.progress import track
+
+if TYPE_CHECKING:  # the trainers pass their run context; the loop only logs through it
+    from ffsolve.experiments import RunContext
 
 __all__ = [
     "DIVERGENCE_FACTOR",

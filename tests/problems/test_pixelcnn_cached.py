@@ -175,8 +175,10 @@ def test_gs_jacobi_window_starts_at_the_first_uncertified_position():
     assert sol.all_converged and len(calls) == sol.num_iters
     certified = [0, *sol.certified.min(dim=1).values.tolist()]
     for k, (start, stop) in enumerate(calls):
-        assert start == certified[k]  # never past an uncertified position
-        assert stop == min(64, start + 10)
+        # never past an uncertified position; near the end the window keeps its width and
+        # reaches back over certified positions (which the loop leaves alone)
+        assert start == min(certified[k], 64 - 10)
+        assert stop == start + 10
     assert certified[-1] == 64
 
 

@@ -17,6 +17,7 @@ from ffsolve.problems.lm import LMDecoding, lm_gumbel
 from ffsolve.problems.made import MADESampling, logistic_noise
 from ffsolve.problems.pixelcnn import PixelCNNSampling, pixelcnn_noise
 from ffsolve.problems.recurrence import RecurrenceAdjoint, RecurrenceForward
+from ffsolve.problems.sharded import Sharded
 
 __all__ = [
     "DenseNetLayers",
@@ -30,6 +31,7 @@ __all__ = [
     "Problem",
     "RecurrenceAdjoint",
     "RecurrenceForward",
+    "Sharded",
     "diffusion_noise",
     "lm_gumbel",
     "logistic_noise",

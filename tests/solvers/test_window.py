@@ -169,7 +169,9 @@ def test_a_failed_capture_warns_once_and_runs_eagerly(fake_graphs, monkeypatch):
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # warned once: not again
             again = ffsolve.solve(problem, method="picard", window=8, capture=True)
-        seq = ffsolve.solve(problem, method="sequential", capture=True, check_every=None)
+        assert calls == [16]  # the first chunk's; the cached loop does not try again
+        with pytest.warns(graphs.CaptureWarning, match="sequential"):
+            seq = ffsolve.solve(problem, method="sequential", capture=True)
     for sol in (got, again):
         assert sol.stats["captured"] is False
         assert "out of memory" in sol.stats["capture_failed"]

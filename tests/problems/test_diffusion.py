@@ -194,3 +194,14 @@ def test_windows_are_captured_on_cuda(method, opts):
             assert got.stats.get("captured"), got.stats
             assert got.num_iters == eager.num_iters
             assert torch.equal(got.value, eager.value)
+
+
+def test_auto_races_windowed_samplers_on_long_schedules():
+    from ffsolve.solvers import get_solver
+    from ffsolve.solvers.auto import SAMPLER_WINDOW, candidates
+
+    long, *_ = _problem("ddim", steps=2 * SAMPLER_WINDOW + 1)
+    short, *_ = _problem("ddim", steps=20)
+    windows = lambda p: {(s.name, getattr(s, "window", None)) for s in candidates(p, get_solver)}  # noqa: E731
+    assert {("picard", SAMPLER_WINDOW), ("anderson", SAMPLER_WINDOW)} <= windows(long)
+    assert ("picard", SAMPLER_WINDOW) not in windows(short)

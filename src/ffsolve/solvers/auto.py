@@ -105,6 +105,10 @@ class Auto(Solver):
                           race=self.race, methods=methods, retune=self.retune)  # fmt: skip
 
 
+#: the window of the windowed picard and anderson candidates, on problems that gather a
+#: window on the device (`Problem.window_on_device`: samplers) and are longer than twice it
+SAMPLER_WINDOW = 32
+
 #: the largest feature count F for which quasi_newton is a default candidate when the problem
 #: has no `jacobians` of its own
 MAX_GENERIC_JACOBIAN_FEATURES = 64
@@ -118,6 +122,11 @@ def candidates(problem: Problem, make: Callable[..., Solver]) -> list[Solver]:
         out.append(make("gs_jacobi", window=max(2, math.isqrt(T - 1) + 1)))
     if problem.first_order:
         out += [make("picard"), make("anderson", base="picard")]
+        if problem.window_on_device and T > 2 * SAMPLER_WINDOW:
+            # a sampler's window is a batched call of its own (captured, no host read): over
+            # a long schedule the whole-length call costs far more than a window's
+            W = SAMPLER_WINDOW
+            out += [make("picard", window=W), make("anderson", base="picard", window=W)]
         # the generic diagonal Jacobian takes F vector-Jacobian products at once (memory F
         # times a sweep's): only where F is small or the problem computes its own
         F = State(problem.initial(), problem.dim).F

@@ -97,8 +97,10 @@ def test_every_method_equals_sequential_on_random_systems(data):
         return
     assert sol.all_converged
     assert sol.value.shape == x0.shape and sol.value.dtype == x0.dtype
-    # a function problem's step is the same full call: same kernels and shapes on the final
-    # inputs, bitwise equal (NaN-free: tanh is bounded; masked terms add exact zeros)
+    # a function problem's sequential step is the same full call of fn on the whole
+    # (B, T, F) state (FunctionProblem's stepper evaluates it all and keeps one position):
+    # the same shapes and kernels as every sweep, so bitwise on any CPU and BLAS (NaN-free:
+    # tanh is bounded; the masked terms of L @ x add exact zeros in the same order)
     assert torch.equal(sol.value, ref.value), (name, opts, kw)
     if name == "jacobi":
         assert sol.num_iters <= T

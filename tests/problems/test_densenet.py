@@ -132,6 +132,7 @@ def test_fused_sweep_equals_per_layer_loop(conv3x3):
             torch.testing.assert_close(fb[:, 3 * j : 3 * j + 3], ref, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.exactness
 @pytest.mark.parametrize(
     "fused, conv3x3", [(False, "grouped"), (True, "grouped"), (True, "unfold")]
 )
@@ -156,7 +157,8 @@ def test_every_method_returns_the_sequential_logits(method, options, fused, conv
     assert sol.all_converged and sol.num_iters <= problem.length
     if fused:  # folded BatchNorm and other kernels: equal to rounding
         torch.testing.assert_close(logits, ref, rtol=1e-12, atol=1e-12)
-    else:  # the model's own kernels in the model's order: bitwise
+    else:  # each layer runs alone on (B, c0 + j k, H, W), the forward's own shapes and
+        # kernels (DenseNetLayers.evaluate): bitwise on any CPU and BLAS
         assert torch.equal(logits, ref)
     if method == "jacobi":
         assert sol.num_iters <= problem.length  # T = 9 dense layers bound the iterations
@@ -211,6 +213,7 @@ def test_cli_train_and_run_tiny(tmp_path, capsys):
     assert "ESTIMATE" in capsys.readouterr().out
 
 
+@pytest.mark.exactness
 @pytest.mark.parametrize("fused", [False, True])
 def test_captured_loop_replays_on_new_images(fake_graphs, fused):
     """DenseNetLayers declares its sweep capturable: the captured loop, kept in
@@ -229,7 +232,7 @@ def test_captured_loop_replays_on_new_images(fake_graphs, fused):
             logits = problem.logits(sol.value)
         assert sol.stats["captured"] and sol.num_iters == eager.num_iters
         torch.testing.assert_close(logits, ref, rtol=1e-12, atol=1e-12)
-        if not fused:
+        if not fused:  # the forward's own shapes per layer, as above: bitwise
             assert torch.equal(logits, ref)
     assert len(problem.graphs) == 1  # one captured loop, replayed by the second solve
 

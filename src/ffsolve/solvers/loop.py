@@ -542,10 +542,15 @@ class _Loop:
         solver, s, T, live, cert = self.solver, self.state, self.T, self.live, self.cert
         win = self.window(start)
         self.k.add_(live)  # the number of this iteration, if it counts
-        pos = win.positions()  # (n,)
-        open_ = pos[None, :] >= cert[:, None]  # (B, n): uncertified before this sweep
-        if win.width < T:  # a window method: the problem may propose uncertified values
-            self._guess(win, open_)
+        # a window narrower than T (a window method) may reach back over certified positions
+        # (near the end, or for items ahead of the batch's minimum): those are final, never
+        # rewritten nor re-judged. The whole sequence needs no mask (a certified position of
+        # an exact solve recomputes to itself), which keeps Jacobi's step as lean as before.
+        narrow = win.width < T
+        open_ = None
+        if narrow:
+            open_ = win.positions()[None, :] >= cert[:, None]  # (B, n): uncertified
+            self._guess(win, open_)  # the problem may propose values for those
         memory = dict(self.memory) if isinstance(self.memory, dict) else self.memory
         out = solver.sweep(self.problem, s, win, memory)
         if solver.residual_certificate:  # (new values, G(x)): certify on G's residual
@@ -560,7 +565,8 @@ class _Loop:
             tol = None if self.exact else self.atol + self.rtol * fx.abs()
             same = fx == old if tol is None else (fx - old).abs() <= tol
             same = same[:, :, 0] if s.F == 1 else same.all(2)  # (B, n)
-        same = same | ~open_  # certified positions are final
+        if open_ is not None:
+            same = same | ~open_  # certified positions are final
         prefix = same.cumprod(1, dtype=torch.long).sum(1)  # (B,) unchanged prefix of window
         # the first changed position is final too: its inputs are all certified
         reach = _at_most(prefix + (win.start + 1), win.stop)
@@ -571,6 +577,7 @@ class _Loop:
         # (the driver finds it there with one reduction per chunk). amax propagates NaN, and
         # |x| < inf is false for NaN and Inf: cheaper than isfinite(x).all() (4-5 kernels).
         if solver.residual_certificate:  # certified positions take G(x): final values
+            pos = win.positions()  # (n,)
             new = torch.where(pos[None, :, None] < grown[:, None, None], fx, new)
         if self.record:
             res = (fx - old).abs().amax(dim=(1, 2))  # (B,) residual trace
@@ -583,15 +590,16 @@ class _Loop:
         else:
             finite = new.abs().amax() < math.inf
         self._commit(memory)
-        write = live & open_[:, :, None]  # (B, n, 1)
+        write = live if open_ is None else live & open_[:, :, None]  # (), or (B, n, 1)
         if win.moving:
-            s.v.index_copy_(1, pos, torch.where(write, new, old))
+            s.v.index_copy_(1, win.positions(), torch.where(write, new, old))
         elif new.requires_grad:  # the state takes the new values if live
             old.copy_(torch.where(write, new, old))
         else:
             torch.where(write, new, old, out=old)  # elementwise in place, one kernel
         torch.where(live, grown, cert, out=cert)
-        torch.where(live, -_at_most(-self.front, -win.stop), self.front, out=self.front)
+        if narrow:  # the end of the furthest window swept (what `guess` reads)
+            torch.where(live, -_at_most(-self.front, -win.stop), self.front, out=self.front)
         # an item certified at iteration j was uncertified after exactly j - 1 iterations
         # (all live: nothing freezes before every item is certified or the budget is spent)
         self.not_done.add_(cert < T)

@@ -30,17 +30,21 @@ METHODS = [
 ]
 
 
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
 @pytest.mark.parametrize("ngram", [0, 4])
 @pytest.mark.parametrize("method,opts", METHODS, ids=[f"{m}{o}" for m, o in METHODS])
-def test_tokens_equal_the_sequential_loop(method, opts, ngram, temperature):
+def test_tokens_equal_the_sequential_loop(method, opts, ngram, temperature, cache):
     model = _llama()
     gumbel = lm_gumbel(3, 20, 48, torch.Generator().manual_seed(1)) if temperature else None
     problem = LMDecoding(model, PROMPTS, 20, temperature=temperature, gumbel=gumbel,
-                         eos_id=11, ngram=ngram)  # fmt: skip
+                         eos_id=11, ngram=ngram, cache=cache)  # fmt: skip
+    assert problem.cache == cache
     with torch.no_grad():
         ref = ffsolve.solve(problem, method="sequential")
-        assert problem.sweeps_forwarded == 20  # the prompt (giving token 0), then one per call
+        # the prompt (dynamic: with token 0's logits; static: but its last token), then one
+        # model call per new token (static: from the prompt's last token)
+        assert problem.sweeps_forwarded == 20 + (cache == "static")
         sol = ffsolve.solve(problem, method=method, **opts)
     assert torch.equal(sol.value, ref.value)
     assert sol.num_iters <= 20
@@ -177,7 +181,9 @@ def test_token_ids_are_checked_when_the_problem_is_made():
     assert ok.eos_id == 47 and ok.prompt_ids.tolist() == [[1, 2]]
 
 
-@pytest.mark.parametrize("method,opts", [("jacobi", {}), ("anderson", {})])
+@pytest.mark.parametrize(
+    "method,opts", [("jacobi", {}), ("anderson", {}), ("gs_jacobi", {"window": 4})]
+)
 @pytest.mark.parametrize("ngram", [0, 4])
 def test_a_batch_that_has_ended_stops_sweeping(method, opts, ngram):
     """Every item of this batch reaches EOS (33) by new token 4 of 24: the positions after it
@@ -191,3 +197,71 @@ def test_a_batch_that_has_ended_stops_sweeping(method, opts, ngram):
         sol = ffsolve.solve(problem, method=method, **opts)
     assert max(ended) <= 4 and torch.equal(sol.value, ref)
     assert sol.num_iters <= max(ended) + 3, sol.stats["iters_per_item"]
+
+
+def test_the_static_cache_gives_the_models_own_logits():
+    """StaticKV runs the model's modules over columns written by position: its logits are
+    the transformers forward's over the whole left-padded sequence, to float32 rounding."""
+    from ffsolve.models.static_lm import StaticKV
+
+    model = _llama().float()
+    P, T = 8, 10
+    ids = torch.zeros(3, P, dtype=torch.long)
+    mask = torch.zeros(3, P, dtype=torch.long)
+    for b, p in enumerate(PROMPTS):
+        ids[b, P - len(p) :], mask[b, P - len(p) :] = torch.tensor(p), 1
+    row = torch.cat(
+        [ids, torch.randint(0, 48, (3, T), generator=torch.Generator().manual_seed(0))], 1
+    )
+    full = torch.cat([mask, torch.ones(3, T, dtype=torch.long)], 1)
+    with torch.no_grad():
+        ref = model(input_ids=row, attention_mask=full,
+                    position_ids=(full.cumsum(1) - 1).clamp(min=0)).logits  # fmt: skip
+        kv = StaticKV(model, 3, P + T, P - mask.sum(1))
+        kv.forward(row[:, : P - 1], torch.arange(P - 1))
+        window = kv.forward(row[:, P - 1 : P + 5], torch.arange(P - 1, P + 5))
+        rest = kv.forward(row[:, P + 2 :], torch.arange(P + 2, P + T))  # re-feeds 3 columns
+    scale = ref.abs().max()
+    assert (window - ref[:, P - 1 : P + 5]).abs().max() <= 1e-5 * scale
+    assert (rest - ref[:, P + 2 :]).abs().max() <= 1e-5 * scale
+
+
+@pytest.mark.parametrize("ngram", [0, 4])
+def test_a_window_on_the_device_is_the_host_placed_window(ngram):
+    """The static cache moves the window on the device (`evaluate_window`): sweep for sweep
+    it feeds the columns the host-placed window feeds, so values and counts are bitwise
+    those of the host path."""
+    model = _llama()
+    runs = []
+    for on_device in (True, False):
+        problem = LMDecoding(model, PROMPTS, 24, eos_id=11, ngram=ngram, cache="static")
+        problem.window_on_device = on_device
+        with torch.no_grad():
+            runs.append(ffsolve.solve(problem, method="gs_jacobi", window=6))
+            ref = ffsolve.solve(problem, method="sequential").value
+    dev, host = runs
+    assert torch.equal(dev.value, host.value) and torch.equal(dev.certified, host.certified)
+    assert dev.num_iters == host.num_iters and torch.equal(dev.value, ref)
+
+
+def test_the_static_cache_is_refused_for_a_model_it_cannot_run():
+    t5 = transformers.GPT2Config(vocab_size=32, n_embd=16, n_layer=1, n_head=2, n_positions=64)
+    gpt2 = transformers.GPT2LMHeadModel(t5).eval()
+    with pytest.raises(ValueError, match="model type 'gpt2' is not one of the Llama layout"):
+        LMDecoding(gpt2, [[1, 2]], 4, cache="static")
+    assert LMDecoding(gpt2, [[1, 2]], 4).cache == "dynamic"  # auto: transformers' own cache
+    with pytest.raises(ValueError, match="cache must be 'auto', 'static' or 'dynamic'"):
+        LMDecoding(_llama(), [[1, 2]], 4, cache="paged")
+    with pytest.raises(ValueError, match="ngram must be 0"):
+        LMDecoding(_llama(), [[1, 2]], 4, ngram=1)
+
+
+def test_a_gpt2_decodes_exactly_through_the_dynamic_cache():
+    cfg = transformers.GPT2Config(vocab_size=32, n_embd=16, n_layer=2, n_head=2, n_positions=64)
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(cfg).double().eval()
+    problem = LMDecoding(gpt2, PROMPTS, 16, ngram=4)
+    with torch.no_grad():
+        ref = ffsolve.solve(problem, method="sequential").value
+        sol = ffsolve.solve(problem, method="gs_jacobi", window=5)
+    assert torch.equal(sol.value, ref)

@@ -115,3 +115,30 @@ def test_scan_chunk_graphs_and_captured_backward():
         assert info.solution.stats.get("graphed_backward")
         for a, c in zip(ref, got, strict=True):
             torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_captured_lm_decoding_is_bitwise_the_eager_one(temperature):
+    """The static KV cache: the captured sequential loop and the captured sliding window
+    (moving on the device, n-gram guesses on the device, stopping after EOS) give the eager
+    runs' tokens and counts, twice (capture, then replay of the cached loop)."""
+    transformers = pytest.importorskip("transformers")
+    from ffsolve.problems import LMDecoding, lm_gumbel
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).to(CUDA).eval()
+    prompts = [[1, 2, 3, 4, 5, 1, 2, 3], [7, 8, 9]]
+    gumbel = lm_gumbel(2, 40, 64, torch.Generator().manual_seed(1), CUDA) if temperature else None
+    problem = LMDecoding(model, prompts, 40, temperature=temperature, gumbel=gumbel,
+                         eos_id=11, ngram=4, cache="static")  # fmt: skip
+    with torch.no_grad():
+        for method, opts in [("sequential", {}), ("gs_jacobi", {"window": 8}), ("jacobi", {})]:
+            eager = ffsolve.solve(problem, method=method, capture=False, **opts)
+            for _ in range(2):
+                got = ffsolve.solve(problem, method=method, capture="auto", **opts)
+                assert got.stats.get("captured"), (method, got.stats)
+                assert got.num_iters == eager.num_iters and torch.equal(got.value, eager.value)

@@ -8,11 +8,16 @@ temperature, each kind's prompts are decoded in batches by:
 - `generate`: `model.generate` (greedy; with a temperature its own sampler, timed only);
 - `generate-static`: the same with a static KV cache (transformers compiles its forward where it
   can: the strongest Hugging Face path);
-- `sequential`: ffsolve's decoding loop with the KV cache (the reference of token equality);
+- `prompt-lookup`: `generate` with prompt-lookup decoding (`prompt_lookup_num_tokens`, n-grams
+  of the prompt as drafts: the peer of lookahead's guesses; batch 1 only, greedy only);
+- `sequential`: ffsolve's decoding loop with the KV cache, one token per model call (the
+  reference of token equality; with the static cache the whole loop is one CUDA graph);
 - `jacobi`: Jacobi decoding over a sliding window of `window` tokens after the certified prefix
-  (the cache holds that prefix, a sweep runs the model on the window only);
-- `lookahead`: the same with n-gram guesses (the prompt's and every sweep's n-grams, verified by
-  the next sweep: the tokens are unchanged, only the sweeps drop).
+  (the cache holds that prefix, a sweep runs the model on the window only; with the static
+  cache the window moves on the device and chunks of sweeps replay as CUDA graphs);
+- `lookahead`: the same with n-gram guesses (the prompt's, the certified output's and the last
+  sweep's n-grams, found on the device and verified by the next sweep: the tokens are
+  unchanged, only the sweeps drop).
 
 Per row: wall-clock, model calls, tokens per forward (new tokens / sweeps), equality with the
 sequential tokens; for greedy decoding each flip (a position where a multi-token forward's
@@ -40,7 +45,7 @@ from ffsolve.runtime import exact_arithmetic
 from ffsolve.solvers import ConvergenceWarning, get_solver
 
 KINDS = ("code", "chat", "prose", "list")
-BASELINES = ("generate", "generate-static", "sequential")
+BASELINES = ("generate", "generate-static", "prompt-lookup", "sequential")
 METHODS = ("jacobi", "lookahead")
 AUTO = "auto"  # sequential or the window, chosen by method="auto" (not run by default)
 
@@ -53,7 +58,10 @@ class LMDecodingConfig(Config):
     batches, new_tokens, temperatures: the grid (temperature 0: greedy).
     methods, baselines: the rows; the method auto chooses between the sequential loop and the
         window (with lookahead's n-grams when lookahead is listed).
-    window: tokens per sweep after the certified prefix; ngram: lookahead's n-gram length.
+    window: tokens per sweep after the certified prefix; ngram: lookahead's n-gram length
+        (and prompt-lookup's draft length).
+    cache: LMDecoding's KV cache ("auto": static for SmolLM2); capture: replay the sequential
+        loop and the sweeps as CUDA graphs where the cache allows it (on a GPU).
     show: print the first continuation with each token marked by the sweep certifying it.
     """
 
@@ -67,6 +75,8 @@ class LMDecodingConfig(Config):
     baselines: tuple[str, ...] = spec(BASELINES, choices=BASELINES)
     window: int = spec(32, ge=1)
     ngram: int = spec(8, ge=2)
+    cache: str = spec("auto", choices=("auto", "static", "dynamic"))
+    capture: bool = True
     dtype: str = spec("float32", choices=("float32", "bfloat16", "float16"))
     repeats: int = spec(1, ge=1)
     warmup: int = spec(1, ge=0)
@@ -89,14 +99,16 @@ def prompt_ids(tokenizer: Any, prompt: dict[str, Any]) -> list[int]:
     return tokenizer(prompt["text"], add_special_tokens=False)["input_ids"]
 
 
-def _generate_row(label, model, problem: LMDecoding, T: int, static: bool, temp: float) -> Row:
+def _generate_row(label, model, problem: LMDecoding, T: int, temp: float, ngram: int) -> Row:
     kw: dict[str, Any] = {
         "max_new_tokens": T,
         "min_new_tokens": T if problem.eos_id is None else 0,
         "pad_token_id": problem.pad_id,
     }
-    if static:
+    if label == "generate-static":
         kw["cache_implementation"] = "static"
+    if label == "prompt-lookup":
+        kw["prompt_lookup_num_tokens"] = ngram
     if temp > 0:
         kw.update(do_sample=True, temperature=temp, top_k=0, top_p=1.0)
     else:
@@ -119,18 +131,19 @@ def _generate_row(label, model, problem: LMDecoding, T: int, static: bool, temp:
     return Row(label, "sequential", call)
 
 
-def _solve_row(label, method, problem: LMDecoding, ngram: int, **opts) -> Row:
+def _solve_row(label, method, problem: LMDecoding, ngram: int, capture: bool, **opts) -> Row:
     solver = get_solver(method, **opts)
 
     def call() -> Outcome:
         problem.ngram = ngram
         with warnings.catch_warnings():
             warnings.simplefilter("error", ConvergenceWarning)
-            sol = solver.solve(problem, record=True, capture=False)
+            sol = solver.solve(problem, record=True, capture="auto" if capture else False)
         extra = {
-            "forwards": problem.sweeps_forwarded - 1,
-            "tokens_fed": problem.tokens_forwarded,
+            # model calls after the prompt's: sweeps run (frozen ones of a chunk included)
+            "forwards": sol.stats.get("sweeps_run", sol.num_iters),
             "certified": sol.certified.min(1).values.tolist(),
+            "captured": sol.stats.get("captured", False),
         }
         if "auto" in sol.stats:
             extra["auto"] = {k: sol.stats["auto"].get(k) for k in ("choice", "tuned", "reason")}
@@ -198,6 +211,7 @@ def run(cfg: LMDecodingConfig, ctx: RunContext) -> dict[str, Any]:
         "summary": _aggregate(cases),
         "shown": shown,
         "model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised)",
+        "cache": cfg.cache,
         "dtype": cfg.dtype,
     }
 
@@ -206,24 +220,25 @@ def _case(cfg, ctx, model, tok, batch, ids, T, temp, eos) -> dict[str, Any]:
     g = torch.Generator().manual_seed(cfg.seed)
     V = model.config.vocab_size
     gumbel = lm_gumbel(len(batch), T, V, g, ctx.device) if temp > 0 else None
-    problem = LMDecoding(
-        model, [ids[p["id"]] for p in batch], T, temperature=temp, gumbel=gumbel, eos_id=eos
-    )
+    problem = LMDecoding(model, [ids[p["id"]] for p in batch], T, temperature=temp,
+                         gumbel=gumbel, eos_id=eos, cache=cfg.cache)  # fmt: skip
     rows = []
     for b in cfg.baselines:
         if b == "sequential":
-            rows.append(_solve_row("sequential", "sequential", problem, 0))
-        else:
-            rows.append(_generate_row(b, model, problem, T, b == "generate-static", temp))
+            rows.append(_solve_row("sequential", "sequential", problem, 0, cfg.capture))
+        elif b != "prompt-lookup" or (len(batch) == 1 and temp == 0):
+            rows.append(_generate_row(b, model, problem, T, temp, cfg.ngram))
     W = min(cfg.window, T)
     for m in cfg.methods:
         if m == AUTO:  # sequential or the window, with the n-grams of lookahead if configured
             ngram = cfg.ngram if "lookahead" in cfg.methods else 0
             among = [get_solver("gs_jacobi", window=W)]
-            rows.append(_solve_row("auto", "auto", problem, ngram, methods=among))
+            rows.append(_solve_row("auto", "auto", problem, ngram, cfg.capture, methods=among))
             continue
         ngram = cfg.ngram if m == "lookahead" else 0
-        rows.append(_solve_row(f"{m}(window={W})", "gs_jacobi", problem, ngram, window=W))
+        rows.append(
+            _solve_row(f"{m}(window={W})", "gs_jacobi", problem, ngram, cfg.capture, window=W)
+        )
     records, outcomes = timed_rows(
         rows,
         ctx.device,
@@ -308,7 +323,7 @@ def _aggregate(cases) -> list[dict[str, Any]]:
 def summary(records: dict[str, Any]) -> str:
     lines = [f"{records['model']}, {records['dtype']}"]
     head = f"{'T':>4} {'temp':>4} {'B':>2} {'kind':<6} {'method':<22} {'tok/fwd':>7} {'s':>8}"
-    head += "  vs gen   vs static  vs seq  equal flips"
+    head += "  vs gen   vs static vs lookup vs seq   equal flips"
     lines.append(head)
     for e in records["summary"]:
         vs = [e.get(f"speedup_vs_{b}") for b in BASELINES]

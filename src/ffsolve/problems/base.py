@@ -33,6 +33,7 @@ asks what kind of problem it has:
 | `linear_part(start, stop)` | `picard`, `linear="problem"`: A_t in f_t = A_t x + d_t | identity |
 | `noise_variance()` | `Stopping(rule="variance")`: each step's noise variance (T,) | ones |
 | `guess(x, window, certified)` | window methods: proposals for uncertified positions | None |
+| `settled(x, certified)` | every iterative method: positions final without a sweep | None |
 | `tune_key()` | `auto`: tells remembered choices apart beyond class and shape | its models' ids |
 | `graphs` | the captured loops and forwards replayed on this problem | an empty `GraphCache` |
 
@@ -233,6 +234,14 @@ class Problem:
         them, a good guess (an n-gram seen before, the last value of the previous window)
         saves sweeps. Called inside the step: where the window moves on the device, the
         guess must read nothing on the host."""
+        return None
+
+    def settled(self, x: Tensor, certified: Tensor) -> Tensor | None:
+        """(B,) long: each item's prefix that is final given the iterate `x` after a sweep
+        and its certified prefix `certified` (B,), at least `certified`, where the system's
+        structure says more than the certificate (a decoder's positions after a certified
+        end-of-sequence token are padding, whatever the model would say), or None (the
+        default: the certificate alone). Called inside the step: no host read."""
         return None
 
     def jacobians(self, x: Tensor, start: int, stop: int, diagonal: bool = False) -> Tensor:

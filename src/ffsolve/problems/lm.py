@@ -7,16 +7,19 @@ every method; Jacobi decoding (Santilli et al. 2023) is Jacobi here, and the sli
 `gs_jacobi` is the window a Jacobi decoder keeps.
 
 The KV cache holds the certified prefix: a sweep over the window [s, e) feeds the model the
-tokens x_{s-1}..x_{e-2} only, after a cache of the prompt and x_0..x_{s-2}. Every cache entry
-remembers the token it was computed from, and a sweep keeps exactly the entries whose tokens
-are still those of the iterate (so any caller, any window, gets the right logits), which after
-the loop's certificate is the whole certified prefix but its last token.
+tokens x_{s-1}..x_{e-2} only, after the cache of the prompt and x_0..x_{s-2}. Two caches:
+`static` (Llama-layout models, `ffsolve.models.static_lm.StaticKV`) writes keys and values by
+column into buffers of fixed capacity, so a window of fixed width whose start is a device
+tensor runs with static shapes and no host read: the loop captures chunks of sweeps, and the
+sequential loop whole, in CUDA graphs; `dynamic` (any causal LM) crops transformers' own
+cache to the entries whose tokens are still those of the iterate.
 
-`guess` proposes tokens for the uncertified positions from an n-gram pool (lookahead decoding,
-Fu et al. 2024, with prompt lookup): n-grams keyed by their first token, looked up from the
-last certified token; n-grams of the prompt and of the certified output come first, n-grams of
-the sweeps' own predictions (the Jacobi trajectory) only where those have none. The next sweep
-verifies the guess: the output is unchanged, only the number of sweeps drops.
+`guess` proposes tokens for the uncertified positions from n-grams (lookahead decoding, Fu et
+al. 2024, with prompt lookup), on the device: the latest earlier occurrence of the last
+certified token, preferably with the token before it, in the prompt and the certified output,
+else in the last sweep's predictions (the Jacobi trajectory); the tokens that followed it are
+the proposal. The next sweep verifies the guess: the output is unchanged, only the number of
+sweeps drops. `settled` ends an item as soon as its certified prefix holds EOS.
 
 Positions after an end-of-sequence token hold `pad_id`: each item of a batch finishes on its own.
 
@@ -35,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ffsolve.models.static_lm import StaticKV
 from ffsolve.problems.base import Problem, check_finite
 
 __all__ = ["LMDecoding", "lm_gumbel"]
@@ -109,6 +113,11 @@ class LMDecoding(Problem):
         eos_id: the end-of-sequence token (None: none); positions after it hold `pad_id`.
         pad_id: the filler after EOS and in the left padding (default: eos_id, else 0).
         ngram: the length of the n-grams `guess` proposes (0: no guesses).
+        cache: "static" (a KV cache of fixed capacity written by position, the window moved
+            on the device: every sweep and the sequential loop can be captured in CUDA
+            graphs; Llama-layout models, `StaticKV`), "dynamic" (transformers' own cache,
+            cropped to the certified prefix; any causal LM, windows placed from the host),
+            or "auto": static where the model allows it.
 
     The state is (B, T) float32 token ids (exact up to 2^24).
     """
@@ -126,6 +135,7 @@ class LMDecoding(Problem):
         eos_id: int | None = None,
         pad_id: int | None = None,
         ngram: int = 0,
+        cache: str = "auto",
     ) -> None:
         config = getattr(model, "config", None)
         if config is None or not callable(model):
@@ -155,6 +165,10 @@ class LMDecoding(Problem):
             )
         if temperature < 0 or temperature != temperature:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if isinstance(ngram, bool) or not isinstance(ngram, int) or ngram < 0 or ngram == 1:
+            raise ValueError(f"ngram must be 0 (no guesses) or an int >= 2, got {ngram!r}")
+        if cache not in ("auto", "static", "dynamic"):
+            raise ValueError(f"cache must be 'auto', 'static' or 'dynamic', got {cache!r}")
         p = next(model.parameters())
         self.device = p.device
         B = len(prompts)
@@ -180,17 +194,80 @@ class LMDecoding(Problem):
             mask[b, longest - len(prompt) :] = 1
         self.prompt_ids, self.prompt_mask = ids.to(self.device), mask.to(self.device)
         self.prompt_lengths = self.prompt_mask.sum(1)  # (B,)
+        # column c of the sequence: prompt columns 0..P-1, then new position t at P + t
+        self.columns = torch.arange(longest + steps, device=self.device)
+        why = StaticKV.unsupported(model, longest + steps)
+        if cache == "static" and why:
+            raise ValueError(f"cache='static' cannot run this model: {why}; use cache='dynamic'")
+        self.cache = "static" if cache == "static" or (cache == "auto" and not why) else "dynamic"
+        static = self.cache == "static"
+        # the static cache's work has static shapes and reads nothing on the host
+        self.capturable = self.capturable_stepper = self.window_on_device = static
+        self._kv: StaticKV | None = None  # the static cache (made at the first solve)
+        self._fed: Tensor | None = None  # (B, P + T) the token each static column was fed
         self._cache_arg = _cache_argument(model)
-        self._cache: Any = None  # the KV cache of the prompt and certified tokens
+        self._cache: Any = None  # the dynamic KV cache of the prompt and certified tokens
         self._kv_tokens = torch.empty(B, 0, dtype=torch.long, device=self.device)  # fed tokens
         self._first_logits: Tensor | None = None  # (B, V) the logits of position 0
-        self._pool: list[dict[tuple, list[int]]] = [{} for _ in range(B)]  # verified text
-        self._trail: list[dict[tuple, list[int]]] = [{} for _ in range(B)]  # the trajectory
-        self._learned = [0] * B  # output tokens already in the pool
         self.sweeps_forwarded = 0  # model calls of the last solve, the prompt's included
         self.tokens_forwarded = 0  # tokens fed to the model after the prompt (last solve)
 
-    # --- the model, over the cache -------------------------------------------------------
+    # --- the token row and the choice of a token ------------------------------------------
+    def _row(self, x: Tensor) -> Tensor:
+        """(B, P + T) long: the prompt, then the iterate's tokens."""
+        return torch.cat([self.prompt_ids, x.long()], dim=1)
+
+    def _choose(self, logits: Tensor, x: Tensor, positions: Tensor) -> Tensor:
+        """Tokens (B, n) at `positions` (n,) from their logits (B, n, V): the argmax of
+        logits / temperature + Gumbel noise; after an EOS among the inputs, pad."""
+        if self.temperature > 0:
+            noise = self.gumbel.index_select(1, positions).float()
+            scores = logits / self.temperature + noise
+        else:
+            scores = logits
+        tok = scores.argmax(-1)  # (B, n)
+        if self.eos_id is not None:
+            seen = (x.long() == self.eos_id).cumsum(1)  # (B, T) EOS among positions <= t
+            before = seen.index_select(1, (positions - 1).clamp(min=0)) > 0
+            tok = torch.where(before & (positions > 0)[None], self.pad_id, tok)
+        return tok
+
+    # --- the static cache: columns written by position ------------------------------------
+    def _static_prefill(self) -> None:
+        """Make the static cache at the first solve, and write the prompt's columns but its
+        last (every method feeds that one, as the input of new position 0)."""
+        if self._kv is None:
+            pad = self.P - self.prompt_lengths
+            self._kv = StaticKV(self.model, self.B, self.P + self.length, pad)
+            self._fed = torch.full((self.B, self.P + self.length), -1, device=self.device,
+                                   dtype=torch.long)  # fmt: skip
+        self._fed.fill_(-1)
+        if self.P > 1:
+            cols = self.columns[: self.P - 1]
+            self._kv.forward(self.prompt_ids[:, : self.P - 1], cols)
+            self._fed[:, : self.P - 1] = self.prompt_ids[:, : self.P - 1]
+        self.sweeps_forwarded = 1
+
+    def _static_feed(self, row: Tensor, cols: Tensor) -> Tensor:
+        """Feed the row's tokens at columns `cols` (n,): logits (B, n, V) of the positions
+        cols - P + 1."""
+        tokens = row.index_select(1, cols)
+        self._fed.index_copy_(1, cols, tokens)
+        self.sweeps_forwarded += 1
+        self.tokens_forwarded += tokens.numel()
+        return self._kv.forward(tokens, cols)
+
+    def _static_logits(self, x: Tensor, start: int, stop: int) -> Tensor:
+        """Logits (B, n, V) of positions [start, stop) (host ints), re-feeding from the first
+        column whose cached token is no longer the iterate's (a host read where start > 0)."""
+        row, first = self._row(x), self.P + start - 1
+        if start > 0:
+            same = (self._fed[:, :first] == row[:, :first]).all(0)
+            first = int(same.long().cumprod(0).sum())
+        out = self._static_feed(row, self.columns[first : self.P + stop - 1])
+        return out[:, out.shape[1] - (stop - start) :]
+
+    # --- the dynamic cache: transformers' own, cropped -----------------------------------
     def _forward(self, tokens: Tensor) -> Tensor:
         """Feed tokens (B, n) after the cache; returns logits (B, n, V) (float32)."""
         past = 0 if self._cache is None else self._cache.get_seq_length()
@@ -212,12 +289,6 @@ class LMDecoding(Problem):
         logits = self._forward(self.prompt_ids)
         self._first_logits = logits[:, -1]  # (B, V): the logits of new position 0
         self._kv_tokens = torch.empty(self.B, 0, dtype=torch.long, device=self.device)
-        self._pool = [{} for _ in range(self.B)]
-        self._trail = [{} for _ in range(self.B)]
-        self._learned = [0] * self.B
-        for b in range(self.B):
-            n = int(self.prompt_lengths[b])
-            self._learn(self._pool[b], self.prompt_ids[b, self.P - n :].tolist())
 
     def _crop(self, keep: int) -> None:
         """Keep the prompt and the first `keep` new tokens' cache entries."""
@@ -226,9 +297,7 @@ class LMDecoding(Problem):
             self._cache.crop(-drop)  # a negative count removes entries (every transformers)
         self._kv_tokens = self._kv_tokens[:, :keep]
 
-    def logits(self, x: Tensor, start: int, stop: int) -> Tensor:
-        """The logits (B, n, V) of positions [start, stop) given the iterate's tokens x (B, T),
-        from the cache where its entries still hold x's tokens."""
+    def _dynamic_logits(self, x: Tensor, start: int, stop: int) -> Tensor:
         if self._cache is None:
             self._prefill()
         tokens = x.long()
@@ -251,86 +320,98 @@ class LMDecoding(Problem):
             lo = start - (first + 1)
         return out[:, lo:]
 
-    def _choose(self, logits: Tensor, x: Tensor, start: int, stop: int) -> Tensor:
-        """Tokens (B, n) from logits (B, n, V): argmax of logits / temperature + Gumbel noise;
-        after an EOS among the inputs, pad."""
-        if self.temperature > 0:
-            scores = logits / self.temperature + self.gumbel[:, start:stop].float()
-        else:
-            scores = logits
-        tok = scores.argmax(-1)  # (B, n)
-        if self.eos_id is not None:
-            ended = torch.zeros(x.shape[0], stop, dtype=torch.bool, device=tok.device)
-            ended[:, 1:] = (x.long()[:, : stop - 1] == self.eos_id).cumsum(1) > 0  # EOS before
-            tok = torch.where(ended[:, start:stop], self.pad_id, tok)
-        return tok
+    def logits(self, x: Tensor, start: int, stop: int) -> Tensor:
+        """The logits (B, n, V) of positions [start, stop) given the iterate's tokens x (B, T),
+        from the cache where its entries still hold x's tokens (call `prepare()` first)."""
+        if self.cache == "static":
+            if self._kv is None:
+                self._static_prefill()
+            return self._static_logits(x, start, stop)
+        return self._dynamic_logits(x, start, stop)
 
     # --- the problem protocol ------------------------------------------------------------
     def prepare(self) -> None:
-        self._cache = None  # every solve starts from the prompt (weights may have changed)
+        """Every solve starts from the prompt (weights may have changed): the static cache
+        writes the prompt's columns here, the dynamic one at the first evaluation."""
+        self._cache = None
         self.sweeps_forwarded = 0
         self.tokens_forwarded = 0
+        if self.cache == "static":
+            self._static_prefill()
 
     def initial(self) -> Tensor:
         return torch.full((self.B, self.length), float(self.pad_id), device=self.device)
 
     def evaluate(self, x: Tensor, start: int, stop: int) -> Tensor:
-        tok = self._choose(self.logits(x, start, stop), x, start, stop)  # (B, n)
-        if self.ngram:
-            for b, row in enumerate(tok.tolist()):
-                self._learn(self._trail[b], row)
-        return tok.to(x.dtype)
+        positions = self.columns[start:stop]
+        return self._choose(self.logits(x, start, stop), x, positions).to(x.dtype)
+
+    def evaluate_window(self, x: Tensor, start: Tensor, width: int) -> Tensor:
+        """The window [start, start + width) with `start` on the device (static cache: the
+        window's columns are gathered on the device; the columns before it hold the
+        certified prefix, which the loop's window never starts after)."""
+        if self.cache != "static":
+            return super().evaluate_window(x, start, width)
+        cols = self.columns[:width] + (start + self.P - 1)  # the window's inputs' columns
+        logits = self._static_feed(self._row(x), cols)
+        return self._choose(logits, x, cols - (self.P - 1)).to(x.dtype)
 
     def stepper(self, x: Tensor) -> Callable[[int], Tensor]:
-        """The ordinary decoding loop with the KV cache: one token per model call."""
+        """The ordinary decoding loop with the KV cache: one token per model call (static
+        cache: step t feeds column P + t - 1, fixed at capture, so the loop replays)."""
+        if self.cache == "static":
 
-        def step(t: int) -> Tensor:
+            def step(t: int) -> Tensor:
+                col = self.columns[self.P + t - 1 : self.P + t]
+                logits = self._static_feed(self._row(x), col)
+                return self._choose(logits, x, self.columns[t : t + 1]).to(x.dtype)
+
+            return step
+
+        def dynamic_step(t: int) -> Tensor:
             if t == 0:
                 self._prefill()
             return self.evaluate(x, t, t + 1)
 
-        return step
+        return dynamic_step
 
     def guess(self, x: Tensor, window: Any, certified: Tensor) -> Tensor | None:
-        """n-gram proposals after each item's last certified token (the lookahead pool)."""
-        if not self.ngram or self._cache is None:
+        """n-gram proposals after each item's last certified token (lookahead decoding with
+        prompt lookup), on the device: the latest earlier occurrence of that token (and of
+        the one before it, preferred) in the prompt and certified output, else in the
+        iterate's uncertified part (the last sweep's predictions); the ngram - 1 tokens that
+        followed it are proposed for the positions after the certified prefix."""
+        if not self.ngram:
             return None
-        start, stop = window.bounds()  # the pool lives on the host: so does the window
-        window = x[:, start:stop].clone()
-        changed = False
-        rows = x.long().tolist()
-        for b, c in enumerate(certified.tolist()):
-            if c > self._learned[b]:  # newly certified output: verified text for the pool
-                lo = max(0, self._learned[b] - self.ngram)
-                head = [] if lo > 0 else self._prompt_tail(b)
-                self._learn(self._pool[b], head + rows[b][lo:c])
-                self._learned[b] = c
-            if c >= stop or c < 1:
-                continue
-            seen = (self._prompt_tail(b) + rows[b][:c])[-2:]  # the last two final tokens
-            keys = [tuple(seen), tuple(seen[-1:])]  # the longer context first
-            follow = next((pool[k] for pool in (self._pool[b], self._trail[b]) for k in keys
-                           if k in pool), None)  # fmt: skip
-            if not follow:
-                continue
-            n = min(len(follow), stop - c)
-            window[b, c - start : c - start + n] = torch.tensor(follow[:n], dtype=window.dtype)
-            changed = True
-        return window if changed else None
+        row, P, L = self._row(x), self.P, self.P + self.length
+        key = (P + certified - 1)[:, None]  # (B, 1) the column of the last certified token
+        last = row.gather(1, key)
+        before = torch.where(key > 0, row.gather(1, (key - 1).clamp(min=0)), -1)
+        prev = torch.cat([row.new_full((self.B, 1), -2), row[:, :-1]], dim=1)
+        one = row == last  # (B, L): occurrences of the last token
+        two = one & (prev == before)  # ... after the token before it
+        cols = self.columns[None]
+        older = cols < key  # the prompt and the certified output
+        later = (cols > key) & (cols < L - 1)  # the predictions, with a token after them
+        rank = one.long() * (1 + two.long()) * (1 + 2 * older.long()) * (older | later).long()
+        best = (rank * L + cols).amax(1)  # (B,) older two > older one > later two > one
+        found, match = best >= L, best % L
+        j = window.positions()[None] - certified[:, None]  # (B, n) steps after the prefix
+        src = match[:, None] + 1 + j
+        use = found[:, None] & (j >= 0) & (j < self.ngram - 1) & (src < L)
+        proposal = row.gather(1, src.clamp(0, L - 1)).to(x.dtype)
+        return torch.where(use, proposal, window.take(x))
 
-    def _prompt_tail(self, b: int) -> list[int]:
-        """The last prompt tokens of item b (n-grams running from the prompt into the output)."""
-        return self.prompt_ids[b, self.P - self.ngram :].tolist()
-
-    def _learn(self, pool: dict[tuple, list[int]], tokens: list[int]) -> None:
-        """Add the n-grams of a token sequence to a pool, keyed by the one and the two tokens
-        before them (the latest wins)."""
-        n = self.ngram
-        for i in range(len(tokens) - 1):
-            follow = tokens[i + 1 : i + n]
-            pool[(tokens[i],)] = follow
-            if i > 0:
-                pool[(tokens[i - 1], tokens[i])] = follow
+    def settled(self, x: Tensor, certified: Tensor) -> Tensor | None:
+        """An item whose certified prefix holds EOS and whose later positions all hold the
+        pad token is final whole (the decoding loop pads after EOS): T, else `certified`."""
+        if self.eos_id is None:
+            return None
+        tok = x.long()
+        done = self.columns[None, : self.length] < certified[:, None]  # (B, T)
+        ended = ((tok == self.eos_id) & done).any(1)
+        padded = ((tok == self.pad_id) | done).all(1)
+        return torch.where(ended & padded, self.length, certified)
 
     def tokens(self, value: Tensor) -> list[list[int]]:
         """A solution's tokens per item, up to and including the first EOS."""

@@ -597,6 +597,11 @@ class _Loop:
             old.copy_(torch.where(write, new, old))
         else:
             torch.where(write, new, old, out=old)  # elementwise in place, one kernel
+        settled = self.problem.settled(s.x, grown)  # final without a sweep (after an EOS)
+        if settled is not None:
+            grown = torch.maximum(grown, settled)
+            if self.record:
+                self.cer_buf.index_copy_(0, row, torch.where(live, grown, cert)[None])
         torch.where(live, grown, cert, out=cert)
         if narrow:  # the end of the furthest window swept (what `guess` reads)
             torch.where(live, -_at_most(-self.front, -win.stop), self.front, out=self.front)

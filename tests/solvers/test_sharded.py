@@ -213,7 +213,9 @@ def ranks(request, tmp_path_factory):
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(
-            [str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")]
+            # the ffsolve this test imported (a relative PYTHONPATH would not follow the cwd)
+            [str(HERE), str(HERE.parent), str(Path(ffsolve.__file__).resolve().parents[1]),
+             os.environ.get("PYTHONPATH", "")]  # fmt: skip
         ),
     }
     port = _free_port()

@@ -214,8 +214,12 @@ def ranks(request, tmp_path_factory):
         **os.environ,
         "PYTHONPATH": os.pathsep.join(
             # the ffsolve this test imported (a relative PYTHONPATH would not follow the cwd)
-            [str(HERE), str(HERE.parent), str(Path(ffsolve.__file__).resolve().parents[1]),
-             os.environ.get("PYTHONPATH", "")]  # fmt: skip
+            [
+                str(HERE),
+                str(HERE.parent),
+                str(Path(ffsolve.__file__).resolve().parents[1]),
+                os.environ.get("PYTHONPATH", ""),
+            ]
         ),
     }
     port = _free_port()

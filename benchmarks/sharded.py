@@ -7,8 +7,10 @@ Run under torchrun, one process per GPU (NCCL; gloo on the CPU), from the reposi
     torchrun --nproc-per-node 2 benchmarks/sharded.py --device cpu --tiny     # a CPU proof
 
 Cases: DDPM-1000 and DDIM-100 at batch 1 on the shipped `checkpoints/ddpm_mnist` (picard and
-anderson over Picard's map, windows `--windows`, ParaDiGMS's tolerance 0.1) and a GRU forward
-(hidden 256, batch 1, T = `--gru-length`, Jacobi at atol 1e-5). On one rank (world size 1)
+anderson over Picard's map, windows `--windows`, ParaDiGMS's tolerance 0.1), a GRU forward
+(hidden 256, batch 1, T = `--gru-length`, Jacobi at atol 1e-5), and the sharded linear solves
+on the same GRU at T = `--linear-length` (quasi_newton and newton on the forward, scan on its
+BPTT adjoint; one chunk of Jacobians per rank's slice). On one rank (world size 1)
 every case also times the captured sequential loop, the baseline of the issue; on several it
 times the same methods sharded. Every rank solves; rank 0 times (the median of `--repeats`
 after a warm-up, synchronised), checks against the sequential answer and writes one JSON
@@ -29,7 +31,14 @@ import torch
 import torch.distributed as dist
 
 import ffsolve
-from ffsolve.problems import DiffusionSampling, RecurrenceForward, Sharded, diffusion_noise
+from ffsolve.problems import (
+    DiffusionSampling,
+    RecurrenceAdjoint,
+    RecurrenceForward,
+    Sharded,
+    diffusion_noise,
+)
+from ffsolve.problems.recurrence import torch_cell_jacobian
 
 
 def _sync(device: torch.device) -> None:
@@ -75,17 +84,31 @@ def _diffusion_cases(args, device):
         yield name, problem, stop, methods
 
 
-def _gru_case(args, device):
+def _gru_cases(args, device):
     torch.manual_seed(0)
     H = 16 if args.tiny else 256
     cell = torch.nn.GRUCell(H, H).to(device)
     with torch.no_grad():  # a contracting cell, as a trained one is
         for p in cell.parameters():
             p.mul_(0.5)
+    h0 = torch.zeros(1, H, device=device)
     xs = torch.randn(1, args.gru_length, H, device=device)
-    problem = RecurrenceForward(cell, torch.zeros(1, H, device=device), xs)
+    problem = RecurrenceForward(cell, h0, xs)
     stop = ffsolve.Stopping(atol=1e-5, record=False)
     yield f"gru-forward-T{args.gru_length}", problem, stop, [("jacobi", "jacobi", {})]
+    # the sharded linear solves (each rank forms the Jacobians of its own positions only), at
+    # a length where dense (H, H) Jacobians fit one chunk (no second scan of a rank's slice):
+    # quasi-Newton (diagonal) and Newton (dense) on the forward, the scan on its BPTT adjoint
+    n = args.linear_length
+    short = RecurrenceForward(cell, h0, xs[:, :n])
+    newtons = [(m, m, {"chunk": n}) for m in ("quasi_newton", "newton")]
+    yield f"gru-forward-T{n}", short, stop, newtons
+    hs = ffsolve.solve(short, method="sequential", record=False).value  # (1, n, H)
+    h_prev = torch.cat([h0[:, None], hs[:, :-1]], dim=1)  # (1, n, H): h_0..h_{n-1}
+    grad_h = torch.randn(1, n, H, generator=torch.Generator().manual_seed(1)).to(device)
+    adjoint = RecurrenceAdjoint(lambda h, x: cell(x, h), h_prev, xs[:, :n], grad_h,
+                                jacobian=torch_cell_jacobian(cell), structure=cell)  # fmt: skip
+    yield f"gru-adjoint-T{n}", adjoint, stop, [("scan", "scan", {"chunk": n})]
 
 
 def main() -> None:
@@ -96,11 +119,14 @@ def main() -> None:
     ap.add_argument("--schedules", nargs="+", default=["ddpm-1000", "ddim-100"])
     ap.add_argument("--windows", nargs="+", type=int, default=[32, 64, 128])
     ap.add_argument("--gru-length", type=int, default=1_000_000)
+    ap.add_argument("--linear-length", type=int, default=4096,
+                    help="T of the GRU's newton, quasi_newton and scan cases")  # fmt: skip
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tiny", action="store_true", help="a CPU proof: tiny sizes")
     args = ap.parse_args()
     if args.tiny:
         args.schedules, args.windows, args.gru_length = ["ddim-10"], [4], 200
+        args.linear_length = 64
         args.repeats = 1
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -115,7 +141,7 @@ def main() -> None:
     rows = []
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", ffsolve.ConvergenceWarning)
-        for case in (*_diffusion_cases(args, device), *_gru_case(args, device)):
+        for case in (*_diffusion_cases(args, device), *_gru_cases(args, device)):
             name, problem, stop, methods = case
             seq = ffsolve.solve(problem, method="sequential", record=False).value
             if world == 1:

@@ -441,3 +441,41 @@ def test_newton_guard_rejects_a_blown_up_step_before_it_is_taken():
     torch.testing.assert_close(unguarded.value, seq, rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="guard must be > 1"):
         ffsolve.solve(problem, method="newton", guard=0.5)
+
+
+@pytest.mark.parametrize("dense", [True, False])
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_a_slice_scan_hands_out_its_affine_map_and_takes_the_entering_state(dense, chunk):
+    """affine_scan of positions [s, e) with `exchange` (what Sharded combines over ranks): the
+    map (P, y) it hands out carries the state entering s to the state leaving e - 1, and the
+    state exchange returns enters the slice (the loop's values, to rounding)."""
+    from ffsolve.solvers.scan import affine_scan
+
+    g = torch.Generator().manual_seed(4)
+    A = (
+        torch.randn(2, 13, 3, 3, dtype=D64, generator=g) / 3
+        if dense
+        else torch.rand(2, 13, 3, dtype=D64, generator=g)
+    )
+    b = torch.randn(2, 13, 3, dtype=D64, generator=g)
+    ref = _loop(A, b)
+    rec = ffsolve.problems.LinearRecurrence(
+        b, lambda s, e: A[:, s:e], "dense" if dense else "diagonal"
+    )
+    for s, e in ((0, 13), (4, 11), (5, 5), (12, 13)):
+        maps = []
+        h = ref[:, s - 1] if s else torch.zeros_like(b[:, 0])
+
+        def exchange(P, y, h=h, maps=maps):
+            maps.append((P, y))
+            return h
+
+        x = affine_scan(rec, chunk=chunk, start=s, stop=e, exchange=exchange)
+        torch.testing.assert_close(x, ref[:, s:e], rtol=1e-13, atol=1e-13)
+        ((P, y),) = maps  # exactly one exchange, also for an empty slice (the identity map)
+        out = (P * h if not dense else (P @ h[..., None])[..., 0]) + y
+        torch.testing.assert_close(out, ref[:, e - 1] if e > s else h, rtol=1e-13, atol=1e-13)
+    with pytest.raises(ValueError, match="not inside"):
+        affine_scan(rec, start=4, stop=14)
+    with pytest.raises(ValueError, match="h0 or exchange"):
+        affine_scan(rec, h0=b[:, 0], exchange=lambda P, y: y)

@@ -30,6 +30,7 @@ asks what kind of problem it has:
 | `first_order` | `newton`, `quasi_newton`: x_t reads x_{t-1} only | False |
 | `jacobians(x, start, stop, diagonal)` | `newton`, `quasi_newton` | batched VJPs of `evaluate` |
 | `linear_recurrence()` | `scan`: x_t = A_t x_{t-1} + b_t | TypeError (nonlinear) |
+| `solve_recurrence(rec, scan)` | `scan`, `newton`, `quasi_newton`: the linear solve | `scan(rec)` |
 | `linear_part(start, stop)` | `picard`, `linear="problem"`: A_t in f_t = A_t x + d_t | identity |
 | `noise_variance()` | `Stopping(rule="variance")`: each step's noise variance (T,) | ones |
 | `guess(x, window, certified)` | window methods: proposals for uncertified positions | None |
@@ -204,6 +205,20 @@ class Problem:
             f"{type(self).__name__} is not a linear recurrence (it has no linear_recurrence()); "
             "the 'scan' method needs one: use 'newton' or 'jacobi' for nonlinear systems"
         )
+
+    def solve_recurrence(self, rec: LinearRecurrence, scan: Callable[..., Tensor]) -> Tensor:
+        """The solution (B, T, F) of the linear recurrence `rec` (x_{-1} = 0), by the solver's
+        `scan`: the scan and Newton methods hand their linear solve to the problem, so a
+        problem spread over processes (`Sharded`) can solve it by parts. The default solves
+        every position at once, `scan(rec)`.
+
+        Args:
+            rec: the recurrence; its `coeffs(start, stop)` are asked only where the scan runs.
+            scan: `scan(rec, start=s, stop=e, exchange=None)`: positions [s, e) from a zero
+                state, (B, e - s, F); with `exchange` (`ffsolve.solvers.scan.Exchange`), the
+                slice's affine map is handed to it and the state it returns enters the slice.
+        """
+        return scan(rec)
 
     def linear_part(self, start: int, stop: int) -> Tensor | None:
         """A_t for t in [start, stop) when each step is f_t(x) = A_t x + d_t(x) with a known

@@ -14,13 +14,24 @@ shapes differ (a sampler's batched denoiser on fewer images).
 What is sharded: `evaluate` and `evaluate_window`, hence `jacobi`, `gs_jacobi`, `picard` and
 `anderson` (with or without a window; the prefix combination of Picard and the Gram sums of
 Anderson run on every rank over the gathered values: cheap beside the model) and `jacobi_gs`
-through the generic `evaluate_at`. Not sharded: `sequential` (one rank's worth of work on
-every rank, the reference) and `scan` (the linear recurrence is solved whole on every rank).
-`newton` and `quasi_newton` need Jacobians through the gather and are refused.
+through the generic `evaluate_at`; and the linear solve of `scan`, `newton` and
+`quasi_newton` (`solve_recurrence`): each rank scans its own contiguous positions from a zero
+state, forming only their coefficients (Newton: only their Jacobians; its F(x) is a sharded
+sweep), one all-gather of the slices' affine maps (a (B, F, F) product, or (B, F) diagonal,
+and a (B, F) offset per rank) gives each rank the state entering its slice by a world-size
+loop over the earlier maps, the slice is fixed up (x_t += A_t ... A_start h) and one
+all-gather of the slices gives every rank the solution: the single-process scan's to
+rounding (another order of the same sums; a few ulps of the solution's scale a position in
+`tests/solvers/test_sharded.py`). Dense, diagonal and matvec coefficients (a matvec made dense
+by the scan, as everywhere) are all combined. A slice longer than one chunk of matrices is
+scanned twice (the second time from its entering state; its coefficients formed again), so
+memory stays one chunk. Not sharded: `sequential` (one rank's worth of work on every rank,
+the reference).
 
 Example (run with `torchrun --nproc-per-node 2 script.py`):
     >>> torch.distributed.init_process_group("gloo")
     >>> sol = ffsolve.solve(Sharded(problem), method="picard", window=64)
+    >>> sol = ffsolve.solve(Sharded(RecurrenceForward(cell, h0, xs)), method="newton")
 """
 
 from __future__ import annotations
@@ -130,7 +141,38 @@ class Sharded(Problem):
         return ("sharded", self.world, self.problem.tune_key())
 
     def jacobians(self, x: Tensor, start: int, stop: int, diagonal: bool = False) -> Tensor:
-        raise TypeError(
-            "newton and quasi_newton are not sharded (their Jacobians would pass through the "
-            "all-gather): use jacobi, gs_jacobi, picard or anderson on a Sharded problem"
-        )
+        # local, no collective: the Newton methods ask only for a rank's own slice (through
+        # `solve_recurrence`); any other caller gets the positions it asked for, on every rank
+        return self.problem.jacobians(x, start, stop, diagonal)
+
+    # --- the sharded linear solve of scan and newton --------------------------------------
+    def solve_recurrence(self, rec: LinearRecurrence, scan: Callable[..., Tensor]) -> Tensor:
+        """Each rank scans its own positions from a zero state (forming only their
+        coefficients), one all-gather of the slices' affine maps gives each rank the state
+        entering its slice (combined over the earlier ranks in order, world size steps), the
+        slice is fixed up, and one all-gather of the slices gives every rank the solution."""
+        if self.world == 1:
+            return self.problem.solve_recurrence(rec, scan)
+        B, T, F = rec.b.shape
+        chunk = -(-T // self.world)
+        start, offset, n = shard_bounds(T, self.world, self.rank)
+        lo = start + offset  # the rank's own positions: [lo, lo + n)
+
+        def exchange(P: Tensor, y: Tensor) -> Tensor:
+            """The state entering this rank's slice: h_0 = 0, h_{r+1} = P_r h_r + y_r."""
+            mine = torch.cat([P.reshape(B, -1), y], dim=1).contiguous()  # (B, F*F + F) or 2F
+            maps = [torch.empty_like(mine) for _ in range(self.world)]
+            dist.all_gather(maps, mine, group=self.group)
+            h = torch.zeros_like(y)  # (B, F)
+            for got in maps[: self.rank]:
+                P_r, y_r = got[:, :-F].view(P.shape), got[:, -F:]
+                h = (P_r * h if P_r.dim() == 2 else (P_r @ h[..., None])[..., 0]) + y_r
+            return h
+
+        part = scan(rec, start=lo, stop=lo + n, exchange=exchange)  # (B, n, F)
+        if n < chunk:  # equal pieces for the all-gather
+            part = torch.cat([part, part.new_zeros(B, chunk - n, F)], dim=1)
+        pieces = [torch.empty_like(part) for _ in range(self.world)]
+        dist.all_gather(pieces, part.contiguous(), group=self.group)
+        owned = [got[:, : shard_bounds(T, self.world, r)[2]] for r, got in enumerate(pieces)]
+        return torch.cat(owned, dim=1)  # (B, T, F)

@@ -34,6 +34,7 @@ iteration and position.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -134,7 +135,8 @@ class Newton(Solver):
         transform: Callable[[Tensor], Tensor] | None = (
             None if self.damping == 0 else (lambda A: A * scale)
         )
-        d = affine_scan(LinearRecurrence(r, coeffs, kind), chunk=self.chunk, transform=transform)
+        scan = functools.partial(affine_scan, chunk=self.chunk, transform=transform)
+        d = problem.solve_recurrence(LinearRecurrence(r, coeffs, kind), scan)  # (B, T, F)
         new = fx + (d - r)  # = F(x) bitwise wherever the residual prefix is zero
         track: _Safeguards | None = None if memory is None else memory["track"]
         if track is None:  # called outside the loop (no per-solve record): plain Newton

@@ -18,6 +18,7 @@ methods rely on it (see `ffsolve.solvers.newton`).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -29,7 +30,7 @@ from ffsolve import graphs
 from ffsolve.problems.base import LinearRecurrence, Problem, check_finite
 from ffsolve.solvers.base import Solver, State, Window, check_int
 
-__all__ = ["Scan", "affine_scan", "linear_scan", "auto_chunk", "clear_graphs"]
+__all__ = ["Exchange", "Scan", "affine_scan", "linear_scan", "auto_chunk", "clear_graphs"]
 
 #: Elements of one chunk of dense matrices when the chunk is chosen automatically (2^25 floats:
 #: 128 MiB in float32; the scan holds about three such buffers at once).
@@ -54,7 +55,7 @@ def _apply(A: Tensor, v: Tensor, diagonal: bool) -> Tensor:
     return A * v if diagonal else (A @ v[..., None])[..., 0]
 
 
-def _scan_chunk(A: Tensor, b: Tensor, diagonal: bool) -> Tensor:
+def _scan_chunk(A: Tensor, b: Tensor, diagonal: bool, products: bool = False) -> Any:
     """Inclusive Hillis-Steele scan: x_t = A_t x_{t-1} + b_t with x_{-1} = 0 on one chunk.
 
     Time-major inside (a free view for B = 1), so every shifted slice is one contiguous
@@ -63,9 +64,10 @@ def _scan_chunk(A: Tensor, b: Tensor, diagonal: bool) -> Tensor:
     Args:
         A: (B, n, F, F) or (B, n, F) when diagonal.
         b: (B, n, F).
+        products: also return the running products A_t ... A_0 (one more level of products).
 
     Returns:
-        (B, n, F).
+        (B, n, F); with `products`, also (B, n, F, F) or (B, n, F).
     """
     B, n, F = b.shape
     A = A.transpose(0, 1).contiguous()  # (n, B, F, F) or (n, B, F)
@@ -81,11 +83,11 @@ def _scan_chunk(A: Tensor, b: Tensor, diagonal: bool) -> Tensor:
                 b[off:].reshape(m, F, 1), A[off:].reshape(m, F, F), b[:-off].reshape(m, F, 1)
             ).view(n - off, B, F)
         b = torch.cat([b[:off], new])
-        if 2 * off < n:  # the last step needs no products of matrices
+        if 2 * off < n or products:  # the last step needs no products of matrices
             AA = A[off:] * A[:-off] if diagonal else torch.matmul(A[off:], A[:-off])
             A = torch.cat([A[:off], AA])
         off *= 2
-    return b.transpose(0, 1)
+    return (b.transpose(0, 1), A.transpose(0, 1)) if products else b.transpose(0, 1)
 
 
 _GRAPHS = graphs.GraphCache(GRAPH_CACHE)
@@ -124,6 +126,12 @@ def _dense_of(matvec: Callable[[Tensor], Tensor], B: int, n: int, F: int, like: 
     return torch.stack(cols, dim=-1)  # (B, n, F, F)
 
 
+#: `exchange(P, y) -> h`: given the affine map x_out = P x_in + y of a slice of positions
+#: (P (B, F, F), or (B, F) for a diagonal recurrence; y (B, F)), the state h (B, F) entering
+#: the slice (a sharded problem's collective; see `Problem.solve_recurrence`).
+Exchange = Callable[[Tensor, Tensor], Tensor]
+
+
 def affine_scan(
     rec: LinearRecurrence,
     *,
@@ -131,32 +139,47 @@ def affine_scan(
     h0: Tensor | None = None,
     transform: Callable[[Tensor], Tensor] | None = None,
     capture: bool = False,
+    start: int = 0,
+    stop: int | None = None,
+    exchange: Exchange | None = None,
 ) -> Tensor:
-    """x_t = A_t x_{t-1} + b_t for t = 0..T-1, x_{-1} = h0 (or 0), by chunked scans.
+    """x_t = A_t x_{t-1} + b_t for t = start..stop-1, x_{start-1} = h0 (or 0), by chunked scans.
+
+    With `exchange`, the state entering `start` is not known yet: the slice is scanned from
+    zero, its affine map (the product of its A_t and its last offset) goes to `exchange`, which
+    returns the entering state h, and the slice is fixed up, x_t += (A_t ... A_start) h: from
+    the running products when the slice is one chunk, else by a second scan from h (the
+    coefficients formed again: memory stays one chunk of matrices).
 
     Args:
         rec: the recurrence (b and a chunk-wise source of the A_t).
         chunk: time steps per chunk (None: `auto_chunk`).
-        h0: (B, F) the state before position 0; None for zero.
+        h0: (B, F) the state before position `start`; None for zero.
         transform: applied to each chunk's coefficients before use (e.g. a damping factor).
         capture: replay small CUDA chunks from cached CUDA graphs (see the module docstring).
+        start, stop: the positions solved (default: all).
+        exchange: the entering state from the slice's affine map (see `Exchange`); with h0 None.
 
     Returns:
-        (B, T, F).
+        (B, stop - start, F).
     """
     b = rec.b
     B, T, F = b.shape
+    stop = T if stop is None else stop
+    if not 0 <= start <= stop <= T:
+        raise ValueError(f"positions [{start}, {stop}) are not inside [0, {T})")
+    if exchange is not None:
+        if h0 is not None:
+            raise ValueError("give h0 or exchange, not both")
+        return _scan_slice(rec, start, stop, chunk, transform, capture, exchange)
     diagonal = rec.kind == "diagonal"
-    chunk = chunk or auto_chunk(B, T, F, rec.kind)
-    out = None if chunk >= T else torch.empty_like(b)  # one chunk: its scan is the answer
+    n = stop - start
+    chunk = chunk or auto_chunk(B, n, F, rec.kind)
+    out = None if chunk >= n else b.new_empty(B, n, F)  # one chunk: its scan is the answer
     carry = h0
-    for s in range(0, T, chunk):
-        e = min(T, s + chunk)
-        A = rec.coeffs(s, e)
-        if rec.kind == "matvec":
-            A = _dense_of(A, B, e - s, F, b)  # type: ignore[arg-type]
-        if transform is not None:
-            A = transform(A)
+    for s in range(start, stop, chunk):
+        e = min(stop, s + chunk)
+        A = _coefficients(rec, s, e, transform)
         bb = b[:, s:e]
         if carry is not None:  # fold the state entering the chunk into its first offset
             bb = torch.cat([bb[:, :1] + _apply(A[:, 0], carry, diagonal)[:, None], bb[:, 1:]], 1)
@@ -166,10 +189,60 @@ def affine_scan(
             x = _scan_chunk(A, bb, diagonal)
         if out is None:
             return x.contiguous()
-        out[:, s:e] = x
+        out[:, s - start : e - start] = x
         carry = x[:, -1]
-    assert out is not None  # more than one chunk
+    if out is None:  # no positions
+        return b[:, start:stop].clone()
     return out
+
+
+def _coefficients(
+    rec: LinearRecurrence, s: int, e: int, transform: Callable[[Tensor], Tensor] | None
+) -> Tensor:
+    """A_t for t in [s, e) as (B, n, F, F) or (B, n, F) tensors (a matvec made dense)."""
+    A = rec.coeffs(s, e)
+    if rec.kind == "matvec":
+        B, _, F = rec.b.shape
+        A = _dense_of(A, B, e - s, F, rec.b)  # type: ignore[arg-type]
+    return A if transform is None else transform(A)  # type: ignore[return-value]
+
+
+def _scan_slice(
+    rec: LinearRecurrence,
+    start: int,
+    stop: int,
+    chunk: int | None,
+    transform: Callable[[Tensor], Tensor] | None,
+    capture: bool,
+    exchange: Exchange,
+) -> Tensor:
+    """`affine_scan` of positions [start, stop) whose entering state `exchange` gives."""
+    b = rec.b
+    B, _, F = b.shape
+    n = stop - start
+    diagonal = rec.kind == "diagonal"
+    if n == 0:  # an empty slice is the identity map (and still takes part in the exchange)
+        eye = torch.eye(F, dtype=b.dtype, device=b.device)
+        exchange(b.new_ones(B, F) if diagonal else eye.expand(B, F, F), b.new_zeros(B, F))
+        return b[:, start:stop].clone()
+    chunk = chunk or auto_chunk(B, n, F, rec.kind)
+    total = carry = running = x = None
+    for s in range(start, stop, chunk):
+        e = min(stop, s + chunk)
+        A = _coefficients(rec, s, e, transform)
+        bb = b[:, s:e]
+        if carry is not None:
+            bb = torch.cat([bb[:, :1] + _apply(A[:, 0], carry, diagonal)[:, None], bb[:, 1:]], 1)
+        x, running = _scan_chunk(A, bb, diagonal, products=True)  # (B, e-s, F), A_t ... A_s
+        last = running[:, -1]  # the chunk's map: (B, F, F) or (B, F)
+        total = last if total is None else (last * total if diagonal else last @ total)
+        carry = x[:, -1]
+    assert total is not None and carry is not None and x is not None and running is not None
+    h = exchange(total, carry)  # (B, F), the state entering `start`
+    if chunk >= n:  # x_t = y_t + (A_t ... A_start) h: exact zeros stay exact (h = 0 gives y)
+        return x + _apply(running, h[:, None], diagonal)
+    return affine_scan(rec, chunk=chunk, h0=h, transform=transform, capture=capture,
+                       start=start, stop=stop)  # fmt: skip
 
 
 def linear_scan(A: Tensor, b: Tensor, h0: Tensor | None = None, chunk: int | None = None) -> Tensor:
@@ -238,7 +311,8 @@ class Scan(Solver):
                 f"linear_recurrence() gave b {tuple(rec.b.shape)}, expected "
                 f"{(state.B, state.T, state.F)}"
             )
-        return window.take(affine_scan(rec, chunk=self.chunk, capture=self.capture_chunks))
+        scan = functools.partial(affine_scan, chunk=self.chunk, capture=self.capture_chunks)
+        return window.take(problem.solve_recurrence(rec, scan))
 
     def guaranteed(self, certified: Tensor, length: int) -> Tensor:
         return torch.full_like(certified, length)  # an exact solve certifies every position

@@ -265,3 +265,16 @@ def test_a_gpt2_decodes_exactly_through_the_dynamic_cache():
         ref = ffsolve.solve(problem, method="sequential").value
         sol = ffsolve.solve(problem, method="gs_jacobi", window=5)
     assert torch.equal(sol.value, ref)
+
+
+def test_changing_the_ngram_drops_the_captured_loops():
+    """A captured loop replays the guesses it was recorded with: a new ngram must not reuse
+    it (the lm-decoding experiment runs jacobi and lookahead rows on one problem)."""
+    problem = LMDecoding(_llama(), PROMPTS, 8)
+    problem.graphs.get("loop", lambda: "recorded with ngram 0")
+    problem.ngram = 0
+    assert len(problem.graphs) == 1  # unchanged: kept
+    problem.ngram = 4
+    assert len(problem.graphs) == 0 and problem.ngram == 4
+    with pytest.raises(ValueError, match="ngram must be 0"):
+        problem.ngram = -2

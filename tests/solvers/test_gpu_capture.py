@@ -135,8 +135,11 @@ def test_captured_lm_decoding_is_bitwise_the_eager_one(temperature):
     gumbel = lm_gumbel(2, 40, 64, torch.Generator().manual_seed(1), CUDA) if temperature else None
     problem = LMDecoding(model, prompts, 40, temperature=temperature, gumbel=gumbel,
                          eos_id=11, ngram=4, cache="static")  # fmt: skip
+    runs = [("sequential", {}, 0), ("gs_jacobi", {"window": 8}, 0),
+            ("gs_jacobi", {"window": 8}, 4), ("jacobi", {}, 4)]  # fmt: skip
     with torch.no_grad():
-        for method, opts in [("sequential", {}), ("gs_jacobi", {"window": 8}), ("jacobi", {})]:
+        for method, opts, ngram in runs:  # a new ngram must not replay the old guesses
+            problem.ngram = ngram
             eager = ffsolve.solve(problem, method=method, capture=False, **opts)
             for _ in range(2):
                 got = ffsolve.solve(problem, method=method, capture="auto", **opts)

@@ -58,7 +58,8 @@ class LMDecodingConfig(Config):
     batches, new_tokens, temperatures: the grid (temperature 0: greedy).
     methods, baselines: the rows; the method auto chooses between the sequential loop and the
         window (with lookahead's n-grams when lookahead is listed).
-    window: tokens per sweep after the certified prefix; ngram: lookahead's n-gram length
+    windows: tokens per sweep after the certified prefix (one row per window and method);
+        ngram: lookahead's n-gram length
         (and prompt-lookup's draft length).
     cache: LMDecoding's KV cache ("auto": static for SmolLM2); capture: replay the sequential
         loop and the sweeps as CUDA graphs where the cache allows it (on a GPU).
@@ -73,7 +74,7 @@ class LMDecodingConfig(Config):
     temperatures: tuple[float, ...] = spec((0.0, 0.7, 1.0), ge=0.0)
     methods: tuple[str, ...] = spec(METHODS, choices=(*METHODS, AUTO))
     baselines: tuple[str, ...] = spec(BASELINES, choices=BASELINES)
-    window: int = spec(32, ge=1)
+    windows: tuple[int, ...] = spec((16, 32), ge=1)
     ngram: int = spec(8, ge=2)
     cache: str = spec("auto", choices=("auto", "static", "dynamic"))
     capture: bool = True
@@ -228,17 +229,17 @@ def _case(cfg, ctx, model, tok, batch, ids, T, temp, eos) -> dict[str, Any]:
             rows.append(_solve_row("sequential", "sequential", problem, 0, cfg.capture))
         elif b != "prompt-lookup" or (len(batch) == 1 and temp == 0):
             rows.append(_generate_row(b, model, problem, T, temp, cfg.ngram))
-    W = min(cfg.window, T)
+    widths = sorted({min(w, T) for w in cfg.windows})
     for m in cfg.methods:
-        if m == AUTO:  # sequential or the window, with the n-grams of lookahead if configured
+        if m == AUTO:  # sequential or the windows, with the n-grams of lookahead if configured
             ngram = cfg.ngram if "lookahead" in cfg.methods else 0
-            among = [get_solver("gs_jacobi", window=W)]
+            among = [get_solver("gs_jacobi", window=W) for W in widths]
             rows.append(_solve_row("auto", "auto", problem, ngram, cfg.capture, methods=among))
             continue
         ngram = cfg.ngram if m == "lookahead" else 0
-        rows.append(
-            _solve_row(f"{m}(window={W})", "gs_jacobi", problem, ngram, cfg.capture, window=W)
-        )
+        for W in widths:
+            label = f"{m}(window={W})"
+            rows.append(_solve_row(label, "gs_jacobi", problem, ngram, cfg.capture, window=W))
     records, outcomes = timed_rows(
         rows,
         ctx.device,

@@ -165,8 +165,6 @@ class LMDecoding(Problem):
             )
         if temperature < 0 or temperature != temperature:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if isinstance(ngram, bool) or not isinstance(ngram, int) or ngram < 0 or ngram == 1:
-            raise ValueError(f"ngram must be 0 (no guesses) or an int >= 2, got {ngram!r}")
         if cache not in ("auto", "static", "dynamic"):
             raise ValueError(f"cache must be 'auto', 'static' or 'dynamic', got {cache!r}")
         p = next(model.parameters())
@@ -185,7 +183,8 @@ class LMDecoding(Problem):
         self.model, self.temperature, self.length, self.vocab = model, temperature, steps, V
         self.eos_id = eos_id
         self.pad_id = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
-        self.ngram = ngram
+        self._ngram = 0
+        self.ngram = ngram  # checked by the property
         self.B, self.P = B, longest
         ids = torch.full((B, longest), self.pad_id, dtype=torch.long)
         mask = torch.zeros(B, longest, dtype=torch.long)
@@ -211,6 +210,20 @@ class LMDecoding(Problem):
         self._first_logits: Tensor | None = None  # (B, V) the logits of position 0
         self.sweeps_forwarded = 0  # model calls of the last solve, the prompt's included
         self.tokens_forwarded = 0  # tokens fed to the model after the prompt (last solve)
+
+    @property
+    def ngram(self) -> int:
+        """The length of the n-grams `guess` proposes (0: none). Setting it drops the loops
+        captured on this problem (they were recorded with the old guesses)."""
+        return self._ngram
+
+    @ngram.setter
+    def ngram(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0 or value == 1:
+            raise ValueError(f"ngram must be 0 (no guesses) or an int >= 2, got {value!r}")
+        if value != self._ngram:
+            self.graphs.invalidate()
+        self._ngram = value
 
     # --- the token row and the choice of a token ------------------------------------------
     def _row(self, x: Tensor) -> Tensor:

@@ -2,8 +2,8 @@
 
 `StaticKV(model, batch, columns, pad)` keeps one key and one value buffer per layer of fixed
 capacity (`columns` positions of the left-padded sequence) and runs the model's own modules
-(embedding, norms, projections, MLPs, rotary embedding, head) over any set of columns given as
-a device tensor: the forward of n tokens writes their keys and values at their columns and
+(embedding, projections, MLPs, rotary embedding, head; its RMSNorms' weights through torch's
+fused `rms_norm`) over any set of columns given as a device tensor: the forward of n tokens writes their keys and values at their columns and
 attends, per query, to every column at or before its own (after the item's left padding).
 Nothing is read on the host and every shape is fixed by n, so a forward can be captured in a
 CUDA graph and replayed with the columns moved on the device (a decoding window that slides
@@ -50,6 +50,8 @@ class StaticKV:
         attn = self.layers[0].self_attn
         p = next(model.parameters())
         kv_heads = attn.k_proj.out_features // attn.head_dim
+        self.kv_heads = kv_heads
+        self.group = attn.q_proj.out_features // attn.head_dim // kv_heads
         shape = (batch, kv_heads, columns, attn.head_dim)
         self.keys = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in self.layers]
         self.values = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in self.layers]
@@ -82,37 +84,57 @@ class StaticKV:
     def forward(self, tokens: Tensor, columns: Tensor) -> Tensor:
         """Logits (B, n, V), float32, of `tokens` (B, n) long fed at `columns` (n,) long
         (increasing, on the model's device); their keys and values are written there."""
+        B, n = tokens.shape
         pos = (columns[None, :] - self.pad[:, None]).clamp(min=0)  # (B, n) per-item positions
-        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # (B, 1, n, D)
+        cos, sin = self.cos[pos][:, :, None], self.sin[pos][:, :, None]  # (B, n, 1, D)
         # query column c sees key column j <= c after the padding (a padding column itself,
-        # so that no row is empty: its output is never seen)
+        # so that no row is empty: its output is never seen); as a bias added to the scores
+        # of every query head a key head serves: (B * key heads, group * n, L)
         before = self.range[None, None, :] <= columns[None, :, None]  # (1, n, L)
         real = self.range[None, None, :] >= self.pad[:, None, None]  # (B, 1, L)
-        mask = (before & (real | (self.range[None, None, :] == columns[None, :, None])))[:, None]
+        seen = before & (real | (self.range[None, None, :] == columns[None, :, None]))
+        bias = torch.zeros(seen.shape, dtype=self.keys[0].dtype, device=seen.device)
+        bias = bias.masked_fill_(~seen, float("-inf"))[:, None, None]  # (B, 1, 1, n, L)
+        bias = bias.expand(B, self.kv_heads, self.group, n, self.L)
+        bias = bias.reshape(B * self.kv_heads, self.group * n, self.L)
         h = self.model.model.embed_tokens(tokens)
         for i, layer in enumerate(self.layers):
-            h = h + self._attend(layer.self_attn, layer.input_layernorm(h), i, columns,
-                                 cos, sin, mask)  # fmt: skip
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return self.model.lm_head(self.model.model.norm(h)).float()
+            x = _norm(layer.input_layernorm, h)
+            h = h + self._attend(layer.self_attn, x, i, columns, cos, sin, bias)
+            h = h + layer.mlp(_norm(layer.post_attention_layernorm, h))
+        return self.model.lm_head(_norm(self.model.model.norm, h)).float()
 
-    def _attend(self, attn, h, i, columns, cos, sin, mask) -> Tensor:
+    def _attend(self, attn, h, i, columns, cos, sin, bias) -> Tensor:
+        """Grouped-query attention over the cache, written out (scores by one batched GEMM
+        with the scale and the mask fused, softmax, one batched GEMM): at a few query tokens
+        a third of the fused kernel's time on an H100 (benchmarks/profile_lm_kernels.py)."""
         B, n, _ = h.shape
-        D = attn.head_dim
-        q = attn.q_proj(h).view(B, n, -1, D).transpose(1, 2)  # (B, H, n, D)
-        k = attn.k_proj(h).view(B, n, -1, D).transpose(1, 2)  # (B, Hkv, n, D)
-        v = attn.v_proj(h).view(B, n, -1, D).transpose(1, 2)
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        D, Hkv, g, L = attn.head_dim, self.kv_heads, self.group, self.L
+        q = attn.q_proj(h).view(B, n, Hkv * g, D)
+        k = attn.k_proj(h).view(B, n, Hkv, D)
+        v = attn.v_proj(h).view(B, n, Hkv, D)
+        qk = _rotate(torch.cat([q, k], dim=2), cos, sin)  # one rotation for both
+        q, k = qk[:, :, : Hkv * g], qk[:, :, Hkv * g :]
         keys, values = self.keys[i], self.values[i]
-        keys.index_copy_(2, columns, k.to(keys.dtype))
-        values.index_copy_(2, columns, v.to(values.dtype))
-        heads, kv_heads = q.shape[1], keys.shape[1]
-        if heads != kv_heads:  # grouped-query attention: each key head serves several
-            shape = (B, kv_heads, heads // kv_heads, *keys.shape[2:])
-            keys = keys[:, :, None].expand(shape).reshape(B, heads, *keys.shape[2:])
-            values = values[:, :, None].expand(shape).reshape(B, heads, *values.shape[2:])
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling)
-        return attn.o_proj(out.transpose(1, 2).reshape(B, n, -1))
+        keys.index_copy_(2, columns, k.transpose(1, 2).to(keys.dtype))
+        values.index_copy_(2, columns, v.transpose(1, 2).to(values.dtype))
+        # query head kv * g + j reads key head kv (transformers' repeat_interleave order)
+        qg = q.reshape(B, n, Hkv, g, D).permute(0, 2, 3, 1, 4).reshape(B * Hkv, g * n, D)
+        kt = keys.view(B * Hkv, L, D).transpose(1, 2)
+        scores = torch.baddbmm(bias, qg.to(keys.dtype), kt, alpha=attn.scaling)
+        out = torch.bmm(torch.softmax(scores, dim=-1), values.view(B * Hkv, L, D))
+        out = out.view(B, Hkv, g, n, D).permute(0, 3, 1, 2, 4).reshape(B, n, Hkv * g * D)
+        return attn.o_proj(out.to(h.dtype))
+
+
+def _norm(module: Any, x: Tensor) -> Tensor:
+    """An RMSNorm module applied as torch's fused `rms_norm` (one kernel where transformers'
+    formula runs six); any other norm as itself."""
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    weight = getattr(module, "weight", None)
+    if "RMSNorm" not in type(module).__name__ or eps is None or weight is None:
+        return module(x)
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

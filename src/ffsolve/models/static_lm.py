@@ -3,8 +3,9 @@
 `StaticKV(model, batch, columns, pad)` keeps one key and one value buffer per layer of fixed
 capacity (`columns` positions of the left-padded sequence) and runs the model's own modules
 (embedding, projections, MLPs, rotary embedding, head; its RMSNorms' weights through torch's
-fused `rms_norm`) over any set of columns given as a device tensor: the forward of n tokens writes their keys and values at their columns and
-attends, per query, to every column at or before its own (after the item's left padding).
+fused `rms_norm`) over any set of columns given as a device tensor: the forward of n tokens
+writes their keys and values at their columns and attends, per query, to every column at or
+before its own (after the item's left padding).
 Nothing is read on the host and every shape is fixed by n, so a forward can be captured in a
 CUDA graph and replayed with the columns moved on the device (a decoding window that slides
 with the certified prefix).

@@ -278,3 +278,18 @@ def test_changing_the_ngram_drops_the_captured_loops():
     assert len(problem.graphs) == 0 and problem.ngram == 4
     with pytest.raises(ValueError, match="ngram must be 0"):
         problem.ngram = -2
+
+
+def test_new_weights_reach_the_static_cache_at_the_next_solve():
+    """The static cache joins the q/k/v and gate/up projections into copies of their
+    weights: a solve after the weights changed (training, loading) reads the new ones."""
+    model = _llama()
+    problem = LMDecoding(model, PROMPTS, 12, cache="static")
+    with torch.no_grad():
+        before = ffsolve.solve(problem, method="gs_jacobi", window=4).value
+        for layer in model.model.layers:
+            layer.self_attn.k_proj.weight.mul_(3.0)
+            layer.mlp.up_proj.weight.mul_(-2.0)
+        after = ffsolve.solve(problem, method="gs_jacobi", window=4).value
+        fresh = ffsolve.solve(LMDecoding(model, PROMPTS, 12, cache="dynamic"), method="sequential")
+    assert not torch.equal(before, after) and torch.equal(after, fresh.value)

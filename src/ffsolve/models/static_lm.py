@@ -62,6 +62,18 @@ class StaticKV:
         with torch.no_grad():  # cos/sin of every position, gathered per token
             cos, sin = inner.rotary_emb(p.new_zeros(1), self.range[None])
         self.cos, self.sin = cos[0], sin[0]  # (L, D)
+        # the q, k and v projections as one GEMM, and the MLP's gate and up projections:
+        # fewer, larger GEMMs at a few rows (copies of the weights, refreshed by `bake`)
+        self.qkv = [
+            _Joined(layer.self_attn, ("q_proj", "k_proj", "v_proj")) for layer in self.layers
+        ]
+        self.gate_up = [_Joined(layer.mlp, ("gate_proj", "up_proj")) for layer in self.layers]
+
+    def bake(self) -> None:
+        """Copy the model's current weights into the joined projections (in place: captured
+        graphs read them by address). Call after the weights change."""
+        for joined in self.qkv + self.gate_up:
+            joined.bake()
 
     @staticmethod
     def unsupported(model: Any, columns: int | None = None) -> str | None:
@@ -102,7 +114,7 @@ class StaticKV:
         for i, layer in enumerate(self.layers):
             x = _norm(layer.input_layernorm, h)
             h = h + self._attend(layer.self_attn, x, i, columns, cos, sin, bias)
-            h = h + layer.mlp(_norm(layer.post_attention_layernorm, h))
+            h = h + self._mlp(layer.mlp, _norm(layer.post_attention_layernorm, h), i)
         return self.model.lm_head(_norm(self.model.model.norm, h)).float()
 
     def _attend(self, attn, h, i, columns, cos, sin, bias) -> Tensor:
@@ -111,9 +123,8 @@ class StaticKV:
         a third of the fused kernel's time on an H100 (benchmarks/profile_lm_kernels.py)."""
         B, n, _ = h.shape
         D, Hkv, g, L = attn.head_dim, self.kv_heads, self.group, self.L
-        q = attn.q_proj(h).view(B, n, Hkv * g, D)
-        k = attn.k_proj(h).view(B, n, Hkv, D)
-        v = attn.v_proj(h).view(B, n, Hkv, D)
+        q, k, v = self.qkv[i](h)
+        q, k, v = q.view(B, n, Hkv * g, D), k.view(B, n, Hkv, D), v.view(B, n, Hkv, D)
         qk = _rotate(torch.cat([q, k], dim=2), cos, sin)  # one rotation for both
         q, k = qk[:, :, : Hkv * g], qk[:, :, Hkv * g :]
         keys, values = self.keys[i], self.values[i]
@@ -126,6 +137,44 @@ class StaticKV:
         out = torch.bmm(torch.softmax(scores, dim=-1), values.view(B * Hkv, L, D))
         out = out.view(B, Hkv, g, n, D).permute(0, 3, 1, 2, 4).reshape(B, n, Hkv * g * D)
         return attn.o_proj(out.to(h.dtype))
+
+    def _mlp(self, mlp, h, i) -> Tensor:
+        """The gated MLP, down(act(gate(h)) * up(h)), with gate and up as one GEMM."""
+        joined = self.gate_up[i]
+        if not joined.ok or not hasattr(mlp, "act_fn") or not hasattr(mlp, "down_proj"):
+            return mlp(h)
+        gate, up = joined(h)
+        return mlp.down_proj(mlp.act_fn(gate) * up)
+
+
+class _Joined:
+    """Linear layers of one input (`names` of `module`) as one GEMM over their stacked
+    weights (and biases), split after; `ok` is False where they cannot be joined (missing,
+    or biases on some only), and then each layer runs as itself."""
+
+    def __init__(self, module: Any, names: tuple[str, ...]) -> None:
+        self.layers = [getattr(module, n, None) for n in names]
+        linear = all(isinstance(m, torch.nn.Linear) for m in self.layers)
+        biased = {linear and m.bias is not None for m in self.layers}
+        self.ok = linear and len(biased) == 1
+        if not self.ok:
+            return
+        self.sizes = [m.out_features for m in self.layers]
+        self.weight = torch.cat([m.weight.detach() for m in self.layers])
+        self.bias = torch.cat([m.bias.detach() for m in self.layers]) if biased == {True} else None
+
+    def bake(self) -> None:
+        if not self.ok:
+            return
+        with torch.no_grad():
+            torch.cat([m.weight for m in self.layers], out=self.weight)
+            if self.bias is not None:
+                torch.cat([m.bias for m in self.layers], out=self.bias)
+
+    def __call__(self, x: Tensor) -> tuple[Tensor, ...]:
+        if not self.ok:
+            return tuple(m(x) for m in self.layers)
+        return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
 
 
 def _norm(module: Any, x: Tensor) -> Tensor:

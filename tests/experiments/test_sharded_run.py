@@ -83,7 +83,13 @@ def test_two_gloo_processes_write_one_run_that_agrees(tmp_path, single):
         subprocess.Popen(argv, env=env(r), cwd=str(tmp_path), stdout=subprocess.PIPE, text=True)
         for r in range(2)
     ]
-    stdout = [p.communicate(timeout=300)[0] for p in procs]
+    try:
+        stdout = [p.communicate(timeout=300)[0] for p in procs]
+    finally:  # a rank that failed leaves the other waiting in a collective (torchrun kills it)
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     assert [p.returncode for p in procs] == [0, 0]
     assert "x 2 processes" in stdout[0] and stdout[1] == ""  # only rank 0 prints
     (run,) = (out / "sharded").iterdir()  # only rank 0 makes a run folder

@@ -18,6 +18,7 @@ from typing import Any
 from ffsolve import progress
 from ffsolve.checkpoint import checkpoint_exists
 from ffsolve.config import config_to_dict, load_config
+from ffsolve.distributed import launched, process_group
 from ffsolve.errors import CheckpointError, FFSolveError
 from ffsolve.experiments import PARTIAL, Case, Experiment, RunContext, Trainer, all_experiments
 from ffsolve.runs import environment, new_run_dir, resolve_device, write_json, write_yaml
@@ -58,18 +59,41 @@ def execute(
     force: bool = False,
     resume: bool = False,
     run_dir: Path | None = None,
-) -> Path:
+) -> Path | None:
     """Resolve the config, make the run directory, run, write records and figures; returns
-    the run directory. A run that fails before producing anything leaves no directory."""
+    the run directory. A run that fails before producing anything leaves no directory.
+
+    Under torchrun (`ffsolve.distributed`) an experiment declared `distributed` runs on every
+    rank inside one process group; only rank 0 makes the run directory, writes and prints,
+    and the other ranks return None. Any other experiment or trainer is refused there."""
     config = spec.config()
+    launch = launched()
+    if launch.world_size > 1 and not getattr(spec.target, "distributed", False):
+        raise FFSolveError(
+            f"{spec.name} runs as one process; start it without torchrun "
+            f"(WORLD_SIZE={launch.world_size})"
+        )
     device = resolve_device(device_name)
+    with process_group(device, launch) as device:
+        if not launch.main:
+            ctx = RunContext(device=device, out_dir=None, log=lambda _: None,
+                             rank=launch.rank, world_size=launch.world_size)  # fmt: skip
+            spec.target.run(config, ctx)  # the same solves as rank 0's; nothing written
+            return None
+        return _execute(spec, config, device, launch, out, force, resume, run_dir)
+
+
+def _execute(spec, config, device, launch, out, force, resume, run_dir) -> Path:
+    """`execute` on the process that writes (rank 0)."""
     run_dir = run_dir if run_dir is not None else new_run_dir(out, spec.name)
     run_dir.mkdir(parents=True, exist_ok=True)
     env = environment(device)
     write_yaml(run_dir / "config.yaml", config_to_dict(config))
     write_json(run_dir / "env.json", env)
-    ctx = RunContext(device=device, out_dir=run_dir, log=progress.write, force=force, resume=resume)
-    print(f"{spec.kind} {spec.name} on {env['device_name']} -> {run_dir}", flush=True)
+    ctx = RunContext(device=device, out_dir=run_dir, log=progress.write, force=force,
+                     resume=resume, rank=launch.rank, world_size=launch.world_size)  # fmt: skip
+    ranks = f" x {launch.world_size} processes" if launch.world_size > 1 else ""
+    print(f"{spec.kind} {spec.name} on {env['device_name']}{ranks} -> {run_dir}", flush=True)
     key = "experiment" if spec.kind == "run" else "model"
     head = {key: spec.name, "config": config_to_dict(config), "env": env}
     try:

@@ -45,18 +45,31 @@ __all__ = [
 class RunContext:
     """What a run gets besides its config: the device, its output folder, a logger, and for
     trainers the command line's --force (overwrite an existing checkpoint) and --resume
-    (continue from the resume state saved next to the checkpoint)."""
+    (continue from the resume state saved next to the checkpoint).
+
+    A run started by torchrun is one of `world_size` processes (see `ffsolve.distributed`);
+    only rank 0 has a run folder and a logger that prints: on the other ranks `out_dir` is
+    None, `log` prints nothing and `keep` keeps nothing (`main` says which one this is)."""
 
     device: torch.device
-    out_dir: Path
+    out_dir: Path | None
     log: Callable[[str], None] = print
     force: bool = False
     resume: bool = False
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def main(self) -> bool:
+        """Whether this process writes the run's files (rank 0; the only one without torchrun)."""
+        return self.rank == 0
 
     def keep(self, record: dict[str, Any]) -> None:
         """Append one finished row (a measurement) to `partial.jsonl` in the run folder, as
         it is made: a run stopped early keeps what it measured (`records.json` replaces the
-        file when the run ends)."""
+        file when the run ends). Nothing on a rank other than 0."""
+        if self.out_dir is None:
+            return
         with open(self.out_dir / PARTIAL, "a", encoding="utf-8") as f:
             f.write(strict_json(record, indent=None) + "\n")
 
@@ -104,6 +117,8 @@ class Experiment:
     Attributes:
         paper: (records, step key) -> markdown rows `| setting | quantity | paper | ours |`
             for the report's table beside the paper's numbers (None: no paper counterpart).
+        distributed: runs as several processes under torchrun (every rank runs `run`, rank 0
+            writes; see `ffsolve.distributed`). Any other experiment is refused there.
     """
 
     name: str
@@ -115,6 +130,7 @@ class Experiment:
     paper: Callable[[dict[str, Any], str], list[str]] | None = None
     steps: tuple[Step, ...] = ()
     bench: tuple[Case, ...] = ()
+    distributed: bool = False
 
 
 @dataclass(frozen=True)

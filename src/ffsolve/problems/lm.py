@@ -208,6 +208,7 @@ class LMDecoding(Problem):
         self._cache: Any = None  # the dynamic KV cache of the prompt and certified tokens
         self._kv_tokens = torch.empty(B, 0, dtype=torch.long, device=self.device)  # fed tokens
         self._first_logits: Tensor | None = None  # (B, V) the logits of position 0
+        # counted on the host, so for eager solves only (a replayed CUDA graph adds nothing):
         self.sweeps_forwarded = 0  # model calls of the last solve, the prompt's included
         self.tokens_forwarded = 0  # tokens fed to the model after the prompt (last solve)
 
@@ -263,10 +264,9 @@ class LMDecoding(Problem):
             self._fed[:, : self.P - 1] = self.prompt_ids[:, : self.P - 1]
         self.sweeps_forwarded = 1
 
-    def _static_feed(self, row: Tensor, cols: Tensor) -> Tensor:
-        """Feed the row's tokens at columns `cols` (n,): logits (B, n, V) of the positions
-        cols - P + 1."""
-        tokens = row.index_select(1, cols)
+    def _static_feed(self, tokens: Tensor, cols: Tensor) -> Tensor:
+        """Feed `tokens` (B, n) long at columns `cols` (n,): logits (B, n, V) of the
+        positions cols - P + 1."""
         self._fed.index_copy_(1, cols, tokens)
         self.sweeps_forwarded += 1
         self.tokens_forwarded += tokens.numel()
@@ -279,7 +279,8 @@ class LMDecoding(Problem):
         if start > 0:
             same = (self._fed[:, :first] == row[:, :first]).all(0)
             first = int(same.long().cumprod(0).sum())
-        out = self._static_feed(row, self.columns[first : self.P + stop - 1])
+        cols = self.columns[first : self.P + stop - 1]
+        out = self._static_feed(row[:, first : self.P + stop - 1], cols)
         return out[:, out.shape[1] - (stop - start) :]
 
     # --- the dynamic cache: transformers' own, cropped -----------------------------------
@@ -368,17 +369,18 @@ class LMDecoding(Problem):
         if self.cache != "static":
             return super().evaluate_window(x, start, width)
         cols = self.columns[:width] + (start + self.P - 1)  # the window's inputs' columns
-        logits = self._static_feed(self._row(x), cols)
+        logits = self._static_feed(self._row(x).index_select(1, cols), cols)
         return self._choose(logits, x, cols - (self.P - 1)).to(x.dtype)
 
     def stepper(self, x: Tensor) -> Callable[[int], Tensor]:
         """The ordinary decoding loop with the KV cache: one token per model call (static
         cache: step t feeds column P + t - 1, fixed at capture, so the loop replays)."""
         if self.cache == "static":
+            last = self.prompt_ids[:, -1:]  # the input of position 0
 
             def step(t: int) -> Tensor:
                 col = self.columns[self.P + t - 1 : self.P + t]
-                logits = self._static_feed(self._row(x), col)
+                logits = self._static_feed(last if t == 0 else x[:, t - 1 : t].long(), col)
                 return self._choose(logits, x, self.columns[t : t + 1]).to(x.dtype)
 
             return step

@@ -117,11 +117,13 @@ def test_scan_chunk_graphs_and_captured_backward():
             torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("compile", [None, "inductor"])
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
-def test_captured_lm_decoding_is_bitwise_the_eager_one(temperature):
+def test_captured_lm_decoding_is_bitwise_the_eager_one(temperature, compile):
     """The static KV cache: the captured sequential loop and the captured sliding window
     (moving on the device, n-gram guesses on the device, stopping after EOS) give the eager
-    runs' tokens and counts, twice (capture, then replay of the cached loop)."""
+    runs' tokens and counts, twice (capture, then replay of the cached loop); with the layer
+    function compiled too (compiled kernels captured in the loop's graphs)."""
     transformers = pytest.importorskip("transformers")
     from ffsolve.problems import LMDecoding, lm_gumbel
 
@@ -134,7 +136,7 @@ def test_captured_lm_decoding_is_bitwise_the_eager_one(temperature):
     prompts = [[1, 2, 3, 4, 5, 1, 2, 3], [7, 8, 9]]
     gumbel = lm_gumbel(2, 40, 64, torch.Generator().manual_seed(1), CUDA) if temperature else None
     problem = LMDecoding(model, prompts, 40, temperature=temperature, gumbel=gumbel,
-                         eos_id=11, ngram=4, cache="static")  # fmt: skip
+                         eos_id=11, ngram=4, cache="static", compile=compile)  # fmt: skip
     runs = [("sequential", {}, 0), ("gs_jacobi", {"window": 8}, 0),
             ("gs_jacobi", {"window": 8}, 4), ("jacobi", {}, 4)]  # fmt: skip
     with torch.no_grad():

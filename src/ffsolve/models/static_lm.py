@@ -19,7 +19,7 @@ embedding and softmax attention; `StaticKV.unsupported(model)` says why another 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -31,6 +31,43 @@ __all__ = ["StaticKV"]
 LAYOUTS = ("llama", "mistral", "qwen2")
 
 
+class _Dims(NamedTuple):
+    """The constants of a layer (the same for every layer of a model)."""
+
+    head_dim: int
+    kv_heads: int
+    group: int  # query heads per key head
+    eps: float  # the RMSNorms' epsilon
+    scaling: float  # the attention scores' scale
+    act: str  # the MLP's activation, a key of ACTS
+
+
+class _Weights(NamedTuple):
+    """One layer's weights as tensors (the joined projections are copies refreshed by
+    `StaticKV.bake`; the others are the model's own parameters)."""
+
+    in_norm: Tensor
+    qkv: Tensor
+    qkv_bias: Tensor | None
+    o: Tensor
+    o_bias: Tensor | None
+    post_norm: Tensor
+    gate_up: Tensor
+    gate_up_bias: Tensor | None
+    down: Tensor
+    down_bias: Tensor | None
+
+
+#: the MLP activations the layer function knows (transformers' `hidden_act` names)
+ACTS = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
 class StaticKV:
     """Keys and values of `columns` positions for `batch` sequences, and the model over them.
 
@@ -39,20 +76,32 @@ class StaticKV:
         batch: B, the sequences decoded together.
         columns: L, the capacity (prompt and new tokens, left-padded to one length).
         pad: (B,) long, the left padding of each sequence (its first real column).
+        compile: None, or a `torch.compile` backend ("inductor") for the layer function:
+            compiled once per shape (batch, tokens per forward, capacity), shared by every
+            layer and every StaticKV of those shapes; forwards of other widths than those
+            given to `forward(..., compiled=True)` run it uncompiled.
     """
 
-    def __init__(self, model: Any, batch: int, columns: int, pad: Tensor) -> None:
+    def __init__(
+        self, model: Any, batch: int, columns: int, pad: Tensor, compile: str | None = None
+    ) -> None:
         why = self.unsupported(model, columns)
         if why:
             raise ValueError(f"a static KV cache cannot run this model: {why}")
+        if compile is not None and not isinstance(compile, str):
+            raise TypeError(
+                f"compile must be None or a torch.compile backend name, got {compile!r}"
+            )
         self.model = model
         inner = model.model
         self.layers = list(inner.layers[: model.config.num_hidden_layers])
         attn = self.layers[0].self_attn
         p = next(model.parameters())
         kv_heads = attn.k_proj.out_features // attn.head_dim
-        self.kv_heads = kv_heads
-        self.group = attn.q_proj.out_features // attn.head_dim // kv_heads
+        group = attn.q_proj.out_features // attn.head_dim // kv_heads
+        norm = self.layers[0].input_layernorm
+        self.dims = _Dims(attn.head_dim, kv_heads, group, _eps(norm), float(attn.scaling),
+                          model.config.hidden_act)  # fmt: skip
         shape = (batch, kv_heads, columns, attn.head_dim)
         self.keys = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in self.layers]
         self.values = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in self.layers]
@@ -68,6 +117,18 @@ class StaticKV:
             _Joined(layer.self_attn, ("q_proj", "k_proj", "v_proj")) for layer in self.layers
         ]
         self.gate_up = [_Joined(layer.mlp, ("gate_proj", "up_proj")) for layer in self.layers]
+        self.weights = [
+            _Weights(layer.input_layernorm.weight, qkv.weight, qkv.bias,
+                     layer.self_attn.o_proj.weight, layer.self_attn.o_proj.bias,
+                     layer.post_attention_layernorm.weight, gu.weight, gu.bias,
+                     layer.mlp.down_proj.weight, layer.mlp.down_proj.bias)
+            for layer, qkv, gu in zip(self.layers, self.qkv, self.gate_up, strict=True)
+        ]  # fmt: skip
+        self.backend = compile
+        self.compiled = (
+            _layer if compile is None
+            else torch.compile(_layer, backend=compile, dynamic=False, fullgraph=True)
+        )  # fmt: skip
 
     def bake(self) -> None:
         """Copy the model's current weights into the joined projections (in place: captured
@@ -92,12 +153,38 @@ class StaticKV:
         uses = getattr(config, "use_sliding_window", window is not None)
         if uses and window is not None and (columns is None or window < columns):
             return f"its attention has a sliding window ({window} positions)"
+        act = getattr(config, "hidden_act", None)
+        if act not in ACTS:
+            return f"its MLP activation {act!r} is not one of {', '.join(ACTS)}"
+        for i, layer in enumerate(inner.layers[: config.num_hidden_layers]):
+            attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+            parts = {
+                "q/k/v projections": [getattr(attn, n, None) for n in ("q_proj", "k_proj",
+                                                                       "v_proj")],
+                "o projection": [getattr(attn, "o_proj", None)],
+                "gate/up projections": [getattr(mlp, n, None) for n in ("gate_proj", "up_proj")],
+                "down projection": [getattr(mlp, "down_proj", None)],
+            }  # fmt: skip
+            for what, mods in parts.items():
+                if not all(isinstance(m, torch.nn.Linear) for m in mods):
+                    return f"layer {i}'s {what} are not torch Linear layers"
+                if len({m.bias is None for m in mods}) != 1:
+                    return f"layer {i}'s {what} have biases on some only"
+            for name in ("input_layernorm", "post_attention_layernorm"):
+                norm = getattr(layer, name, None)
+                if "RMSNorm" not in type(norm).__name__ or _eps(norm) is None:
+                    return f"layer {i}'s {name} is not an RMSNorm with a weight and an epsilon"
+            if getattr(attn, "head_dim", None) is None or getattr(attn, "scaling", None) is None:
+                return f"layer {i}'s attention has no head_dim or scaling"
         return None
 
-    def forward(self, tokens: Tensor, columns: Tensor) -> Tensor:
+    def forward(self, tokens: Tensor, columns: Tensor, compiled: bool = True) -> Tensor:
         """Logits (B, n, V), float32, of `tokens` (B, n) long fed at `columns` (n,) long
-        (increasing, on the model's device); their keys and values are written there."""
+        (increasing, on the model's device); their keys and values are written there.
+        `compiled`: through the compiled layer function, if there is one (a prompt's prefill
+        of a width used once asks for the plain one: no compilation)."""
         B, n = tokens.shape
+        Hkv, g = self.dims.kv_heads, self.dims.group
         pos = (columns[None, :] - self.pad[:, None]).clamp(min=0)  # (B, n) per-item positions
         cos, sin = self.cos[pos][:, :, None], self.sin[pos][:, :, None]  # (B, n, 1, D)
         # query column c sees key column j <= c after the padding (a padding column itself,
@@ -108,83 +195,74 @@ class StaticKV:
         seen = before & (real | (self.range[None, None, :] == columns[None, :, None]))
         bias = torch.zeros(seen.shape, dtype=self.keys[0].dtype, device=seen.device)
         bias = bias.masked_fill_(~seen, float("-inf"))[:, None, None]  # (B, 1, 1, n, L)
-        bias = bias.expand(B, self.kv_heads, self.group, n, self.L)
-        bias = bias.reshape(B * self.kv_heads, self.group * n, self.L)
+        bias = bias.expand(B, Hkv, g, n, self.L).reshape(B * Hkv, g * n, self.L)
+        layer = self.compiled if compiled else _layer
         h = self.model.model.embed_tokens(tokens)
-        for i, layer in enumerate(self.layers):
-            x = _norm(layer.input_layernorm, h)
-            h = h + self._attend(layer.self_attn, x, i, columns, cos, sin, bias)
-            h = h + self._mlp(layer.mlp, _norm(layer.post_attention_layernorm, h), i)
-        return self.model.lm_head(_norm(self.model.model.norm, h)).float()
+        for i, w in enumerate(self.weights):
+            h = layer(h, w, self.keys[i], self.values[i], columns, cos, sin, bias, self.dims)
+        norm = self.model.model.norm
+        return self.model.lm_head(F.rms_norm(h, (h.shape[-1],), norm.weight, _eps(norm))).float()
 
-    def _attend(self, attn, h, i, columns, cos, sin, bias) -> Tensor:
-        """Grouped-query attention over the cache, written out (scores by one batched GEMM
-        with the scale and the mask fused, softmax, one batched GEMM): at a few query tokens
-        a third of the fused kernel's time on an H100 (benchmarks/profile_lm_kernels.py)."""
-        B, n, _ = h.shape
-        D, Hkv, g, L = attn.head_dim, self.kv_heads, self.group, self.L
-        q, k, v = self.qkv[i](h)
-        q, k, v = q.view(B, n, Hkv * g, D), k.view(B, n, Hkv, D), v.view(B, n, Hkv, D)
-        qk = _rotate(torch.cat([q, k], dim=2), cos, sin)  # one rotation for both
-        q, k = qk[:, :, : Hkv * g], qk[:, :, Hkv * g :]
-        keys, values = self.keys[i], self.values[i]
-        keys.index_copy_(2, columns, k.transpose(1, 2).to(keys.dtype))
-        values.index_copy_(2, columns, v.transpose(1, 2).to(values.dtype))
-        # query head kv * g + j reads key head kv (transformers' repeat_interleave order)
-        qg = q.reshape(B, n, Hkv, g, D).permute(0, 2, 3, 1, 4).reshape(B * Hkv, g * n, D)
-        kt = keys.view(B * Hkv, L, D).transpose(1, 2)
-        scores = torch.baddbmm(bias, qg.to(keys.dtype), kt, alpha=attn.scaling)
-        out = torch.bmm(torch.softmax(scores, dim=-1), values.view(B * Hkv, L, D))
-        out = out.view(B, Hkv, g, n, D).permute(0, 3, 1, 2, 4).reshape(B, n, Hkv * g * D)
-        return attn.o_proj(out.to(h.dtype))
 
-    def _mlp(self, mlp, h, i) -> Tensor:
-        """The gated MLP, down(act(gate(h)) * up(h)), with gate and up as one GEMM."""
-        joined = self.gate_up[i]
-        if not joined.ok or not hasattr(mlp, "act_fn") or not hasattr(mlp, "down_proj"):
-            return mlp(h)
-        gate, up = joined(h)
-        return mlp.down_proj(mlp.act_fn(gate) * up)
+def _layer(
+    h: Tensor,
+    w: _Weights,
+    keys: Tensor,
+    values: Tensor,
+    columns: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    bias: Tensor,
+    dims: _Dims,
+) -> Tensor:
+    """One decoder layer over the cache: h + attention(norm(h)), then + MLP(norm(h)); the
+    keys and values of `columns` are written. Grouped-query attention is written out (scores
+    by one batched GEMM with the scale and the mask fused, softmax, one batched GEMM): at a
+    few query tokens a third of the fused kernel's time on an H100
+    (benchmarks/profile_lm_kernels.py); RMSNorm is torch's fused `rms_norm`."""
+    B, n, E = h.shape
+    D, Hkv, g = dims.head_dim, dims.kv_heads, dims.group
+    L = keys.shape[2]
+    x = F.rms_norm(h, (E,), w.in_norm, dims.eps)
+    q, k, v = F.linear(x, w.qkv, w.qkv_bias).split([Hkv * g * D, Hkv * D, Hkv * D], dim=-1)
+    q, k, v = q.view(B, n, Hkv * g, D), k.view(B, n, Hkv, D), v.view(B, n, Hkv, D)
+    qk = _rotate(torch.cat([q, k], dim=2), cos, sin)  # one rotation for both
+    q, k = qk[:, :, : Hkv * g], qk[:, :, Hkv * g :]
+    keys.index_copy_(2, columns, k.transpose(1, 2).to(keys.dtype))
+    values.index_copy_(2, columns, v.transpose(1, 2).to(values.dtype))
+    # query head kv * g + j reads key head kv (transformers' repeat_interleave order)
+    qg = q.reshape(B, n, Hkv, g, D).permute(0, 2, 3, 1, 4).reshape(B * Hkv, g * n, D)
+    kt = keys.view(B * Hkv, L, D).transpose(1, 2)
+    scores = torch.baddbmm(bias, qg.to(keys.dtype), kt, alpha=dims.scaling)
+    out = torch.bmm(torch.softmax(scores, dim=-1), values.view(B * Hkv, L, D))
+    out = out.view(B, Hkv, g, n, D).permute(0, 3, 1, 2, 4).reshape(B, n, Hkv * g * D)
+    h = h + F.linear(out.to(h.dtype), w.o, w.o_bias)
+    x = F.rms_norm(h, (E,), w.post_norm, dims.eps)
+    gate, up = F.linear(x, w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
+    return h + F.linear(ACTS[dims.act](gate) * up, w.down, w.down_bias)
 
 
 class _Joined:
     """Linear layers of one input (`names` of `module`) as one GEMM over their stacked
-    weights (and biases), split after; `ok` is False where they cannot be joined (missing,
-    or biases on some only), and then each layer runs as itself."""
+    weights (and biases): copies, refreshed in place by `bake`."""
 
     def __init__(self, module: Any, names: tuple[str, ...]) -> None:
-        self.layers = [getattr(module, n, None) for n in names]
-        linear = all(isinstance(m, torch.nn.Linear) for m in self.layers)
-        biased = {linear and m.bias is not None for m in self.layers}
-        self.ok = linear and len(biased) == 1
-        if not self.ok:
-            return
-        self.sizes = [m.out_features for m in self.layers]
+        self.layers = [getattr(module, n) for n in names]
         self.weight = torch.cat([m.weight.detach() for m in self.layers])
-        self.bias = torch.cat([m.bias.detach() for m in self.layers]) if biased == {True} else None
+        biased = self.layers[0].bias is not None
+        self.bias = torch.cat([m.bias.detach() for m in self.layers]) if biased else None
 
     def bake(self) -> None:
-        if not self.ok:
-            return
         with torch.no_grad():
             torch.cat([m.weight for m in self.layers], out=self.weight)
             if self.bias is not None:
                 torch.cat([m.bias for m in self.layers], out=self.bias)
 
-    def __call__(self, x: Tensor) -> tuple[Tensor, ...]:
-        if not self.ok:
-            return tuple(m(x) for m in self.layers)
-        return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
 
-
-def _norm(module: Any, x: Tensor) -> Tensor:
-    """An RMSNorm module applied as torch's fused `rms_norm` (one kernel where transformers'
-    formula runs six); any other norm as itself."""
-    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-    weight = getattr(module, "weight", None)
-    if "RMSNorm" not in type(module).__name__ or eps is None or weight is None:
-        return module(x)
-    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+def _eps(norm: Any) -> float | None:
+    """An RMSNorm module's epsilon (transformers names it `variance_epsilon` or `eps`)."""
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    return None if eps is None or getattr(norm, "weight", None) is None else float(eps)
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

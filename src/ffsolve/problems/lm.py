@@ -118,6 +118,13 @@ class LMDecoding(Problem):
             graphs; Llama-layout models, `StaticKV`), "dynamic" (transformers' own cache,
             cropped to the certified prefix; any causal LM, windows placed from the host),
             or "auto": static where the model allows it.
+        compile: None, or a `torch.compile` backend ("inductor") for the static cache's
+            layer function (`StaticKV`): compiled at the first solve of each window width
+            (tens of seconds), then captured with the rest; the prompt's prefill runs it
+            plain. Fewer, fused kernels: what a small model's forward costs on a GPU.
+        capacity: the static cache's columns (at least the longest prompt plus `steps`, the
+            default): give problems with prompts of several lengths one capacity, and a
+            compiled layer function serves them all.
 
     The state is (B, T) float32 token ids (exact up to 2^24).
     """
@@ -136,6 +143,8 @@ class LMDecoding(Problem):
         pad_id: int | None = None,
         ngram: int = 0,
         cache: str = "auto",
+        compile: str | None = None,
+        capacity: int | None = None,
     ) -> None:
         config = getattr(model, "config", None)
         if config is None or not callable(model):
@@ -195,10 +204,24 @@ class LMDecoding(Problem):
         self.prompt_lengths = self.prompt_mask.sum(1)  # (B,)
         # column c of the sequence: prompt columns 0..P-1, then new position t at P + t
         self.columns = torch.arange(longest + steps, device=self.device)
-        why = StaticKV.unsupported(model, longest + steps)
+        if capacity is None:
+            capacity = longest + steps
+        if not _is_int(capacity) or capacity < longest + steps:
+            raise ValueError(
+                f"capacity must be an int >= the longest prompt plus steps ({longest + steps}), "
+                f"got {capacity!r}"
+            )
+        self.capacity = int(capacity)
+        why = StaticKV.unsupported(model, self.capacity)
         if cache == "static" and why:
             raise ValueError(f"cache='static' cannot run this model: {why}; use cache='dynamic'")
         self.cache = "static" if cache == "static" or (cache == "auto" and not why) else "dynamic"
+        if compile is not None and (not isinstance(compile, str) or self.cache != "static"):
+            raise ValueError(
+                f"compile={compile!r}: a torch.compile backend name, for the static cache only "
+                f"(this problem's cache is {self.cache})"
+            )
+        self.compile = compile
         static = self.cache == "static"
         # the static cache's work has static shapes and reads nothing on the host
         self.capturable = self.capturable_stepper = self.window_on_device = static
@@ -252,7 +275,7 @@ class LMDecoding(Problem):
         last (every method feeds that one, as the input of new position 0)."""
         if self._kv is None:
             pad = self.P - self.prompt_lengths
-            self._kv = StaticKV(self.model, self.B, self.P + self.length, pad)
+            self._kv = StaticKV(self.model, self.B, self.capacity, pad, compile=self.compile)
             self._fed = torch.full((self.B, self.P + self.length), -1, device=self.device,
                                    dtype=torch.long)  # fmt: skip
         else:
@@ -260,27 +283,29 @@ class LMDecoding(Problem):
         self._fed.fill_(-1)
         if self.P > 1:
             cols = self.columns[: self.P - 1]
-            self._kv.forward(self.prompt_ids[:, : self.P - 1], cols)
+            self._kv.forward(self.prompt_ids[:, : self.P - 1], cols, compiled=False)
             self._fed[:, : self.P - 1] = self.prompt_ids[:, : self.P - 1]
         self.sweeps_forwarded = 1
 
-    def _static_feed(self, tokens: Tensor, cols: Tensor) -> Tensor:
+    def _static_feed(self, tokens: Tensor, cols: Tensor, compiled: bool = True) -> Tensor:
         """Feed `tokens` (B, n) long at columns `cols` (n,): logits (B, n, V) of the
-        positions cols - P + 1."""
+        positions cols - P + 1 (`compiled`: through the compiled layer function if any; a
+        width that varies from sweep to sweep asks for the plain one)."""
         self._fed.index_copy_(1, cols, tokens)
         self.sweeps_forwarded += 1
         self.tokens_forwarded += tokens.numel()
-        return self._kv.forward(tokens, cols)
+        return self._kv.forward(tokens, cols, compiled=compiled)
 
     def _static_logits(self, x: Tensor, start: int, stop: int) -> Tensor:
         """Logits (B, n, V) of positions [start, stop) (host ints), re-feeding from the first
-        column whose cached token is no longer the iterate's (a host read where start > 0)."""
+        column whose cached token is no longer the iterate's (a host read where start > 0;
+        those widths vary, so only a window from position 0 runs the compiled layers)."""
         row, first = self._row(x), self.P + start - 1
         if start > 0:
             same = (self._fed[:, :first] == row[:, :first]).all(0)
             first = int(same.long().cumprod(0).sum())
         cols = self.columns[first : self.P + stop - 1]
-        out = self._static_feed(row[:, first : self.P + stop - 1], cols)
+        out = self._static_feed(row[:, first : self.P + stop - 1], cols, compiled=start == 0)
         return out[:, out.shape[1] - (stop - start) :]
 
     # --- the dynamic cache: transformers' own, cropped -----------------------------------

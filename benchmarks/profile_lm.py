@@ -18,6 +18,7 @@ the file; BACKEND: a torch.compile backend such as inductor):
 
 import sys
 import time
+import warnings
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -34,6 +35,7 @@ backends = [None] + sys.argv[4:5]
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 cuda = dev.type == "cuda"
+warnings.filterwarnings("ignore", message=".*stopped at max_iters")
 WIDTHS = [n for n in (1, 16, 24, 32) if n <= T]
 if folder == "random":  # SmolLM2-135M's shapes with random weights: timings only, no GGUF
     import transformers
@@ -83,7 +85,9 @@ def kernels(fn):
 
 name = torch.cuda.get_device_name() if cuda else "cpu"
 print(f"{name}, torch {torch.__version__}, T={T}, prompt of {len(prompt)} tokens")
-for backend in backends:
+
+
+def report(backend):
     print(f"=== layer function: {backend or 'plain'}")
     t0 = time.perf_counter()
     problem = LMDecoding(model, [prompt], T, cache="static", compile=backend)
@@ -128,3 +132,7 @@ for backend in backends:
         c2, u2 = kernels(lambda: ffsolve.solve(problem, max_iters=2, check_every=1, **sweep))
         c1, u1 = kernels(lambda: ffsolve.solve(problem, max_iters=1, check_every=1, **sweep))
         print(f"   one eager lookahead sweep: {c2 - c1:5d} kernels, {u2 - u1:9.1f} us")
+
+
+for backend in backends:
+    report(backend)

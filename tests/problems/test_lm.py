@@ -293,3 +293,31 @@ def test_new_weights_reach_the_static_cache_at_the_next_solve():
         after = ffsolve.solve(problem, method="gs_jacobi", window=4).value
         fresh = ffsolve.solve(LMDecoding(model, PROMPTS, 12, cache="dynamic"), method="sequential")
     assert not torch.equal(before, after) and torch.equal(after, fresh.value)
+
+
+def test_a_compiled_layer_function_gives_the_plain_tokens():
+    """compile= runs the static cache's one layer function through torch.compile (here the
+    aot_eager backend: the traced graph of aten ops, no compiler needed), compiled once per
+    shape and shared by every layer; capacity= makes problems of several prompt lengths
+    share those shapes. The tokens are the plain problem's, for every method."""
+    model = _llama()
+    with torch.no_grad():
+        for prompts in (PROMPTS, [[4, 4, 1, 2]]):
+            plain = LMDecoding(model, prompts, 16, eos_id=11, ngram=4, cache="static")
+            compiled = LMDecoding(model, prompts, 16, eos_id=11, ngram=4, cache="static",
+                                  compile="aot_eager", capacity=40)  # fmt: skip
+            ref = ffsolve.solve(plain, method="sequential").value
+            for method, opts in [("sequential", {}), ("gs_jacobi", {"window": 5}), ("jacobi", {})]:
+                sol = ffsolve.solve(compiled, method=method, **opts)
+                assert torch.equal(sol.value, ref), method
+            assert compiled._kv.L == 40 and compiled._kv.backend == "aot_eager"
+
+
+def test_compile_and_capacity_are_checked():
+    model = _llama()
+    with pytest.raises(ValueError, match="capacity must be an int >= the longest prompt plus"):
+        LMDecoding(model, PROMPTS, 16, capacity=20)
+    with pytest.raises(ValueError, match="for the static cache only"):
+        LMDecoding(model, PROMPTS, 16, cache="dynamic", compile="inductor")
+    with pytest.raises(ValueError, match="a torch.compile backend name"):
+        LMDecoding(model, PROMPTS, 16, compile=True)

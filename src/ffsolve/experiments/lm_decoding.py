@@ -63,6 +63,10 @@ class LMDecodingConfig(Config):
         (and prompt-lookup's draft length).
     cache: LMDecoding's KV cache ("auto": static for SmolLM2); capture: replay the sequential
         loop and the sweeps as CUDA graphs where the cache allows it (on a GPU).
+    compile: the static cache's layer function through this torch.compile backend, for our
+        sequential loop and windows alike ("auto": inductor on a GPU, none on a CPU; "none").
+        One cache capacity serves every prompt of the run, so each (batch, tokens per
+        forward) compiles once.
     show: print the first continuation with each token marked by the sweep certifying it.
     """
 
@@ -78,6 +82,7 @@ class LMDecodingConfig(Config):
     ngram: int = spec(8, ge=2)
     cache: str = spec("auto", choices=("auto", "static", "dynamic"))
     capture: bool = True
+    compile: str = "auto"
     dtype: str = spec("float32", choices=("float32", "bfloat16", "float16"))
     repeats: int = spec(1, ge=1)
     warmup: int = spec(1, ge=0)
@@ -188,7 +193,11 @@ def run(cfg: LMDecodingConfig, ctx: RunContext) -> dict[str, Any]:
         ]
     ids = {p["id"]: prompt_ids(tok, p) for p in prompts}
     eos = tok.eos_token_id
-    ctx.log(f"SmolLM2-135M-Instruct ({cfg.dtype}), {len(prompts)} prompts, eos {eos}")
+    backend = _backend(cfg, ctx.device)
+    # one capacity for the whole run: a compiled layer function serves every prompt
+    capacity = max(len(v) for v in ids.values()) + max(cfg.new_tokens)
+    ctx.log(f"SmolLM2-135M-Instruct ({cfg.dtype}), {len(prompts)} prompts, eos {eos}, "
+            f"layers compiled: {backend or 'no'}")  # fmt: skip
     cases = []
     shown = None
     with torch.no_grad():
@@ -203,7 +212,8 @@ def run(cfg: LMDecodingConfig, ctx: RunContext) -> dict[str, Any]:
                                 f"== T={T} temperature={temp} batch={len(batch)} {kind} "
                                 f"{batch[0]['id']}.."
                             )
-                            case = _case(cfg, ctx, model, tok, batch, ids, T, temp, eos)
+                            case = _case(cfg, ctx, model, batch, ids, T, temp, eos,
+                                         backend, capacity)  # fmt: skip
                             cases.append(case)
                             if cfg.show and shown is None:
                                 shown = _marked(tok, case)
@@ -213,16 +223,27 @@ def run(cfg: LMDecodingConfig, ctx: RunContext) -> dict[str, Any]:
         "shown": shown,
         "model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised)",
         "cache": cfg.cache,
+        "compile": backend,
         "dtype": cfg.dtype,
     }
 
 
-def _case(cfg, ctx, model, tok, batch, ids, T, temp, eos) -> dict[str, Any]:
+def _backend(cfg: LMDecodingConfig, device: torch.device) -> str | None:
+    """The torch.compile backend of the static cache's layers (None: plain)."""
+    if cfg.compile == "none" or cfg.cache == "dynamic":
+        return None
+    if cfg.compile == "auto":
+        return "inductor" if device.type == "cuda" else None
+    return cfg.compile
+
+
+def _case(cfg, ctx, model, batch, ids, T, temp, eos, backend, capacity) -> dict[str, Any]:
     g = torch.Generator().manual_seed(cfg.seed)
     V = model.config.vocab_size
     gumbel = lm_gumbel(len(batch), T, V, g, ctx.device) if temp > 0 else None
+    compiled = {"compile": backend, "capacity": capacity} if backend else {}
     problem = LMDecoding(model, [ids[p["id"]] for p in batch], T, temperature=temp,
-                         gumbel=gumbel, eos_id=eos, cache=cfg.cache)  # fmt: skip
+                         gumbel=gumbel, eos_id=eos, cache=cfg.cache, **compiled)  # fmt: skip
     rows = []
     for b in cfg.baselines:
         if b == "sequential":

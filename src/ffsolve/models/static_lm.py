@@ -178,11 +178,14 @@ class StaticKV:
                 return f"layer {i}'s attention has no head_dim or scaling"
         return None
 
-    def forward(self, tokens: Tensor, columns: Tensor, compiled: bool = True) -> Tensor:
+    def forward(
+        self, tokens: Tensor, columns: Tensor, compiled: bool = True, logits: bool = True
+    ) -> Tensor | None:
         """Logits (B, n, V), float32, of `tokens` (B, n) long fed at `columns` (n,) long
         (increasing, on the model's device); their keys and values are written there.
         `compiled`: through the compiled layer function, if there is one (a prompt's prefill
-        of a width used once asks for the plain one: no compilation)."""
+        of a width used once asks for the plain one: no compilation); `logits=False`: only
+        the keys and values (a prefill), no head, returns None."""
         B, n = tokens.shape
         Hkv, g = self.dims.kv_heads, self.dims.group
         pos = (columns[None, :] - self.pad[:, None]).clamp(min=0)  # (B, n) per-item positions
@@ -196,12 +199,31 @@ class StaticKV:
         bias = torch.zeros(seen.shape, dtype=self.keys[0].dtype, device=seen.device)
         bias = bias.masked_fill_(~seen, float("-inf"))[:, None, None]  # (B, 1, 1, n, L)
         bias = bias.expand(B, Hkv, g, n, self.L).reshape(B * Hkv, g * n, self.L)
-        layer = self.compiled if compiled else _layer
         h = self.model.model.embed_tokens(tokens)
-        for i, w in enumerate(self.weights):
-            h = layer(h, w, self.keys[i], self.values[i], columns, cos, sin, bias, self.dims)
+        if compiled and self.backend is not None:
+            # each (batch, width, capacity) is one compilation: more than torch's default
+            # limit of 8 may be in use (widths and batch sizes of a run), never silently eager
+            with _more_compilations():
+                h = self._layers(self.compiled, h, columns, cos, sin, bias)
+        else:
+            h = self._layers(_layer, h, columns, cos, sin, bias)
+        if not logits:
+            return None
         norm = self.model.model.norm
         return self.model.lm_head(F.rms_norm(h, (h.shape[-1],), norm.weight, _eps(norm))).float()
+
+    def _layers(self, layer, h, columns, cos, sin, bias) -> Tensor:
+        for i, w in enumerate(self.weights):
+            h = layer(h, w, self.keys[i], self.values[i], columns, cos, sin, bias, self.dims)
+        return h
+
+
+def _more_compilations() -> Any:
+    """A context in which one function may be compiled for 64 shapes (torch's limit is
+    named recompile_limit, or cache_size_limit in older torch)."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    return config.patch(**{name: max(64, getattr(config, name))})
 
 
 def _layer(

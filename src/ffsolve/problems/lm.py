@@ -283,7 +283,7 @@ class LMDecoding(Problem):
         self._fed.fill_(-1)
         if self.P > 1:
             cols = self.columns[: self.P - 1]
-            self._kv.forward(self.prompt_ids[:, : self.P - 1], cols, compiled=False)
+            self._kv.forward(self.prompt_ids[:, : self.P - 1], cols, compiled=False, logits=False)
             self._fed[:, : self.P - 1] = self.prompt_ids[:, : self.P - 1]
         self.sweeps_forwarded = 1
 

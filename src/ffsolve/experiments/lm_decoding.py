@@ -230,10 +230,13 @@ def run(cfg: LMDecodingConfig, ctx: RunContext) -> dict[str, Any]:
 
 def _backend(cfg: LMDecodingConfig, device: torch.device) -> str | None:
     """The torch.compile backend of the static cache's layers (None: plain)."""
-    if cfg.compile == "none" or cfg.cache == "dynamic":
+    if cfg.compile == "none":
         return None
     if cfg.compile == "auto":
-        return "inductor" if device.type == "cuda" else None
+        return "inductor" if device.type == "cuda" and cfg.cache != "dynamic" else None
+    if cfg.cache == "dynamic":
+        raise ValueError(f"compile={cfg.compile!r} compiles the static cache's layers: not with "
+                         "cache=dynamic")  # fmt: skip
     return cfg.compile
 
 

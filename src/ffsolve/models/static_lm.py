@@ -200,7 +200,7 @@ class StaticKV:
         bias = bias.masked_fill_(~seen, float("-inf"))[:, None, None]  # (B, 1, 1, n, L)
         bias = bias.expand(B, Hkv, g, n, self.L).reshape(B * Hkv, g * n, self.L)
         h = self.model.model.embed_tokens(tokens)
-        if compiled and self.backend is not None and not torch.compiler.is_compiling():
+        if compiled and self.backend is not None:
             # each (batch, width, capacity) is one compilation: more than torch's default
             # limit of 8 may be in use (widths and batch sizes of a run), never silently eager
             with _more_compilations():

@@ -292,9 +292,8 @@ class LMDecoding(Problem):
         positions cols - P + 1 (`compiled`: through the compiled layer function if any; a
         width that varies from sweep to sweep asks for the plain one)."""
         self._fed.index_copy_(1, cols, tokens)
-        if not torch.compiler.is_compiling():  # host counters: uncompiled solves only
-            self.sweeps_forwarded += 1
-            self.tokens_forwarded += tokens.numel()
+        self.sweeps_forwarded += 1
+        self.tokens_forwarded += tokens.numel()
         return self._kv.forward(tokens, cols, compiled=compiled)
 
     def _static_logits(self, x: Tensor, start: int, stop: int) -> Tensor:
